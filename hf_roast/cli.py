@@ -1,0 +1,30 @@
+"""The ``hf-roast`` console command: ``hf-roast {demo,compress,evaluate,bench} ...``.
+
+Each subcommand lives in ``scripts/`` (installed as ``hf_roast.scripts``) and is imported lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "demo": ("hf_roast.scripts.demo", "Compress a small model, train a few steps, save, reload, report."),
+    "compress": ("hf_roast.scripts.compress", "Compress a local HF model folder into a ROAST checkpoint."),
+    "evaluate": ("hf_roast.scripts.evaluate", "Run the memory-accuracy evaluation experiments."),
+    "bench": ("hf_roast.scripts.bench_kernels", "Benchmark ROAST matmuls against dense and HashedNet."),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        lines = [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+        print("usage: hf-roast {" + ",".join(SUBCOMMANDS) + "} [args]\n\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Turning a dense HF model into a ROAST one in place, and rebuilding the skeleton of a saved one.
+
+One path per job: :func:`compress_model` (plan, initialise z, swap modules) for a dense model, and
+:func:`apply_plan` (swap modules only, z left to the loader) for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import RoastConfig
+from .functional import LayerMapping, scatter_weight_grad
+from .layers import STORE_NAME, RoastEmbedding, RoastLinear, RoastStore, default_init_std
+from .mapping import MappingPlan, ModuleSpec
+from .targets import find_targets, module_kind
+
+
+def dense_weight(module: nn.Module, kind: str) -> torch.Tensor:
+    """The weight as ``rows x cols`` (``out x in``; Conv1D stores it transposed)."""
+    return module.weight.t() if kind == "conv1d" else module.weight
+
+
+def _power_of_two(x: float) -> float:
+    """Nearest power of two: scaling by it is exact in floating point, so 1x recovery is bit-exact."""
+    return 2.0 ** round(math.log2(x)) if x > 0 and math.isfinite(x) else 1.0
+
+
+def _check_tied_embeddings(model: nn.Module, targets) -> None:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None or not hasattr(out, "weight"):
+        return
+    for name, module, kind in targets:
+        if kind == "embedding" and getattr(module, "weight", None) is out.weight:
+            raise ValueError(
+                f"{name} is tied to the output layer (tie_word_embeddings), and compressing tied embeddings is not "
+                f"supported yet: add {name!r} to exclude_modules, or set compress_embeddings=False."
+            )
+
+
+def compress_model(model: nn.Module, config: RoastConfig, show_progress: bool | None = None) -> RoastStore:
+    """Compress ``model`` in place; returns the store that owns z."""
+    if hasattr(model, STORE_NAME):
+        raise ValueError("This model is already ROAST-compressed: call merge_and_unload() first to recompress it.")
+    targets = find_targets(model, config)
+    _check_tied_embeddings(model, targets)
+    materialized = all(m.weight.device.type != "meta" for _, m, _ in targets)
+    init = config.init if config.init != "auto" else ("pretrained" if materialized else "random")
+    if init == "pretrained" and not materialized:
+        raise ValueError("init='pretrained' needs the dense weights, but they are on the meta device: load them first.")
+    specs = []
+    for name, module, kind in targets:
+        w = dense_weight(module, kind)
+        rows, cols = w.shape
+        if not materialized:
+            std = default_init_std(module)
+        else:
+            std = w.detach().float().std().item() if w.numel() > 1 else abs(w.detach().float().item())
+        scale = _power_of_two(std) if init == "pretrained" else (std if std > 0 else default_init_std(module))
+        specs.append(ModuleSpec(name=name, kind=kind, rows=rows, cols=cols, scale=scale))
+    plan = MappingPlan.build(
+        specs,
+        mapper=config.mapper,
+        sign=config.sign,
+        seed=config.seed,
+        tile=config.tile,
+        compression=config.compression,
+        num_parameters=config.num_parameters,
+    )
+    device = targets[0][1].weight.device
+    store = RoastStore(plan, scaler=config.scaler, dtype=config.torch_dtype, device=device)
+    store.backend = config.backend
+    if show_progress is None:
+        show_progress = plan.num_compressed >= 20_000_000
+    numerator = torch.zeros(plan.num_slots, dtype=torch.float32, device=device)
+    denominator = torch.zeros_like(numerator)
+    unsigned_plan = dataclasses.replace(plan, sign="none")
+    for (name, module, kind), spec in tqdm(
+        list(zip(targets, specs)), desc="ROAST compress", unit="module", disable=not show_progress
+    ):
+        if init == "pretrained":
+            with torch.no_grad():
+                w = dense_weight(module, kind).detach().float()
+                lm = _init_mapping(plan, spec, device)
+                numerator += scatter_weight_grad(w, lm, plan.num_slots)
+                lm_den = LayerMapping(unsigned_plan, spec, lm.tile_slot, lm.tile_scale.abs() * spec.scale, None)
+                denominator += scatter_weight_grad(torch.ones_like(w), lm_den, plan.num_slots)
+        _swap(model, name, _roast_layer_like(module, kind, store, spec, copy_values=materialized))
+    with torch.no_grad():
+        if init == "pretrained":
+            z = torch.where(denominator > 0, numerator / denominator.clamp_min(1e-30), torch.zeros_like(numerator))
+        else:
+            gen = torch.Generator(device="cpu").manual_seed(config.seed)  # private: the global RNG is untouched
+            z = torch.randn(plan.num_slots, generator=gen, dtype=torch.float32).to(device)
+        store.z.copy_(z.to(store.z.dtype))
+    model.add_module(STORE_NAME, store)
+    store.rebuild()
+    return store
+
+
+def _init_mapping(plan: MappingPlan, spec: ModuleSpec, device) -> LayerMapping:
+    slots = plan.tile_slots(spec, device) if plan.is_tiled else None
+    return LayerMapping(plan, spec, slots, plan.tile_scales(spec, device), None)
+
+
+def _roast_layer_like(module: nn.Module, kind: str, store: RoastStore, spec: ModuleSpec, copy_values: bool):
+    """A Roast layer standing in for ``module``; copies the dense bias / padding row when they are real."""
+    w = module.weight
+    device = None if w.device.type == "meta" else w.device
+    if kind == "embedding":
+        layer = RoastEmbedding(
+            module.num_embeddings, module.embedding_dim, store, spec, module.padding_idx, dtype=w.dtype, device=device
+        )
+        if copy_values and layer.padding_idx is not None:
+            layer.padding_row.copy_(w.detach()[layer.padding_idx])
+        return layer
+    out_features, in_features = spec.rows, spec.cols
+    has_bias = getattr(module, "bias", None) is not None
+    layer = RoastLinear(in_features, out_features, store, spec, bias=has_bias, dtype=w.dtype, device=device)
+    if has_bias:
+        if copy_values:
+            layer.bias.data.copy_(module.bias.detach())
+        elif module.bias.device.type == "meta":
+            layer.bias = nn.Parameter(torch.empty_like(module.bias, device="meta"))
+    layer.train(module.training)
+    return layer
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply_plan(model: nn.Module, config: RoastConfig, plan: MappingPlan, device="meta") -> RoastStore:
+    """Swap the plan's modules into a freshly built skeleton; z is left empty on ``device`` for a loader."""
+    store = RoastStore(plan, scaler=config.scaler, dtype=config.torch_dtype, device=device)
+    store.backend = config.backend
+    for spec in plan.modules:
+        try:
+            module = model.get_submodule(spec.name)
+        except AttributeError:
+            raise ValueError(
+                f"The checkpoint compresses module {spec.name!r}, which {type(model).__name__} does not have: the "
+                "checkpoint's module list does not match this architecture."
+            ) from None
+        kind = module_kind(module)
+        shape = tuple(dense_weight(module, kind).shape) if kind else None
+        if kind != spec.kind or shape != (spec.rows, spec.cols):
+            raise ValueError(
+                f"The checkpoint's module {spec.name!r} is a {spec.kind} of shape {(spec.rows, spec.cols)}, but the "
+                f"model has {kind or type(module).__name__} of shape {shape}: the module list does not match."
+            )
+        _swap(model, spec.name, _roast_layer_like(module, kind, store, spec, copy_values=False))
+    model.add_module(STORE_NAME, store)
+    return store

@@ -1,0 +1,167 @@
+"""RoastConfig: what to compress, how hard, and with which mapping."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from .mapping import MAPPERS, MAPPING_VERSION, SIGNS
+
+CONFIG_NAME = "roast_config.json"
+INITS = ("auto", "pretrained", "random")
+SCALERS = ("v5", "v1", "none")
+BACKENDS = ("auto", "torch", "triton")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class RoastConfig:
+    """Configuration of ROAST / STABLE-RPS parameter sharing, in the style of a PEFT config."""
+
+    compression: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dense weights of the target modules per stored weight of z (>= 1.0). 16 stores 1/16th. "
+            "Defaults to 16 when num_parameters is not given either."
+        },
+    )
+    num_parameters: int | None = field(
+        default=None,
+        metadata={"help": "An explicit budget: the length of the shared array z. Excludes `compression`."},
+    )
+    target_modules: str | list[str] | None = field(
+        default="all-linear",
+        metadata={
+            "help": "Modules to compress. 'all-linear': every nn.Linear / Conv1D but the output layer. Another "
+            "string is a regex that must match the full module name; a list matches names exactly or by suffix."
+        },
+    )
+    exclude_modules: str | list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules never to compress: a full-match regex or a list of names/suffixes."},
+    )
+    compress_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Also compress nn.Embedding tables (by rows); lookups gather only the rows they need."},
+    )
+    mapper: str = field(
+        default="stable",
+        metadata={
+            "help": "'stable': STABLE-RPS RandomFold (exact at 1x, balanced). 'roast': ICML-2023 tile hashing. "
+            "'hashednet': per-element hashing into per-module arrays (the baseline)."
+        },
+    )
+    tile: tuple[int, int] | list[int] = field(
+        default=(32, 32),
+        metadata={
+            "help": "Mapping tile (rows, cols) of a weight matrix read from one contiguous span of z. Part of "
+            "the checkpoint format, independent of any kernel block size."
+        },
+    )
+    sign: str = field(
+        default="tile",
+        metadata={"help": "Random sign g(i): 'none', 'tile' (one per mapping tile) or 'element'."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the hash; part of the checkpoint format."})
+    init: str = field(
+        default="auto",
+        metadata={
+            "help": "'pretrained': least-squares projection of the dense weights being replaced. 'random': "
+            "z ~ N(0, 1) with each module's own init std as lambda. 'auto': pretrained when the model's "
+            "weights are materialised, random otherwise."
+        },
+    )
+    scaler: str = field(
+        default="v5",
+        metadata={"help": "STABLE-RPS gradient scaler applied to dz: 'v5' (default), 'v1' or 'none'."},
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Storage dtype of z. It is cast to the activation dtype when read."},
+    )
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Execution path: 'auto' (Triton kernels on CUDA when triton is installed, else PyTorch), "
+            "'torch' or 'triton'. The HF_ROAST_BACKEND environment variable overrides it."
+        },
+    )
+    mapping_version: int = field(
+        default=MAPPING_VERSION,
+        metadata={"help": "Version of the mapping formulas; a checkpoint made by another version refuses to load."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.compression is not None and self.num_parameters is not None:
+            raise ValueError("Give either `compression` or `num_parameters`, not both.")
+        if self.compression is None and self.num_parameters is None:
+            self.compression = 16.0
+        if self.compression is not None:
+            if not isinstance(self.compression, (int, float)) or self.compression != self.compression:
+                raise ValueError(f"compression must be a number >= 1.0, got {self.compression!r}.")
+            if self.compression < 1.0:
+                raise ValueError(
+                    f"compression={self.compression} < 1.0 would store more weights than the dense model: "
+                    "use compression >= 1.0 (1.0 is an exact copy with the stable mapper)."
+                )
+            self.compression = float(self.compression)
+        if self.num_parameters is not None and (not isinstance(self.num_parameters, int) or self.num_parameters < 1):
+            raise ValueError(f"num_parameters must be a positive int, got {self.num_parameters!r}.")
+        if self.mapper not in MAPPERS:
+            raise ValueError(f"Unknown mapper {self.mapper!r}: choose one of {', '.join(MAPPERS)}.")
+        if self.sign not in SIGNS:
+            raise ValueError(f"Unknown sign {self.sign!r}: choose one of {', '.join(SIGNS)}.")
+        if self.init not in INITS:
+            raise ValueError(f"Unknown init {self.init!r}: choose one of {', '.join(INITS)}.")
+        if self.scaler not in SCALERS:
+            raise ValueError(f"Unknown scaler {self.scaler!r}: choose one of {', '.join(SCALERS)}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}.")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"Unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}.")
+        tile = tuple(self.tile) if isinstance(self.tile, (list, tuple)) else None
+        if tile is None or len(tile) != 2 or not all(isinstance(t, int) and t >= 1 for t in tile):
+            raise ValueError(f"tile must be two positive ints (rows, cols), got {self.tile!r}.")
+        if tile[0] * tile[1] > 1 << 20:
+            raise ValueError(f"tile {tile} holds over 2**20 weights: use a smaller tile such as (32, 32).")
+        self.tile = tile
+        if self.target_modules is None or (isinstance(self.target_modules, (list, tuple)) and not self.target_modules):
+            if not self.compress_embeddings:
+                raise ValueError("target_modules is empty and compress_embeddings is False: nothing to compress.")
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, tuple):
+            self.exclude_modules = list(self.exclude_modules)
+        if self.mapping_version != MAPPING_VERSION:
+            raise ValueError(
+                f"This config uses ROAST mapping version {self.mapping_version}, but this hf_roast implements "
+                f"version {MAPPING_VERSION}: install the hf_roast release that wrote the checkpoint."
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tile"] = list(self.tile)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RoastConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"plan", "quant_method", "format_version"})
+        if unknown:
+            raise ValueError(f"Unknown RoastConfig keys {unknown}: was this written by a newer hf_roast?")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> RoastConfig:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))

@@ -1,0 +1,182 @@
+"""The PyTorch execution path: materialise one module's weight at a time, never keep it.
+
+Forward builds ``W`` from z into a reused scratch buffer, runs the matmul and drops ``W``; backward
+rebuilds it for ``dX`` and scatters ``dY^T X`` back into z. Nothing W-sized is saved for backward,
+and no W-sized index is ever built on the tile mappers (the tables are W/T entries).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .mapping import MappingPlan, ModuleSpec
+
+
+@dataclass
+class LayerMapping:
+    """What one layer's kernels need: the plan, its spec, and its small cached tables."""
+
+    plan: MappingPlan
+    spec: ModuleSpec
+    tile_slot: torch.Tensor | None  # int64 [n_tiles] (tile mappers)
+    tile_scale: torch.Tensor  # fp32 [n_tiles]: lambda * tile sign
+    scaler_inv: torch.Tensor | None  # fp32 [m / unit]: 1 / s_j, the STABLE-RPS gradient scaler
+
+
+class _Scratch(threading.local):
+    """Per-thread buffers reused across layers: fresh W-sized pages from the OS cost more than the copy."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        slot = (key, dtype, device)
+        buf = self.buffers.get(slot)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self.buffers[slot] = buf
+        return buf[:numel]
+
+
+_scratch = _Scratch()
+
+
+def clear_scratch() -> None:
+    """Free the reused buffers (e.g. after inference, or before measuring memory)."""
+    _scratch.buffers.clear()
+
+
+def _padded_shape(lm: LayerMapping) -> tuple[int, int, int, int]:
+    tr, tc = lm.plan.tile
+    return lm.spec.n_tile_rows(lm.plan.tile), tr, lm.spec.n_tile_cols(lm.plan.tile), tc
+
+
+def materialize_weight(
+    z: torch.Tensor, lm: LayerMapping, dtype: torch.dtype, *, scratch: bool = True
+) -> torch.Tensor:
+    """The module's dense ``rows x cols`` weight in ``dtype``. With ``scratch`` it lives in a reused buffer."""
+    spec, plan = lm.spec, lm.plan
+    if not plan.is_tiled:
+        rows = torch.arange(spec.rows, device=z.device)
+        index, sign = plan.element_index(spec, rows)
+        return (z[index] * element_scale(lm, rows, sign).to(z.dtype)).to(dtype)
+    n_tr, tr, n_tc, tc = _padded_shape(lm)
+    t = tr * tc
+    n_tiles = n_tr * n_tc
+    get = _scratch.get if scratch else (lambda key, numel, dt, dev: torch.empty(numel, dtype=dt, device=dev))
+    tiles = get("tiles", n_tiles * t, z.dtype, z.device).view(n_tiles, t)
+    torch.index_select(z.view(-1, t), 0, lm.tile_slot, out=tiles)
+    if plan.sign == "element":
+        tiles.mul_(plan.tile_element_signs(spec, z.device).to(z.dtype))
+    w = get("weight", n_tiles * t, dtype, z.device).view(n_tr, tr, n_tc, tc)
+    # One pass: scale by lambda * tile sign, move tiles into row-major W, cast to the activation dtype.
+    torch.mul(
+        tiles.view(n_tr, n_tc, tr, tc).permute(0, 2, 1, 3),
+        lm.tile_scale.to(z.dtype).view(n_tr, 1, n_tc, 1),
+        out=w,
+    )
+    w = w.view(n_tr * tr, n_tc * tc)
+    if w.shape != (spec.rows, spec.cols):
+        w = w[: spec.rows, : spec.cols]
+    return w
+
+
+def element_scale(lm: LayerMapping, rows: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
+    """lambda * sign of every element of the given rows, fp32 ``(*rows.shape, cols)``."""
+    tr, tc = lm.plan.tile
+    n_tc = lm.spec.n_tile_cols(lm.plan.tile)
+    cols = torch.arange(lm.spec.cols, device=rows.device)
+    scale = lm.tile_scale[(rows[..., None] // tr) * n_tc + cols // tc]
+    if sign is not None:
+        scale = scale * sign
+    return scale
+
+
+def scatter_weight_grad(grad_w: torch.Tensor, lm: LayerMapping, num_slots: int) -> torch.Tensor:
+    """dz contribution of one module: ``dz[h(i)] += lambda * g(i) * dW[i] / s_h(i)``, accumulated in fp32."""
+    spec, plan = lm.spec, lm.plan
+    dz = torch.zeros(num_slots, dtype=torch.float32, device=grad_w.device)
+    grad_w = grad_w.to(torch.float32)
+    if not plan.is_tiled:
+        rows = torch.arange(spec.rows, device=grad_w.device)
+        index, sign = plan.element_index(spec, rows)
+        contrib = grad_w * element_scale(lm, rows, sign)
+        if lm.scaler_inv is not None:
+            contrib = contrib * lm.scaler_inv[index]
+        dz.index_add_(0, index.flatten(), contrib.flatten())
+        return dz
+    n_tr, tr, n_tc, tc = _padded_shape(lm)
+    t = tr * tc
+    if grad_w.shape != (n_tr * tr, n_tc * tc):
+        grad_w = F.pad(grad_w, (0, n_tc * tc - spec.cols, 0, n_tr * tr - spec.rows))
+    scale = lm.tile_scale
+    if lm.scaler_inv is not None:
+        scale = scale * lm.scaler_inv[lm.tile_slot]
+    tiles = grad_w.view(n_tr, tr, n_tc, tc).permute(0, 2, 1, 3) * scale.view(n_tr, n_tc, 1, 1)
+    tiles = tiles.reshape(n_tr * n_tc, t)
+    if plan.sign == "element":
+        tiles.mul_(plan.tile_element_signs(spec, grad_w.device))
+    dz.view(-1, t).index_add_(0, lm.tile_slot, tiles)
+    return dz
+
+
+class RoastLinearFunction(torch.autograd.Function):
+    """y = x W^T + b with W read from z; saves x only, rebuilds W in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, lm: LayerMapping):
+        w = materialize_weight(z, lm, x.dtype)
+        y = F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+        ctx.save_for_backward(x, z)
+        ctx.lm = lm
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, z = ctx.saved_tensors
+        lm: LayerMapping = ctx.lm
+        grad_x = grad_z = grad_b = None
+        gy = grad_y.reshape(-1, grad_y.shape[-1])
+        if ctx.needs_input_grad[0]:
+            w = materialize_weight(z, lm, grad_y.dtype)
+            grad_x = (gy @ w).view(*grad_y.shape[:-1], w.shape[1]).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])
+            grad_w = gy.t().mm(x2.to(gy.dtype)) if gy.dtype == torch.float32 else gy.t().float().mm(x2.float())
+            grad_z = scatter_weight_grad(grad_w, lm, z.numel()).to(z.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = gy.float().sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_z, grad_b, None
+
+
+class RoastEmbeddingFunction(torch.autograd.Function):
+    """Gathers only the looked-up rows from z; backward scatters into those slots only."""
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, z: torch.Tensor, lm: LayerMapping, dtype: torch.dtype):
+        index, sign = lm.plan.element_index(lm.spec, ids, lm.tile_slot)
+        scale = element_scale(lm, ids.to(torch.int64), sign)
+        out = (z[index] * scale).to(dtype)
+        ctx.save_for_backward(ids, z)
+        ctx.lm = lm
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        ids, z = ctx.saved_tensors
+        lm: LayerMapping = ctx.lm
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None
+        index, sign = lm.plan.element_index(lm.spec, ids, lm.tile_slot)
+        contrib = grad_out.float() * element_scale(lm, ids.to(torch.int64), sign)
+        if lm.scaler_inv is not None:
+            contrib = contrib * lm.scaler_inv[index // lm.plan.scaler_unit()]
+        dz = torch.zeros(z.numel(), dtype=torch.float32, device=z.device)
+        dz.index_add_(0, index.flatten(), contrib.flatten())
+        return None, dz.to(z.dtype), None, None

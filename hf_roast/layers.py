@@ -1,0 +1,202 @@
+"""Drop-in layers whose weights are read from the shared array z instead of being owned.
+
+``RoastStore`` owns z: the single registered ``nn.Parameter``. Layers hold a plain (unregistered)
+reference to the store module and read ``store.z`` at every call, never a reference to the tensor,
+so that loaders that replace Parameter objects (transformers does) cannot leave a layer reading a
+stale z, and state dicts / safetensors hold z exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .dispatch import roast_embedding, roast_linear
+from .functional import LayerMapping, materialize_weight
+from .mapping import MappingPlan, ModuleSpec, gradient_scaler
+
+STORE_NAME = "roast_store"
+
+
+class RoastStore(nn.Module):
+    """Holds z, the mapping plan and the gradient scaler shared by every compressed layer."""
+
+    def __init__(self, plan: MappingPlan, scaler: str = "v5", dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.plan = plan
+        self.scaler = scaler
+        self.backend = "auto"
+        self.z = nn.Parameter(torch.zeros(plan.num_slots, dtype=dtype, device=device))
+        self.register_buffer("scaler_inv", torch.empty(0), persistent=False)
+        self._layers: list[nn.Module] = []
+
+    def rebuild(self) -> None:
+        """(Re)build derived buffers: the scaler and every layer's tables. Call after weights load."""
+        device = self.z.device
+        if device.type == "meta":
+            return
+        inv = gradient_scaler(self.plan, self.scaler, device=device)
+        self.scaler_inv = inv if inv is not None else torch.empty(0, device=device)
+        for layer in self._layers:
+            layer.rebuild_tables()
+
+    def extra_repr(self) -> str:
+        p = self.plan
+        return f"num_slots={p.num_slots}, mapper={p.mapper!r}, tile={p.tile}, sign={p.sign!r}, scaler={self.scaler!r}"
+
+
+class _RoastLayerMixin:
+    """Shared plumbing: the store reference, the spec, the small per-layer tables."""
+
+    spec: ModuleSpec
+
+    def _attach(self, store: RoastStore, spec: ModuleSpec, dtype: torch.dtype, device) -> None:
+        object.__setattr__(self, "_roast_store", store)  # deliberately not registered as a submodule
+        self.spec = spec
+        store._layers.append(self)
+        n_tiles = spec.n_tiles(store.plan.tile)
+        self.register_buffer("tile_slot", torch.zeros(n_tiles, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("tile_scale", torch.ones(n_tiles, dtype=torch.float32, device=device), persistent=False)
+        # An empty buffer whose dtype/device follow .to(): the compute dtype reported by `weight`.
+        self.register_buffer("_dtype_probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def roast_store(self) -> RoastStore:
+        return self._roast_store
+
+    def rebuild_tables(self) -> None:
+        plan = self._roast_store.plan
+        device = self._roast_store.z.device
+        if plan.is_tiled:
+            self.tile_slot = plan.tile_slots(self.spec, device)
+        self.tile_scale = plan.tile_scales(self.spec, device)
+        if self._dtype_probe.device != device:
+            self._dtype_probe = self._dtype_probe.to(device)
+
+    def layer_mapping(self) -> LayerMapping:
+        store = self._roast_store
+        inv = store.scaler_inv if store.scaler_inv.numel() else None
+        return LayerMapping(store.plan, self.spec, self.tile_slot if store.plan.is_tiled else None, self.tile_scale, inv)
+
+    def _check_ready(self) -> torch.Tensor:
+        z = self._roast_store.z
+        if z.device.type == "meta":
+            raise RuntimeError(
+                f"{self.spec.name}: the shared ROAST array z is still on the meta device; the checkpoint did "
+                "not load it. Load the model with hf_roast (RoastModel.from_pretrained or an Auto class after "
+                "`import hf_roast`)."
+            )
+        if self.tile_scale.device != z.device:
+            raise RuntimeError(
+                f"{self.spec.name}: layer tables are on {self.tile_scale.device} but z is on {z.device}; move the "
+                "whole model with model.to(device) rather than single submodules."
+            )
+        return z
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A read-only stand-in with the dense weight's shape, dtype and device, filled with NaN.
+
+        Some HF code reads ``module.weight.dtype`` / ``.device``; the real values live in z. Use
+        :meth:`materialize_weight` for them.
+        """
+        probe = self._dtype_probe
+        return torch.full((), float("nan"), dtype=probe.dtype, device=probe.device).expand(self._weight_shape())
+
+    @torch.no_grad()
+    def materialize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight this layer computes with, as a fresh tensor in the HF layout of the original."""
+        z = self._check_ready()
+        w = materialize_weight(z, self.layer_mapping(), dtype or self._dtype_probe.dtype, scratch=False).clone()
+        return w.t().contiguous() if self.spec.kind == "conv1d" else w
+
+
+class RoastLinear(_RoastLayerMixin, nn.Module):
+    """Replaces ``nn.Linear`` (and GPT-2's ``Conv1D``): ``y = x W^T + b`` with W read from z. Bias stays dense."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        store: RoastStore,
+        spec: ModuleSpec,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._attach(store, spec, dtype, device)
+
+    def _weight_shape(self) -> tuple[int, int]:
+        if self.spec.kind == "conv1d":
+            return (self.in_features, self.out_features)
+        return (self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self._check_ready()
+        return roast_linear(x, z, self.bias, self.layer_mapping(), self._roast_store.backend)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, roast={self.spec.name!r}"
+
+
+class RoastEmbedding(_RoastLayerMixin, nn.Module):
+    """Replaces ``nn.Embedding``: gathers only the looked-up rows from z.
+
+    ``padding_idx`` is honoured exactly: the padding row is kept densely (``dim`` values) and receives
+    no gradient, as in ``nn.Embedding``.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        store: RoastStore,
+        spec: ModuleSpec,
+        padding_idx: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += num_embeddings
+        self.padding_idx = padding_idx
+        if padding_idx is not None:
+            self.register_buffer("padding_row", torch.zeros(embedding_dim, dtype=dtype, device=device))
+        else:
+            self.padding_row = None
+        self._attach(store, spec, dtype, device)
+
+    def _weight_shape(self) -> tuple[int, int]:
+        return (self.num_embeddings, self.embedding_dim)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        z = self._check_ready()
+        out = roast_embedding(input_ids, z, self.layer_mapping(), self._dtype_probe.dtype, self._roast_store.backend)
+        if self.padding_idx is not None:
+            pad = (input_ids == self.padding_idx).unsqueeze(-1)
+            out = torch.where(pad, self.padding_row.to(out.dtype), out)
+        return out
+
+    @torch.no_grad()
+    def materialize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = super().materialize_weight(dtype)
+        if self.padding_idx is not None:
+            w[self.padding_idx] = self.padding_row.to(w.dtype)
+        return w
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, roast={self.spec.name!r}"
+
+
+def default_init_std(module: nn.Module) -> float:
+    """A module's own init scale when its weights are not materialised (kaiming-uniform's std)."""
+    fan_in = module.weight.shape[-1] if hasattr(module, "weight") else 1
+    return 1.0 / math.sqrt(3.0 * max(1, fan_in))

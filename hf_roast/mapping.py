@@ -1,0 +1,342 @@
+"""The ROAST / STABLE-RPS mapping: where every compressed weight lives in the shared array ``z``.
+
+This module is the single home of every mapping formula. The PyTorch path calls the formulas on
+int64 tensors; the Triton kernels compile the *same* Python functions (see :func:`formula_functions`
+and ``hf_roast.kernels.mapping_jit``), so the two paths cannot drift apart.
+
+Layout (ROAST_SPEC.md §3.1, tile-compatible RandomFold):
+
+* every compressed module ``l`` is a ``rows x cols`` matrix (``out x in`` for a linear layer,
+  ``num_embeddings x dim`` for an embedding), cut into ``TR x TC`` mapping tiles, edge tiles padded;
+* tiles are numbered tile-major over the modules in a fixed order: global tile ``g = offset_l + t``
+  with ``t = tile_row * n_tile_cols + tile_col``; element ``e = (r % TR) * TC + (c % TC)`` inside it;
+  the model-wide virtual index is ``v = g * T + e`` with ``T = TR * TC``;
+* ``z`` holds ``m = M * T`` floats (``M`` slot tiles). A tile mapper sends tile ``g`` to slot tile
+  ``slot(g)``, i.e. to the contiguous, aligned span ``z[slot(g) * T : slot(g) * T + T]``.
+
+Mappers:
+
+* ``"stable"``: RandomFold, ``slot(g) = (shift(g // M) + g % M) % M``. A bijection when ``M`` covers
+  every tile (1x recovers the dense model), perfectly balanced at integer compression.
+* ``"roast"``: ICML-2023 ROAST, ``slot(g) = hash(g) % M``.
+* ``"hashednet"``: per-element hash into a per-module segment of ``z`` (the papers' baseline).
+
+All hash arithmetic keeps every intermediate below 2**62, so int64 is exact on every platform and in
+Triton, for virtual indices far beyond 2**31.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+MAPPING_VERSION = 1
+"""Bump whenever any formula below changes: it is stored in every checkpoint and checked on load."""
+
+MAPPERS = ("stable", "roast", "hashednet")
+SIGNS = ("none", "tile", "element")
+
+P31 = 2147483647  # the Mersenne prime 2**31 - 1: products of two values below it stay below 2**62
+MIX_A = 1103515245
+MIX_B = 12345
+
+
+# --------------------------------------------------------------------------------------------------
+# Formulas. Plain arithmetic on non-negative int64 values only (+, *, %, //, >>, ^, &), so the same
+# functions run on torch tensors and, recompiled by triton.jit, inside the kernels. Callers must pass
+# int64 values for ``x`` / ``g`` / ``v`` (the seed constants may be Python ints below 2**31).
+# --------------------------------------------------------------------------------------------------
+def hash31(x, a, b):
+    """Seeded hash of a non-negative int64 below 2**62 to [0, 2**31)."""
+    h = (a * (x % P31) + b) % P31
+    h = h ^ (h >> 13)
+    h = (MIX_A * ((h + x // P31) % P31) + MIX_B) % P31
+    return h ^ (h >> 16)
+
+
+def stable_slot(g, n_slot_tiles, a, b):
+    """RandomFold: fold ``g // M`` is cyclically shifted by a seeded amount."""
+    return (hash31(g // n_slot_tiles, a, b) % n_slot_tiles + g % n_slot_tiles) % n_slot_tiles
+
+
+def roast_slot(g, n_slot_tiles, a, b):
+    """ROAST: each tile hashed on its own to an aligned slot tile."""
+    return hash31(g, a, b) % n_slot_tiles
+
+
+def hashednet_slot(v, segment_start, segment_size, a, b):
+    """HashedNet: each element hashed on its own into its module's segment of z."""
+    return segment_start + hash31(v, a, b) % segment_size
+
+
+def hash_sign(x, a, b):
+    """A seeded sign in {-1, +1} (as int64) for a tile or element index."""
+    return 1 - 2 * (hash31(x, a, b) & 1)
+
+
+def formula_functions():
+    """The formulas above, in dependency order, for recompilation by the Triton kernels."""
+    return [hash31, stable_slot, roast_slot, hashednet_slot, hash_sign]
+
+
+def formula_constants() -> dict[str, int]:
+    return {"P31": P31, "MIX_A": MIX_A, "MIX_B": MIX_B}
+
+
+def seed_constants(seed: int, purpose: str) -> tuple[int, int]:
+    """Two hash constants in [1, P31) derived from the seed, stable across Python and torch versions."""
+    digest = hashlib.sha256(f"hf-roast/v{MAPPING_VERSION}/{int(seed)}/{purpose}".encode()).digest()
+    a = int.from_bytes(digest[:8], "little") % (P31 - 1) + 1
+    b = int.from_bytes(digest[8:16], "little") % (P31 - 1) + 1
+    return a, b
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan: module list, offsets, sizes.
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModuleSpec:
+    """One compressed module's place in the model-wide virtual index."""
+
+    name: str
+    kind: str  # "linear" or "embedding"
+    rows: int
+    cols: int
+    scale: float  # lambda_l
+    tile_offset: int = 0  # first global tile index
+    segment_start: int = 0  # hashednet only
+    segment_size: int = 0  # hashednet only
+
+    def n_tile_rows(self, tile: Sequence[int]) -> int:
+        return -(-self.rows // tile[0])
+
+    def n_tile_cols(self, tile: Sequence[int]) -> int:
+        return -(-self.cols // tile[1])
+
+    def n_tiles(self, tile: Sequence[int]) -> int:
+        return self.n_tile_rows(tile) * self.n_tile_cols(tile)
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass
+class MappingPlan:
+    """Everything needed to find any compressed weight in z; serialised into the checkpoint."""
+
+    mapper: str
+    sign: str
+    seed: int
+    tile: tuple[int, int]
+    num_slots: int  # m, the length of z
+    modules: list[ModuleSpec] = field(default_factory=list)
+    mapping_version: int = MAPPING_VERSION
+
+    # ---- construction ------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        modules: list[ModuleSpec],
+        *,
+        mapper: str,
+        sign: str,
+        seed: int,
+        tile: Sequence[int],
+        compression: float | None = None,
+        num_parameters: int | None = None,
+    ) -> MappingPlan:
+        """Lay the modules out tile-major and size z from a compression ratio or an explicit budget."""
+        if mapper not in MAPPERS:
+            raise ValueError(f"Unknown mapper {mapper!r}: choose one of {MAPPERS}.")
+        if sign not in SIGNS:
+            raise ValueError(f"Unknown sign {sign!r}: choose one of {SIGNS}.")
+        tile = (int(tile[0]), int(tile[1]))
+        if not modules:
+            raise ValueError("No module to compress: check target_modules / exclude_modules.")
+        t = tile[0] * tile[1]
+        offset = 0
+        for spec in modules:
+            spec.tile_offset = offset
+            offset += spec.n_tiles(tile)
+        n_real = sum(s.numel for s in modules)
+        n_padded = offset * t
+        if num_parameters is not None:
+            if num_parameters > n_padded:
+                raise ValueError(
+                    f"num_parameters={num_parameters} exceeds the {n_padded} (tile-padded) weights of the "
+                    "target modules: lower it, or use compression=1.0 for an exact copy."
+                )
+            wanted = int(num_parameters)
+        else:
+            wanted = math.ceil(n_padded / float(compression))
+        num_slots = -(-wanted // t) * t  # z is a whole number of aligned slot tiles
+        if num_slots < t or wanted < 1:
+            raise ValueError(
+                f"The budget gives z fewer weights ({wanted}) than one {tile[0]}x{tile[1]} mapping tile ({t}): "
+                f"the {n_real} target weights allow at most compression={n_padded / t:g} with this tile. "
+                "Lower the compression or use a smaller tile."
+            )
+        plan = cls(mapper=mapper, sign=sign, seed=int(seed), tile=tile, num_slots=num_slots, modules=modules)
+        if mapper == "hashednet":
+            plan._assign_segments(n_real)
+        return plan
+
+    def _assign_segments(self, n_real: int) -> None:
+        """HashedNet's per-module arrays: z split in proportion to each module's size (each >= 1)."""
+        sizes = [max(1, (spec.numel * self.num_slots) // n_real) for spec in self.modules]
+        sizes[-1] += self.num_slots - sum(sizes)
+        if sizes[-1] < 1:
+            raise ValueError("Too many modules for this budget under the hashednet mapper: lower the compression.")
+        start = 0
+        for spec, size in zip(self.modules, sizes):
+            spec.segment_start, spec.segment_size = start, size
+            start += size
+
+    # ---- serialisation -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tile"] = list(self.tile)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MappingPlan:
+        d = dict(d)
+        modules = [ModuleSpec(**m) for m in d.pop("modules")]
+        d["tile"] = tuple(d["tile"])
+        return cls(modules=modules, **d)
+
+    # ---- queries -----------------------------------------------------------------------------------
+    @property
+    def tile_numel(self) -> int:
+        return self.tile[0] * self.tile[1]
+
+    @property
+    def num_slot_tiles(self) -> int:
+        return self.num_slots // self.tile_numel
+
+    @property
+    def num_virtual(self) -> int:
+        """Size of the tile-padded model-wide virtual index."""
+        return sum(s.n_tiles(self.tile) for s in self.modules) * self.tile_numel
+
+    @property
+    def num_compressed(self) -> int:
+        return sum(s.numel for s in self.modules)
+
+    @property
+    def is_tiled(self) -> bool:
+        """Tile mappers read each mapping tile from one aligned span of z."""
+        return self.mapper != "hashednet"
+
+    def spec(self, name: str) -> ModuleSpec:
+        for s in self.modules:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def _global_tiles(self, spec: ModuleSpec, device=None) -> torch.Tensor:
+        return torch.arange(spec.n_tiles(self.tile), dtype=torch.int64, device=device) + spec.tile_offset
+
+    def tile_slots(self, spec: ModuleSpec, device=None) -> torch.Tensor:
+        """Slot tile of each of the module's tiles (tile mappers), int64 of n_tiles: W/T entries, not W."""
+        if not self.is_tiled:
+            raise ValueError("The hashednet mapper has no tile slots: it hashes every element.")
+        g = self._global_tiles(spec, device)
+        a, b = seed_constants(self.seed, "slot")
+        if self.mapper == "stable":
+            return stable_slot(g, self.num_slot_tiles, a, b)
+        return roast_slot(g, self.num_slot_tiles, a, b)
+
+    def tile_scales(self, spec: ModuleSpec, device=None) -> torch.Tensor:
+        """lambda_l times the tile sign (sign="tile"), fp32 of n_tiles."""
+        scale = torch.full((spec.n_tiles(self.tile),), float(spec.scale), dtype=torch.float32, device=device)
+        if self.sign == "tile":
+            a, b = seed_constants(self.seed, "sign")
+            scale *= hash_sign(self._global_tiles(spec, device), a, b).to(torch.float32)
+        return scale
+
+    def element_index(self, spec: ModuleSpec, rows: torch.Tensor, tile_slots: torch.Tensor | None = None):
+        """z index and element sign (or None) of every column of the given rows: both ``(*rows.shape, cols)``.
+
+        ``tile_slots`` may pass a cached :meth:`tile_slots` table. Used by embeddings (the rows looked up)
+        and by the hashednet mapper; the tile mappers' linear layers use the cheaper tile tables.
+        """
+        tr, tc = self.tile
+        t = self.tile_numel
+        rows = rows.to(torch.int64)[..., None]
+        cols = torch.arange(spec.cols, dtype=torch.int64, device=rows.device)
+        g = spec.tile_offset + (rows // tr) * spec.n_tile_cols(self.tile) + cols // tc
+        e = (rows % tr) * tc + cols % tc
+        if self.is_tiled:
+            slots = self.tile_slots(spec, rows.device) if tile_slots is None else tile_slots
+            index = slots[g - spec.tile_offset] * t + e
+        else:
+            a, b = seed_constants(self.seed, "slot")
+            index = hashednet_slot(g * t + e, spec.segment_start, spec.segment_size, a, b)
+        sign = None
+        if self.sign == "element":
+            a, b = seed_constants(self.seed, "sign")
+            sign = hash_sign(g * t + e, a, b)
+        return index, sign
+
+    def tile_element_signs(self, spec: ModuleSpec, device=None) -> torch.Tensor:
+        """Element signs laid out as ``(n_tiles, T)``, for sign="element" on the tile path (fp32)."""
+        a, b = seed_constants(self.seed, "sign")
+        v = self._global_tiles(spec, device)[:, None] * self.tile_numel + torch.arange(
+            self.tile_numel, dtype=torch.int64, device=device
+        )
+        return hash_sign(v, a, b).to(torch.float32)
+
+    # ---- statistics for the gradient scaler and the pretrained init --------------------------------
+    def scaler_unit(self) -> int:
+        """Granularity of the scaler's counts: a slot tile for tile mappers, an element for hashednet."""
+        return self.tile_numel if self.is_tiled else 1
+
+    def slot_counts(self, spec: ModuleSpec, device=None) -> torch.Tensor:
+        """c_lj: how many of module l's weights land in each scaler unit j (tiles for tile mappers)."""
+        n_units = self.num_slots // self.scaler_unit()
+        if self.is_tiled:
+            slots = self.tile_slots(spec, device)
+            return torch.bincount(slots, minlength=n_units).to(torch.float64)
+        counts = torch.zeros(n_units, dtype=torch.float64, device=device)
+        for rows in _row_chunks(spec, device):
+            index, _ = self.element_index(spec, rows)
+            counts += torch.bincount(index.flatten(), minlength=n_units).to(torch.float64)
+        return counts
+
+
+def _row_chunks(spec: ModuleSpec, device=None, max_elements: int = 1 << 22):
+    """Row blocks of a module small enough that a per-element index over them stays bounded."""
+    step = max(1, max_elements // max(1, spec.cols))
+    for start in range(0, spec.rows, step):
+        yield torch.arange(start, min(spec.rows, start + step), dtype=torch.int64, device=device)
+
+
+def gradient_scaler(plan: MappingPlan, mode: str, device=None) -> torch.Tensor | None:
+    """1 / s_j per scaler unit (ROAST_SPEC §3.2), or None for mode="none".
+
+    v5: s_j = sum_l c_lj lambda_l^2;  v1: s_j = (sum_l c_lj lambda_l)^2 / sum_l c_lj. Unused units get 1.
+    """
+    if mode == "none":
+        return None
+    n_units = plan.num_slots // plan.scaler_unit()
+    s_c = torch.zeros(n_units, dtype=torch.float64, device=device)
+    s_cl = torch.zeros_like(s_c)
+    s_cl2 = torch.zeros_like(s_c)
+    for spec in plan.modules:
+        c = plan.slot_counts(spec, device)
+        s_c += c
+        s_cl += c * abs(spec.scale)
+        s_cl2 += c * spec.scale**2
+    if mode == "v5":
+        s = s_cl2
+    elif mode == "v1":
+        s = torch.where(s_c > 0, s_cl**2 / s_c.clamp_min(1), torch.zeros_like(s_c))
+    else:
+        raise ValueError(f"Unknown scaler {mode!r}: choose 'v5', 'v1' or 'none'.")
+    return torch.where(s > 0, 1.0 / s.clamp_min(1e-300), torch.ones_like(s)).to(torch.float32)

@@ -1,0 +1,220 @@
+"""RoastModel: the wrapper users hold, and get_roast_model, its entry point."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+
+import torch
+from torch import nn
+
+from .compress import compress_model, dense_weight
+from .config import CONFIG_NAME, RoastConfig
+from .layers import STORE_NAME, RoastEmbedding, RoastLinear, RoastStore
+
+FORMAT_VERSION = 1
+"""Version of the on-disk layout (file names and keys); independent of the mapping version."""
+
+
+def get_roast_model(model: nn.Module, config: RoastConfig | None = None, show_progress: bool | None = None):
+    """Compress ``model``'s target modules in place with ROAST / STABLE-RPS and wrap it.
+
+    The dense weights of the target modules are projected onto the shared array z (least squares,
+    ``init="pretrained"``) or replaced by a random z with each module's init scale (``init="random"``).
+    """
+    config = config or RoastConfig()
+    compress_model(model, config, show_progress=show_progress)
+    return RoastModel(model, config)
+
+
+@functools.lru_cache(maxsize=None)
+def _wrapper_class(base_cls: type) -> type:
+    """A RoastModel subclass whose ``forward`` has the wrapped class's signature.
+
+    The HF Trainer reads the *class's* forward signature to find label names and to drop dataset
+    columns; a bare ``forward(*args, **kwargs)`` would silently lose ``input_ids`` and ``labels``.
+    """
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    forward.__signature__ = inspect.signature(base_cls.forward)
+    forward.__doc__ = base_cls.forward.__doc__
+    return type(f"Roast{base_cls.__name__}", (RoastModel,), {"forward": forward, "__module__": __name__})
+
+
+class RoastModel(nn.Module):
+    """A transformers model whose target modules read their weights from one shared array z.
+
+    Attributes and methods it does not define (``generate``, ``config``, ``device``,
+    ``gradient_checkpointing_enable``...) are forwarded to the wrapped model.
+    """
+
+    def __new__(cls, model: nn.Module = None, roast_config: RoastConfig | None = None):
+        if cls is RoastModel and model is not None:
+            cls = _wrapper_class(type(model))
+        return super().__new__(cls)
+
+    def __init__(self, model: nn.Module, roast_config: RoastConfig):
+        super().__init__()
+        if not hasattr(model, STORE_NAME):
+            raise ValueError("RoastModel wraps a compressed model: use get_roast_model(model, RoastConfig(...)).")
+        self.base_model = model
+        self.roast_config = roast_config
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    # ---- introspection ------------------------------------------------------------------------------
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    @property
+    def roast_store(self) -> RoastStore:
+        return getattr(self.base_model, STORE_NAME)
+
+    @property
+    def plan(self):
+        return self.roast_store.plan
+
+    def roast_layers(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.base_model.named_modules() if isinstance(m, (RoastLinear, RoastEmbedding))]
+
+    def _unique_parameters(self):
+        seen = set()
+        for p in self.base_model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield p
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self._unique_parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self._unique_parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        report = self.compression_report()["model"]
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+            f" || dense params: {report['dense_parameters']:,d} || compression: {report['ratio']:.2f}x"
+        )
+
+    def compression_report(self) -> dict:
+        """Dense vs stored parameter counts and bytes, over the target modules and the whole model."""
+        store = self.roast_store
+        layers = self.roast_layers()
+        dense_target = sum(m.spec.numel for _, m in layers)
+        dense_target_bytes = sum(m.spec.numel * m._dtype_probe.element_size() for _, m in layers)
+        z = store.z
+        stored_target, stored_target_bytes = z.numel(), z.numel() * z.element_size()
+        other = [p for p in self._unique_parameters() if p is not z]
+        other_buffers = [b for n, b in self.base_model.named_buffers() if n.endswith("padding_row")]
+        other_n = sum(p.numel() for p in other) + sum(b.numel() for b in other_buffers)
+        other_bytes = sum(p.numel() * p.element_size() for p in other) + sum(
+            b.numel() * b.element_size() for b in other_buffers
+        )
+
+        def block(dense_n, dense_b, stored_n, stored_b):
+            return {
+                "dense_parameters": dense_n,
+                "stored_parameters": stored_n,
+                "dense_bytes": dense_b,
+                "stored_bytes": stored_b,
+                "ratio": dense_n / stored_n,
+                "bytes_ratio": dense_b / stored_b,
+            }
+
+        plan = store.plan
+        return {
+            "target": block(dense_target, dense_target_bytes, stored_target, stored_target_bytes),
+            "model": block(
+                dense_target + other_n,
+                dense_target_bytes + other_bytes,
+                stored_target + other_n,
+                stored_target_bytes + other_bytes,
+            ),
+            "num_modules": len(layers),
+            "mapper": plan.mapper,
+            "tile": list(plan.tile),
+            "sign": plan.sign,
+            "seed": plan.seed,
+            "scaler": store.scaler,
+            "mapping_version": plan.mapping_version,
+        }
+
+    # ---- conversion ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """A plain dense HF model whose outputs equal the compressed one's; the wrapper is left unusable."""
+        from transformers.pytorch_utils import Conv1D
+
+        model = self.base_model
+        for name, layer in self.roast_layers():
+            w = layer.materialize_weight()
+            if isinstance(layer, RoastEmbedding):
+                dense = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, device=w.device)
+                dense.weight = nn.Parameter(w)
+            elif layer.spec.kind == "conv1d":
+                dense = Conv1D(layer.out_features, layer.in_features)
+                dense.weight = nn.Parameter(w)
+                dense.bias = nn.Parameter(layer.bias.detach().clone())
+            else:
+                dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+                dense.weight = nn.Parameter(w)
+                if layer.bias is not None:
+                    dense.bias = nn.Parameter(layer.bias.detach().clone())
+            dense.train(layer.training)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+        delattr(model, STORE_NAME)
+        _forget_roast(model)
+        return model
+
+    # ---- persistence --------------------------------------------------------------------------------
+    def roast_config_dict(self) -> dict:
+        d = self.roast_config.to_dict()
+        d["format_version"] = FORMAT_VERSION
+        d["plan"] = self.plan.to_dict()
+        d["scaler"] = self.roast_store.scaler
+        return d
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write ``config.json``, ``roast_config.json`` and ``model.safetensors`` (z once, no dense copy)."""
+        from .serialization import save_roast_model
+
+        save_roast_model(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> RoastModel:
+        """Load a checkpoint written by :meth:`save_pretrained`, without allocating dense target weights."""
+        from .serialization import load_roast_model
+
+        return load_roast_model(pretrained_model_name_or_path, **kwargs)
+
+
+def _forget_roast(model: nn.Module) -> None:
+    for attr in ("roast_config",):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+
+
+def read_roast_config(directory: str | os.PathLike) -> dict:
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: it is not an hf_roast checkpoint.")
+    with open(path) as f:
+        return json.load(f)
+
+
+__all__ = ["RoastModel", "get_roast_model", "dense_weight"]
