@@ -30,6 +30,20 @@ def _power_of_two(x: float) -> float:
     return 2.0 ** round(math.log2(x)) if x > 0 and math.isfinite(x) else 1.0
 
 
+def _module_std(module: nn.Module, kind: str, materialized: bool) -> float:
+    if not materialized:
+        return default_init_std(module)
+    w = dense_weight(module, kind).detach().float()
+    std = w.std().item() if w.numel() > 1 else abs(w.item())
+    return std if std > 0 and math.isfinite(std) else default_init_std(module)
+
+
+def _z_scale(stds: list[float], sizes: list[int]) -> float:
+    """The std of z: a power of two near the size-weighted RMS of the module stds (exact rescaling)."""
+    rms = math.sqrt(sum(n * s * s for s, n in zip(stds, sizes)) / max(1, sum(sizes)))
+    return _power_of_two(rms)
+
+
 def _check_tied_embeddings(model: nn.Module, targets) -> None:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is None or not hasattr(out, "weight"):
@@ -52,15 +66,14 @@ def compress_model(model: nn.Module, config: RoastConfig, show_progress: bool | 
     init = config.init if config.init != "auto" else ("pretrained" if materialized else "random")
     if init == "pretrained" and not materialized:
         raise ValueError("init='pretrained' needs the dense weights, but they are on the meta device: load them first.")
+    stds = [_module_std(module, kind, materialized) for _, module, kind in targets]
+    z_std = _z_scale(stds, [dense_weight(m, k).numel() for _, m, k in targets])
     specs = []
-    for name, module, kind in targets:
-        w = dense_weight(module, kind)
-        rows, cols = w.shape
-        if not materialized:
-            std = default_init_std(module)
-        else:
-            std = w.detach().float().std().item() if w.numel() > 1 else abs(w.detach().float().item())
-        scale = _power_of_two(std) if init == "pretrained" else (std if std > 0 else default_init_std(module))
+    for (name, module, kind), std in zip(targets, stds):
+        rows, cols = dense_weight(module, kind).shape
+        # lambda_l = target std / std of z. z's own std is the typical module std, so every lambda is near 1
+        # and Adam's per-element steps on z move W about as fast as dense fine-tuning moves it.
+        scale = _power_of_two(std) / z_std if init == "pretrained" else std / z_std
         specs.append(ModuleSpec(name=name, kind=kind, rows=rows, cols=cols, scale=scale))
     plan = MappingPlan.build(
         specs,
@@ -95,7 +108,7 @@ def compress_model(model: nn.Module, config: RoastConfig, show_progress: bool | 
             z = torch.where(denominator > 0, numerator / denominator.clamp_min(1e-30), torch.zeros_like(numerator))
         else:
             gen = torch.Generator(device="cpu").manual_seed(config.seed)  # private: the global RNG is untouched
-            z = torch.randn(plan.num_slots, generator=gen, dtype=torch.float32).to(device)
+            z = (torch.randn(plan.num_slots, generator=gen, dtype=torch.float32) * z_std).to(device)
         store.z.copy_(z.to(store.z.dtype))
     model.add_module(STORE_NAME, store)
     store.rebuild()

@@ -50,6 +50,11 @@ def clear_scratch() -> None:
     _scratch.buffers.clear()
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Gradients of z accumulate in fp32 at least (fp64 stays fp64): half-precision sums lose slots' updates."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _padded_shape(lm: LayerMapping) -> tuple[int, int, int, int]:
     tr, tc = lm.plan.tile
     return lm.spec.n_tile_rows(lm.plan.tile), tr, lm.spec.n_tile_cols(lm.plan.tile), tc
@@ -99,8 +104,9 @@ def element_scale(lm: LayerMapping, rows: torch.Tensor, sign: torch.Tensor | Non
 def scatter_weight_grad(grad_w: torch.Tensor, lm: LayerMapping, num_slots: int) -> torch.Tensor:
     """dz contribution of one module: ``dz[h(i)] += lambda * g(i) * dW[i] / s_h(i)``, accumulated in fp32."""
     spec, plan = lm.spec, lm.plan
-    dz = torch.zeros(num_slots, dtype=torch.float32, device=grad_w.device)
-    grad_w = grad_w.to(torch.float32)
+    acc = accumulation_dtype(grad_w.dtype)
+    dz = torch.zeros(num_slots, dtype=acc, device=grad_w.device)
+    grad_w = grad_w.to(acc)
     if not plan.is_tiled:
         rows = torch.arange(spec.rows, device=grad_w.device)
         index, sign = plan.element_index(spec, rows)
@@ -148,10 +154,11 @@ class RoastLinearFunction(torch.autograd.Function):
             grad_x = (gy @ w).view(*grad_y.shape[:-1], w.shape[1]).to(x.dtype)
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
-            grad_w = gy.t().mm(x2.to(gy.dtype)) if gy.dtype == torch.float32 else gy.t().float().mm(x2.float())
+            acc = accumulation_dtype(gy.dtype)
+            grad_w = gy.t().to(acc).mm(x2.to(acc))
             grad_z = scatter_weight_grad(grad_w, lm, z.numel()).to(z.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = gy.float().sum(0).to(ctx.bias_dtype)
+            grad_b = gy.to(accumulation_dtype(gy.dtype)).sum(0).to(ctx.bias_dtype)
         return grad_x, grad_z, grad_b, None
 
 
@@ -174,9 +181,10 @@ class RoastEmbeddingFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[1]:
             return None, None, None, None
         index, sign = lm.plan.element_index(lm.spec, ids, lm.tile_slot)
-        contrib = grad_out.float() * element_scale(lm, ids.to(torch.int64), sign)
+        acc = accumulation_dtype(grad_out.dtype)
+        contrib = grad_out.to(acc) * element_scale(lm, ids.to(torch.int64), sign).to(acc)
         if lm.scaler_inv is not None:
             contrib = contrib * lm.scaler_inv[index // lm.plan.scaler_unit()]
-        dz = torch.zeros(z.numel(), dtype=torch.float32, device=z.device)
+        dz = torch.zeros(z.numel(), dtype=acc, device=z.device)
         dz.index_add_(0, index.flatten(), contrib.flatten())
         return None, dz.to(z.dtype), None, None

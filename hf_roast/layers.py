@@ -103,7 +103,11 @@ class _RoastLayerMixin:
         :meth:`materialize_weight` for them.
         """
         probe = self._dtype_probe
-        return torch.full((), float("nan"), dtype=probe.dtype, device=probe.device).expand(self._weight_shape())
+        stand_in = torch.full((), float("nan"), dtype=probe.dtype, device=probe.device).expand(self._weight_shape())
+        # transformers' init functions skip flagged tensors: a parent's _init_weights (T5Attention writes
+        # module.q.weight) must not write into this stand-in while a checkpoint loads.
+        stand_in._is_hf_initialized = True
+        return stand_in
 
     @torch.no_grad()
     def materialize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -165,6 +165,11 @@ class MappingPlan:
             offset += spec.n_tiles(tile)
         n_real = sum(s.numel for s in modules)
         n_padded = offset * t
+        if n_padded > 2 * n_real:
+            raise ValueError(
+                f"The {tile[0]}x{tile[1]} mapping tile does not fit these modules: padding them to whole tiles gives "
+                f"{n_padded} virtual weights for {n_real} real ones (over half padding). Use a smaller tile."
+            )
         if num_parameters is not None:
             if num_parameters > n_padded:
                 raise ValueError(
@@ -175,9 +180,10 @@ class MappingPlan:
         else:
             wanted = math.ceil(n_padded / float(compression))
         num_slots = -(-wanted // t) * t  # z is a whole number of aligned slot tiles
-        if num_slots < t or wanted < 1:
+        if wanted < t:
             raise ValueError(
-                f"The budget gives z fewer weights ({wanted}) than one {tile[0]}x{tile[1]} mapping tile ({t}): "
+                f"The budget gives z fewer weights ({wanted}) than one {tile[0]}x{tile[1]} mapping tile ({t}), so the "
+                "tile does not fit: "
                 f"the {n_real} target weights allow at most compression={n_padded / t:g} with this tile. "
                 "Lower the compression or use a smaller tile."
             )

@@ -189,18 +189,56 @@ class RoastModel(nn.Module):
         d["scaler"] = self.roast_store.scaler
         return d
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Write ``config.json``, ``roast_config.json`` and ``model.safetensors`` (z once, no dense copy)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> list[str]:
+        """Write the checkpoint folder; returns the names of the files written.
+
+        ``config.json`` (with ``quantization_config``, so that ``AutoModel*.from_pretrained`` loads it after
+        ``import hf_roast``), ``roast_config.json``, ``model.safetensors`` (z once, no dense copy) and a
+        ``README.md`` model card. Card options: ``base_model``, ``license``, ``repo_id``, ``model_card=False``.
+        Other keyword arguments go to transformers' ``save_pretrained`` (e.g. ``max_shard_size``).
+        """
         from .serialization import save_roast_model
 
-        save_roast_model(self, save_directory, **kwargs)
+        return save_roast_model(self, save_directory, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> RoastModel:
-        """Load a checkpoint written by :meth:`save_pretrained`, without allocating dense target weights."""
+        """Load a checkpoint from a folder or a Hub repo id, without allocating dense target weights.
+
+        ``revision``, ``token``, ``cache_dir``, ``local_files_only`` and ``force_download`` go to
+        huggingface_hub; other keyword arguments (``dtype``, ``device_map``...) to transformers'
+        ``from_pretrained``, whose quantizer path (the one ``AutoModel*`` takes) builds the model.
+        """
         from .serialization import load_roast_model
 
         return load_roast_model(pretrained_model_name_or_path, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **save_kwargs,
+    ):
+        """Upload exactly what :meth:`save_pretrained` writes (model card included) as one commit.
+
+        Goes through ``huggingface_hub`` (``create_repo`` + ``upload_folder``); returns its ``CommitInfo``.
+        """
+        from .hub import push_checkpoint
+
+        return push_checkpoint(
+            self,
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            **save_kwargs,
+        )
 
 
 def _forget_roast(model: nn.Module) -> None:

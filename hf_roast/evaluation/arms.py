@@ -1,0 +1,137 @@
+"""What one arm of an experiment is, and how to build its model and count its storage.
+
+An arm is one method at one budget: dense, hf-roast (a mapper, with or without embeddings),
+magnitude pruning at hf-roast's budget, or a smaller (truncated) model. Storage is counted the same way
+for every arm: values and bytes, over the target modules and over the whole model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from ..config import RoastConfig
+from ..model import get_roast_model
+from .baselines import magnitude_prune, parameter_bytes, target_modules_of, truncate_layers
+
+METHODS = ("dense", "roast", "prune", "smaller")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of a results table. ``name`` is its results file name, unique within an experiment."""
+
+    name: str
+    method: str
+    compression: float = 1.0
+    mapper: str = "stable"
+    compress_embeddings: bool = False
+    num_layers: int | None = None
+    seed: int = 0
+    schedule: float = 1.0
+    distill: bool = False
+    recovery_steps: int = 0
+    lrs: tuple[float, ...] | None = field(default=None)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}: choose one of {METHODS}.")
+        if self.method == "smaller" and self.num_layers is None:
+            raise ValueError(f"Arm {self.name}: a 'smaller' arm needs num_layers.")
+
+    @property
+    def label(self) -> str:
+        """The method's line in the plot (seeds, schedules and distillation are separate dimensions)."""
+        if self.method == "roast":
+            return f"hf-roast {self.mapper}" + (" (+embeddings)" if self.compress_embeddings else "")
+        if self.method == "prune":
+            return "magnitude pruning" + (" (+embeddings)" if self.compress_embeddings else "")
+        if self.method == "smaller":
+            return "smaller model (first k layers)"
+        return "dense"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["label"] = self.label
+        d["lrs"] = list(self.lrs) if self.lrs else None
+        return d
+
+
+def roast_config_for(arm: Arm, init: str = "pretrained") -> RoastConfig:
+    return RoastConfig(
+        compression=arm.compression,
+        target_modules="all-linear",
+        exclude_modules=["classifier", "score"],
+        compress_embeddings=arm.compress_embeddings,
+        mapper=arm.mapper if arm.method == "roast" else "stable",
+        seed=arm.seed,
+        init=init,
+    )
+
+
+def dense_target_values(model: nn.Module, arm: Arm) -> tuple[int, int]:
+    """(values, bytes) of the modules hf-roast would compress in the *full* dense model."""
+    targets = target_modules_of(model, roast_config_for(arm))
+    n = sum(m.weight.numel() for _, m, _ in targets)
+    b = sum(m.weight.numel() * m.weight.element_size() for _, m, _ in targets)
+    return n, b
+
+
+def roast_budget(model: nn.Module, arm: Arm) -> int:
+    """The length of z hf-roast uses at this arm's compression: the number of values pruning may keep."""
+    probe = copy.deepcopy(model)
+    return get_roast_model(probe, roast_config_for(arm)).compression_report()["target"]["stored_parameters"]
+
+
+def build_arm_model(model: nn.Module, arm: Arm) -> tuple[nn.Module, dict]:
+    """Turn a freshly loaded dense model into the arm's model; returns it with its storage accounting.
+
+    Storage keys: ``target_values`` / ``target_bytes`` (what the target modules store; for pruning the
+    bytes include the sparsity pattern), ``model_values`` / ``model_bytes`` (the whole model), and for
+    pruning the ``index_overhead_bytes`` and both pattern accountings.
+    """
+    dense_tv, dense_tb = dense_target_values(model, arm)
+    dense_mv, dense_mb = parameter_bytes(model)
+    storage = {"dense_target_values": dense_tv, "dense_target_bytes": dense_tb, "dense_model_values": dense_mv}
+    storage["dense_model_bytes"] = dense_mb
+    if arm.method == "dense":
+        storage.update(target_values=dense_tv, target_bytes=dense_tb, model_values=dense_mv, model_bytes=dense_mb)
+    elif arm.method == "roast":
+        model = get_roast_model(model, roast_config_for(arm))
+        report = model.compression_report()
+        storage.update(
+            target_values=report["target"]["stored_parameters"],
+            target_bytes=report["target"]["stored_bytes"],
+            model_values=report["model"]["stored_parameters"],
+            model_bytes=report["model"]["stored_bytes"],
+            index_overhead_bytes=0,
+        )
+    elif arm.method == "prune":
+        keep = roast_budget(model, arm)
+        pruned = magnitude_prune(model, roast_config_for(arm), keep)
+        other_values, other_bytes = dense_mv - dense_tv, dense_mb - dense_tb
+        storage.update(
+            target_values=pruned["kept_values"],
+            target_bytes=pruned["stored_bytes"],
+            target_bytes_values_only=pruned["values_bytes"],
+            target_bytes_bitmask=pruned["values_bytes"] + pruned["bitmask_bytes"],
+            target_bytes_csr=pruned["values_bytes"] + pruned["csr_index_bytes"],
+            model_values=other_values + pruned["kept_values"],
+            model_bytes=other_bytes + pruned["stored_bytes"],
+            model_bytes_values_only=other_bytes + pruned["values_bytes"],
+            index_overhead_bytes=pruned["index_overhead_bytes"],
+            index_format=pruned["index_format"],
+            bitmask_bytes=pruned["bitmask_bytes"],
+            csr_index_bytes=pruned["csr_index_bytes"],
+        )
+    elif arm.method == "smaller":
+        model = truncate_layers(model, arm.num_layers)
+        tv, tb = dense_target_values(model, arm)
+        mv, mb = parameter_bytes(model)
+        storage.update(target_values=tv, target_bytes=tb, model_values=mv, model_bytes=mb, index_overhead_bytes=0)
+    storage["target_ratio"] = dense_tv / max(storage["target_values"], 1)
+    storage["target_bytes_ratio"] = dense_tb / max(storage["target_bytes"], 1)
+    storage["model_bytes_ratio"] = dense_mb / storage["model_bytes"]
+    return model, storage

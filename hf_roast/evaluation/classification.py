@@ -1,0 +1,169 @@
+"""Experiment 1: fine-tune a sentence classifier per arm, pick the learning rate on validation, score test.
+
+Every arm gets the same data, the same tokenisation, the same recipe and the same learning-rate grid;
+the learning rate is chosen on the validation split (carved from train) and the chosen model alone is
+scored on test, once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arms import Arm, build_arm_model
+from .data import TextClassificationData
+from .measure import ResourceMeter
+
+
+@dataclass
+class ClassificationSetup:
+    """The recipe shared by all arms."""
+
+    epochs: float = 1.0
+    batch_size: int = 32
+    max_length: int = 64
+    lr_grid: tuple[float, ...] = (1e-4, 3e-4)
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    eval_batch_size: int = 128
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lr_grid"] = list(self.lr_grid)
+        return d
+
+
+@dataclass
+class ClassificationSource:
+    """Where models and data come from: the real MiniLM + Rotten Tomatoes, or a tiny synthetic stand-in."""
+
+    name: str
+    load_model: Callable[[int], nn.Module]
+    tokenizer: object
+    data: TextClassificationData
+
+
+def _encode(tokenizer, texts: list[str], labels: list[int], max_length: int):
+    from datasets import Dataset
+
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    columns = {k: enc[k] for k in enc.keys()}
+    columns["labels"] = labels
+    return Dataset.from_dict(columns)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset, tokenizer, batch_size: int) -> float:
+    """Plain accuracy; batches sorted by length so padding costs little."""
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer)
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+    correct = 0
+    for start in range(0, len(order), batch_size):
+        batch = collate([dataset[i] for i in order[start : start + batch_size]])
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        correct += int((logits.argmax(-1) == labels).sum())
+    model.train(was_training)
+    return correct / len(dataset)
+
+
+def train(model: nn.Module, train_set, tokenizer, setup: ClassificationSetup, lr: float, seed: int, arm: Arm, teacher):
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from ..distill import DistillationTrainer
+
+    args = TrainingArguments(
+        output_dir=str(Path.cwd() / ".cache" / "eval" / "trainer"),
+        per_device_train_batch_size=setup.batch_size,
+        num_train_epochs=setup.epochs * arm.schedule,
+        learning_rate=lr,
+        warmup_steps=math.ceil(
+            setup.warmup_ratio * setup.epochs * arm.schedule * math.ceil(len(train_set) / setup.batch_size)
+        ),
+        weight_decay=setup.weight_decay,
+        lr_scheduler_type="linear",
+        seed=seed,
+        data_seed=seed,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    kwargs = dict(model=model, args=args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tokenizer))
+    if arm.distill:
+        trainer = DistillationTrainer(
+            teacher=teacher, alpha=setup.distill_alpha, temperature=setup.distill_temperature, **kwargs
+        )
+    else:
+        trainer = Trainer(**kwargs)
+    result = trainer.train()
+    return float(result.training_loss)
+
+
+def run_classification_arm(
+    arm: Arm, source: ClassificationSource, setup: ClassificationSetup, teacher: nn.Module | None = None
+) -> tuple[dict, nn.Module]:
+    """Train the arm once per learning rate, keep the best on validation, score it on test."""
+    from transformers import set_seed
+
+    data = source.data
+    tok = source.tokenizer
+    train_set = _encode(tok, data.train_texts, data.train_labels, setup.max_length)
+    val_set = _encode(tok, data.val_texts, data.val_labels, setup.max_length)
+    test_set = _encode(tok, data.test_texts, data.test_labels, setup.max_length)
+    if arm.distill and teacher is None:
+        raise ValueError(f"Arm {arm.name} distils, but no dense teacher was given: run the dense arm first.")
+    grid = arm.lrs or setup.lr_grid
+    runs, best, best_model, storage = [], None, None, None
+    with ResourceMeter() as whole:
+        for lr in grid:
+            set_seed(arm.seed)
+            model, storage = build_arm_model(source.load_model(len(data.label_names)), arm)
+            with ResourceMeter() as meter:
+                loss = train(model, train_set, tok, setup, lr, arm.seed, arm, teacher)
+            val = accuracy(model, val_set, tok, setup.eval_batch_size)
+            run = {"lr": lr, "val_accuracy": val, "train_loss": loss, **meter.as_dict()}
+            runs.append(run)
+            if best is None or val > best["val_accuracy"]:
+                best, best_model = run, model
+            else:
+                del model
+        test = accuracy(best_model, test_set, tok, setup.eval_batch_size)
+    if arm.method == "prune":
+        from .baselines import finalize_pruning
+
+        nonzero = finalize_pruning(best_model)
+        storage["kept_values_after_training"] = nonzero
+    result = {
+        "experiment": "classification",
+        "arm": arm.to_dict(),
+        "source": source.name,
+        "data": data.description,
+        "setup": setup.to_dict(),
+        "train_examples": len(data.train_texts),
+        "val_examples": len(data.val_texts),
+        "test_examples": len(data.test_texts),
+        "lr_search": runs,
+        "selected_lr": best["lr"],
+        "val_accuracy": best["val_accuracy"],
+        "test_accuracy": test,
+        "storage": storage,
+        "train_wall_seconds": best["wall_seconds"],
+        "train_peak_rss_mb": best["peak_rss_mb"],
+        "arm_wall_seconds": round(whole.seconds, 2),
+        "arm_peak_rss_mb": round(whole.peak_rss / 2**20, 1),
+    }
+    return result, best_model

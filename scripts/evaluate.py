@@ -1,0 +1,188 @@
+"""``hf-roast evaluate``: the memory-accuracy frontier of hf-roast against pruning and smaller models.
+
+Runs the named experiments arm by arm, writes each arm's JSON as soon as it finishes (a rerun skips
+finished arms, so an interrupted sweep resumes), then aggregates everything into ``results.json``,
+``results.md`` and one PNG per experiment in the results folder.
+
+    hf-roast evaluate                      # default sweep, real models (about an hour on 2 cores)
+    hf-roast evaluate --full               # every arm of the issue
+    hf-roast evaluate --tiny               # tiny synthetic models and text, seconds (the smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+EXPERIMENT_DIRS = {"classification": "classification", "lm": "language_model"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hf-roast evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--experiments", nargs="+", choices=list(EXPERIMENT_DIRS), default=["classification", "lm"])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="Run every arm, not only the default sweep.")
+    mode.add_argument("--tiny", action="store_true", help="Tiny config models and synthetic text (smoke test).")
+    p.add_argument("--output", default="docs/results", help="Results folder (default: docs/results).")
+    p.add_argument("--arms", nargs="+", default=None, help="Run only these arm names.")
+    p.add_argument("--train-size", type=int, default=3000, help="Rotten Tomatoes train subsample (same for all arms).")
+    p.add_argument("--val-size", type=int, default=1000, help="Validation examples carved from train.")
+    p.add_argument("--epochs", type=float, default=1.0, help="Base epochs of the classification recipe.")
+    p.add_argument("--lr-grid", type=float, nargs="+", default=[1e-4, 3e-4], help="Learning rates tried per arm.")
+    p.add_argument("--recovery-steps", type=int, default=20, help="LM recovery fine-tune steps (every arm).")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
+    p.add_argument("--rerun", action="store_true", help="Recompute arms whose results exist.")
+    p.add_argument("--summary-only", action="store_true", help="Only rebuild results.json / .md / .png.")
+    return p.parse_args(argv)
+
+
+def hardware() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    threads = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, torch threads {threads}, {gpu}"
+
+
+def _reuse_base_lr(arm, folder: Path):
+    """Distilled / longer-schedule arms reuse the learning rate chosen for the same arm at base settings."""
+    from dataclasses import replace
+
+    if arm.lrs or not (arm.distill or arm.schedule != 1.0):
+        return arm
+    base = arm.name
+    for suffix in ("-kd-sched3", "-sched3", "-kd"):
+        base = base.replace(suffix, "")
+    path = folder / f"{base}.json"
+    if path.is_file():
+        return replace(arm, lrs=(json.loads(path.read_text())["selected_lr"],))
+    return arm
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+    from tqdm.auto import tqdm
+
+    from hf_roast.evaluation import experiments, results
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mode = "tiny" if args.tiny else ("full" if args.full else "default")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "mode": mode,
+        "command": "hf-roast evaluate " + " ".join(sys.argv[1:] if argv is None else argv),
+        "hardware": hardware(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if not args.summary_only:
+        for experiment in args.experiments:
+            _run_experiment(experiment, mode, args, out, tqdm, experiments, results)
+    results.write_summary(out, meta)
+    print(f"results written to {out}/results.md")
+    return 0
+
+
+def _run_experiment(experiment: str, mode: str, args, out: Path, tqdm, experiments, results) -> None:
+    folder = out / EXPERIMENT_DIRS[experiment]
+    if experiment == "classification":
+        arms = experiments.classification_arms(mode)
+    else:
+        arms = experiments.lm_arms(mode, 2 if mode == "tiny" else args.recovery_steps)
+    if args.arms:
+        arms = [a for a in arms if a.name in args.arms]
+    todo = [a for a in arms if args.rerun or not (folder / f"{a.name}.json").is_file()]
+    if not todo:
+        return
+    source, setup, teacher, cache = _prepare(experiment, mode, args, folder)
+    bar = tqdm(todo, desc=experiment, unit="arm")
+    for arm in bar:
+        bar.set_postfix_str(arm.name)
+        t0 = time.perf_counter()
+        if experiment == "classification":
+            from hf_roast.evaluation.classification import run_classification_arm
+
+            arm = _reuse_base_lr(arm, folder)
+            if arm.distill and teacher is None:
+                teacher = _load_teacher(source, folder)
+            result, model = run_classification_arm(arm, source, setup, teacher)
+            if arm.method == "dense":
+                teacher = model
+                _save_teacher(model, folder)
+            metric = f"test acc {100 * result['test_accuracy']:.2f}% (lr {result['selected_lr']:g})"
+        else:
+            from hf_roast.evaluation.language_model import run_lm_arm
+
+            result, model = run_lm_arm(arm, source, setup, cache)
+            metric = f"ppl {result['perplexity']:.3f}"
+        result["mode"] = mode
+        results.write_arm(out, EXPERIMENT_DIRS[experiment], result)
+        tqdm.write(
+            f"[{experiment}] {arm.name}: {metric}, target {result['storage']['target_ratio']:.2f}x, "
+            f"{time.perf_counter() - t0:.0f}s",
+            file=sys.stdout,
+        )
+        sys.stdout.flush()
+        del model
+
+
+def _prepare(experiment: str, mode: str, args, folder: Path):
+    from hf_roast.evaluation import sources
+
+    if experiment == "classification":
+        from hf_roast.evaluation.classification import ClassificationSetup
+
+        if mode == "tiny":
+            source = sources.tiny_classification_source(n=64)
+            setup = ClassificationSetup(epochs=1, batch_size=16, max_length=16, lr_grid=(1e-3, 3e-3))
+        else:
+            source = sources.minilm_classification_source(args.train_size, args.val_size)
+            setup = ClassificationSetup(epochs=args.epochs, lr_grid=tuple(args.lr_grid))
+        return source, setup, None, None
+    from hf_roast.evaluation.language_model import LanguageModelSetup
+
+    if mode == "tiny":
+        return sources.tiny_lm_source(), LanguageModelSetup(context=32, eval_tokens=128, train_context=16), None, {}
+    return sources.smollm2_source(), LanguageModelSetup(), None, {}
+
+
+def _teacher_path(folder: Path) -> Path:
+    """The dense fine-tuned teacher lives in the gitignored cache, keyed by the results folder."""
+    from hf_roast.evaluation.data import cache_dir
+
+    key = str(folder.resolve()).strip("/").replace("/", "_")
+    return cache_dir() / "teachers" / key / "dense.pt"
+
+
+def _save_teacher(model, folder: Path) -> None:
+    import torch
+
+    path = _teacher_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+
+
+def _load_teacher(source, folder: Path):
+    import torch
+
+    path = _teacher_path(folder)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Distillation needs the dense fine-tuned teacher at {path}: rerun the dense arm "
+            "(hf-roast evaluate --arms dense --rerun)."
+        )
+    model = source.load_model(len(source.data.label_names))
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
