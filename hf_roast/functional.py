@@ -122,8 +122,12 @@ def scatter_weight_grad(grad_w: torch.Tensor, lm: LayerMapping, num_slots: int) 
     scale = lm.tile_scale
     if lm.scaler_inv is not None:
         scale = scale * lm.scaler_inv[lm.tile_slot]
-    tiles = grad_w.view(n_tr, tr, n_tc, tc).permute(0, 2, 1, 3) * scale.view(n_tr, n_tc, 1, 1)
-    tiles = tiles.reshape(n_tr * n_tc, t)
+    # One pass: scale and reorder into a contiguous tile-major buffer (a plain product would keep the
+    # permuted layout and need a second, W-sized copy to flatten). In backward the "tiles" buffer is
+    # free again once W has been used, so this reuses it rather than allocating.
+    tiles = _scratch.get("tiles", n_tr * n_tc * t, acc, grad_w.device).view(n_tr, n_tc, tr, tc)
+    torch.mul(grad_w.view(n_tr, tr, n_tc, tc).permute(0, 2, 1, 3), scale.view(n_tr, n_tc, 1, 1), out=tiles)
+    tiles = tiles.view(n_tr * n_tc, t)
     if plan.sign == "element":
         tiles.mul_(plan.tile_element_signs(spec, grad_w.device))
     dz.view(-1, t).index_add_(0, lm.tile_slot, tiles)

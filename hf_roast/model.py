@@ -63,6 +63,7 @@ class RoastModel(nn.Module):
             raise ValueError("RoastModel wraps a compressed model: use get_roast_model(model, RoastConfig(...)).")
         self.base_model = model
         self.roast_config = roast_config
+        self.training = model.training  # a wrapper of an eval-mode model starts in eval mode too
 
     def __getattr__(self, name: str):
         try:

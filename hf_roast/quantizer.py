@@ -17,6 +17,7 @@ With hf_roast the markers are not parameters of the Roast layers and are ignored
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from typing import Any
 
@@ -78,6 +79,11 @@ class RoastQuantizationConfig(QuantizationConfigMixin):
     def plan(self):
         return self._plan
 
+    def set_plan(self, plan) -> None:
+        """Adopt ``plan`` (the same mapping under other module names); saving then writes it."""
+        self._plan = plan
+        self._fields["plan"] = plan.to_dict()
+
     def to_roast_dict(self) -> dict[str, Any]:
         """The ``roast_config.json`` content (no ``quant_method``)."""
         return copy.deepcopy(self._fields)
@@ -121,6 +127,7 @@ class RoastHfQuantizer(HfQuantizer):
         from .compress import apply_plan
 
         qc = self.quantization_config
+        qc.set_plan(_plan_for(model, qc.plan))
         apply_plan(model, qc.roast_config, qc.plan, device="meta")
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
         model._keys_to_ignore_on_load_unexpected = ignore | {_marker_pattern(qc.plan)}
@@ -150,7 +157,9 @@ class RoastHfQuantizer(HfQuantizer):
             )
         state = model.state_dict()
         state.update(marker_state_dict(store.plan))
-        return state, {"hf_roast_mapping_version": str(store.plan.mapping_version)}
+        # No extra safetensors metadata: safetensors writes a map of several keys in random order, and
+        # byte-identical files for identical models are worth more (the version is in config.json).
+        return state, {}
 
     def is_serializable(self, safe_serialization=None) -> bool:
         return True
@@ -166,6 +175,36 @@ class RoastHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _has_module(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _plan_for(model, plan):
+    """The plan with module names as ``model`` spells them.
+
+    A checkpoint saved from ``LlamaForCausalLM`` names ``model.layers.0...``; ``AutoModel`` builds a
+    ``LlamaModel`` that names it ``layers.0...`` (and the other way round). Names do not enter the mapping
+    (it depends on the module order and shapes only), so the prefix can be adjusted safely. Anything else
+    is left for ``apply_plan`` to refuse with a clear module-list error.
+    """
+    names = [spec.name for spec in plan.modules]
+    if all(_has_module(model, n) for n in names):
+        return plan
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix:
+        return plan
+    for rename in (lambda n: n.removeprefix(prefix + "."), lambda n: f"{prefix}.{n}"):
+        renamed = [rename(n) for n in names]
+        if renamed != names and all(_has_module(model, n) for n in renamed):
+            modules = [dataclasses.replace(spec, name=n) for spec, n in zip(plan.modules, renamed)]
+            return dataclasses.replace(plan, modules=modules)
+    return plan
 
 
 def _check_loaded(model, store: RoastStore) -> None:

@@ -30,11 +30,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--tiny", action="store_true", help="Tiny config models and synthetic text (smoke test).")
     p.add_argument("--output", default="docs/results", help="Results folder (default: docs/results).")
     p.add_argument("--arms", nargs="+", default=None, help="Run only these arm names.")
-    p.add_argument("--train-size", type=int, default=3000, help="Rotten Tomatoes train subsample (same for all arms).")
-    p.add_argument("--val-size", type=int, default=1000, help="Validation examples carved from train.")
+    p.add_argument("--train-size", type=int, default=1500, help="Rotten Tomatoes train subsample (same for all arms).")
+    p.add_argument("--val-size", type=int, default=500, help="Validation examples carved from train.")
     p.add_argument("--epochs", type=float, default=1.0, help="Base epochs of the classification recipe.")
     p.add_argument("--lr-grid", type=float, nargs="+", default=[1e-4, 3e-4], help="Learning rates tried per arm.")
-    p.add_argument("--recovery-steps", type=int, default=20, help="LM recovery fine-tune steps (every arm).")
+    p.add_argument("--recovery-steps", type=int, default=10, help="LM recovery fine-tune steps (every arm).")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="Held-out tokens for LM perplexity.")
+    p.add_argument("--recovery-batch", type=int, default=2, help="LM recovery batch (sequences of 256 tokens).")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
     p.add_argument("--rerun", action="store_true", help="Recompute arms whose results exist.")
     p.add_argument("--summary-only", action="store_true", help="Only rebuild results.json / .md / .png.")
@@ -84,28 +86,27 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
     }
     if not args.summary_only:
-        for experiment in args.experiments:
-            _run_experiment(experiment, mode, args, out, tqdm, experiments, results)
+        steps = 2 if mode == "tiny" else args.recovery_steps
+        queue = experiments.run_order(args.experiments, mode, steps)
+        if args.arms:
+            queue = [(e, a) for e, a in queue if a.name in args.arms]
+        todo = [(e, a) for e, a in queue if args.rerun or not results.arm_path(out, EXPERIMENT_DIRS[e], a.name).is_file()]
+        _run_queue(todo, mode, args, out, tqdm, results)
     results.write_summary(out, meta)
     print(f"results written to {out}/results.md")
     return 0
 
 
-def _run_experiment(experiment: str, mode: str, args, out: Path, tqdm, experiments, results) -> None:
-    folder = out / EXPERIMENT_DIRS[experiment]
-    if experiment == "classification":
-        arms = experiments.classification_arms(mode)
-    else:
-        arms = experiments.lm_arms(mode, 2 if mode == "tiny" else args.recovery_steps)
-    if args.arms:
-        arms = [a for a in arms if a.name in args.arms]
-    todo = [a for a in arms if args.rerun or not (folder / f"{a.name}.json").is_file()]
-    if not todo:
-        return
-    source, setup, teacher, cache = _prepare(experiment, mode, args, folder)
-    bar = tqdm(todo, desc=experiment, unit="arm")
-    for arm in bar:
-        bar.set_postfix_str(arm.name)
+def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
+    prepared: dict[str, tuple] = {}
+    teacher = None
+    bar = tqdm(todo, desc="evaluate", unit="arm")
+    for experiment, arm in bar:
+        bar.set_postfix_str(f"{experiment}/{arm.name}")
+        folder = out / EXPERIMENT_DIRS[experiment]
+        if experiment not in prepared:
+            prepared[experiment] = _prepare(experiment, mode, args)
+        source, setup, cache = prepared[experiment]
         t0 = time.perf_counter()
         if experiment == "classification":
             from hf_roast.evaluation.classification import run_classification_arm
@@ -134,7 +135,7 @@ def _run_experiment(experiment: str, mode: str, args, out: Path, tqdm, experimen
         del model
 
 
-def _prepare(experiment: str, mode: str, args, folder: Path):
+def _prepare(experiment: str, mode: str, args):
     from hf_roast.evaluation import sources
 
     if experiment == "classification":
@@ -146,12 +147,13 @@ def _prepare(experiment: str, mode: str, args, folder: Path):
         else:
             source = sources.minilm_classification_source(args.train_size, args.val_size)
             setup = ClassificationSetup(epochs=args.epochs, lr_grid=tuple(args.lr_grid))
-        return source, setup, None, None
+        return source, setup, None
     from hf_roast.evaluation.language_model import LanguageModelSetup
 
     if mode == "tiny":
-        return sources.tiny_lm_source(), LanguageModelSetup(context=32, eval_tokens=128, train_context=16), None, {}
-    return sources.smollm2_source(), LanguageModelSetup(), None, {}
+        return sources.tiny_lm_source(), LanguageModelSetup(context=32, eval_tokens=128, train_context=16), {}
+    setup = LanguageModelSetup(eval_tokens=args.eval_tokens, train_batch_size=args.recovery_batch)
+    return sources.smollm2_source(), setup, {}
 
 
 def _teacher_path(folder: Path) -> Path:

@@ -1,0 +1,190 @@
+"""The evaluation pipeline: baselines, storage accounting, target checks, and a tiny end-to-end sweep.
+
+The real sweep (MiniLM on Rotten Tomatoes, SmolLM2 on Wikipedia) is minutes to an hour; here every
+experiment runs end to end on tiny config models and template sentences, without the data packages.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from hf_roast import RoastConfig
+from hf_roast.evaluation.arms import Arm, build_arm_model, roast_config_for
+from hf_roast.evaluation.baselines import (
+    finalize_pruning,
+    kept_per_module,
+    magnitude_prune,
+    pruning_storage,
+    target_modules_of,
+    truncate_layers,
+)
+from hf_roast.evaluation.data import split_classification
+from hf_roast.evaluation.results import check_targets
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    return BertForSequenceClassification(
+        BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    )
+
+
+def test_kept_per_module_sums_exactly_and_is_proportional():
+    kept = kept_per_module([1000, 3000, 7], 1001)
+    assert sum(kept) == 1001
+    assert kept[1] == pytest.approx(3 * kept[0], abs=2)
+    with pytest.raises(ValueError, match="keep_total"):
+        kept_per_module([10], 11)
+
+
+def test_pruning_keeps_largest_weights_and_mask_stays_fixed_while_training():
+    model = tiny_bert()
+    config = RoastConfig(compression=4, exclude_modules=["classifier"])
+    targets = target_modules_of(model, config)
+    n = sum(m.weight.numel() for _, m, _ in targets)
+    first = targets[0][1]
+    threshold_input = first.weight.detach().abs().clone()
+    info = magnitude_prune(model, config, n // 4)
+    assert info["kept_values"] == n // 4
+    kept_mask = first.weight_mask.bool()
+    # the kept weights of a module are its largest in magnitude
+    assert threshold_input[kept_mask].min() >= threshold_input[~kept_mask].max()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 60, (4, 7))
+    for _ in range(3):
+        model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert finalize_pruning(model) <= n // 4
+    assert torch.all(first.weight[~kept_mask] == 0)
+    assert not hasattr(first, "weight_mask")
+
+
+def test_pruning_storage_counts_pattern_both_ways():
+    s = pruning_storage([1000, 1000], kept_values=100, rows_total=40)
+    assert s["values_bytes"] == 400
+    assert s["bitmask_bytes"] == 250  # 2000 bits
+    assert s["csr_index_bytes"] == 100 * 2 + 40 * 4
+    assert s["index_overhead_bytes"] == min(250, 360) and s["index_format"] == "bitmask"
+    assert s["stored_bytes"] == 650
+
+
+def test_build_arm_model_accounting_is_consistent():
+    dense_model, dense = build_arm_model(tiny_bert(), Arm("dense", "dense"))
+    roast_model, roast = build_arm_model(tiny_bert(), Arm("r", "roast", 4.0))
+    _, pruned = build_arm_model(tiny_bert(), Arm("p", "prune", 4.0))
+    smaller_model, smaller = build_arm_model(tiny_bert(), Arm("s", "smaller", num_layers=1))
+    assert dense["target_ratio"] == 1.0 and dense["model_bytes"] == dense["dense_model_bytes"]
+    assert roast["target_values"] == roast_model.roast_store.z.numel()
+    assert pruned["target_values"] == roast["target_values"], "pruning keeps exactly hf-roast's number of values"
+    assert pruned["target_bytes"] == pruned["target_bytes_values_only"] + pruned["index_overhead_bytes"]
+    assert pruned["model_bytes"] > roast["model_bytes"]  # same values, plus the sparsity pattern
+    assert len(smaller_model.bert.encoder.layer) == 1 and smaller_model.config.num_hidden_layers == 1
+    assert 1 < smaller["target_ratio"] < 3
+
+
+def test_truncate_layers_on_llama_and_bad_k():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2)
+    )
+    truncate_layers(model, 2)
+    assert len(model.model.layers) == 2
+    model(input_ids=torch.randint(0, 50, (1, 5)))
+    with pytest.raises(ValueError, match="num_layers"):
+        truncate_layers(model, 5)
+
+
+def test_roast_config_for_arm_excludes_the_classifier_head():
+    config = roast_config_for(Arm("r", "roast", 8.0, mapper="hashednet", compress_embeddings=True, seed=3))
+    assert (config.mapper, config.compress_embeddings, config.seed, config.init) == ("hashednet", True, 3, "pretrained")
+    assert "classifier" in config.exclude_modules
+
+
+def test_split_is_stratified_disjoint_and_deterministic():
+    rows = [(f"text {i}", int(i % 3 == 0)) for i in range(300)]
+    a = split_classification(rows, ["a", "b"], val_size=30, train_size=100, seed=0)
+    b = split_classification(rows, ["a", "b"], val_size=30, train_size=100, seed=0)
+    assert a.train_texts == b.train_texts and a.test_texts == b.test_texts
+    assert not set(a.train_texts) & set(a.test_texts) and not set(a.val_texts) & set(a.test_texts)
+    assert not set(a.train_texts) & set(a.val_texts)
+    assert len(a.test_texts) == 60 and len(a.val_texts) == 30 and len(a.train_texts) == 100
+    assert sum(a.test_labels) == 20  # class balance kept: 1/3 positives
+
+
+def _row(label, budget, mean, model_bytes):
+    return {"label": label, "budget": budget, "variant": "base", "mean": mean, "storage": {"model_bytes": model_bytes}}
+
+
+def test_check_targets_decides_from_measured_rows_only():
+    rows = [
+        _row("dense", 1.0, 80.0, 100),
+        _row("hf-roast stable", 4.0, 78.5, 60),
+        _row("hf-roast stable", 8.0, 77.0, 55),
+        _row("hf-roast stable", 16.0, 70.0, 52),
+        _row("magnitude pruning", 8.0, 75.0, 57),
+        _row("magnitude pruning", 16.0, 71.0, 54),
+        _row("smaller model (first k layers)", 0, 60.0, 50),
+    ]
+    checks = {c["target"]: c for c in check_targets(rows)}
+    assert checks["hf-roast stable at 4x (targets) within 2 accuracy points of dense"]["met"] is True
+    assert checks["hf-roast stable at 8x beats magnitude pruning and the smaller model"]["met"] is True
+    assert checks["hf-roast stable at 16x beats magnitude pruning and the smaller model"]["met"] is False
+    rows[1]["mean"] = 77.0
+    assert check_targets(rows)[0]["met"] is False
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    from hf_roast.scripts.evaluate import main
+
+    out = tmp_path_factory.mktemp("results")
+    assert main(["--tiny", "--output", str(out), "--threads", "1"]) == 0
+    return out
+
+
+def test_tiny_sweep_writes_every_arm_and_the_summary(tiny_sweep):
+    from hf_roast.evaluation.experiments import classification_arms, lm_arms
+
+    summary = json.loads((tiny_sweep / "results.json").read_text())
+    cls = {r["arm"]["name"]: r for r in summary["experiments"]["classification"]["arms"]}
+    lm = {r["arm"]["name"]: r for r in summary["experiments"]["language_model"]["arms"]}
+    assert set(cls) == {a.name for _, a in classification_arms("tiny")}
+    assert set(lm) == {a.name for _, a in lm_arms("tiny", 2)}
+    for r in cls.values():
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        assert r["selected_lr"] in [run["lr"] for run in r["lr_search"]]
+        assert r["arm_wall_seconds"] > 0 and r["arm_peak_rss_mb"] > 0
+    assert len(cls["dense"]["lr_search"]) == 2, "the learning rate is picked on validation from the grid"
+    assert len(cls["roast-stable-4x-kd"]["lr_search"]) == 1, "distilled arms reuse the base arm's learning rate"
+    assert cls["roast-stable-4x-kd"]["selected_lr"] == cls["roast-stable-4x"]["selected_lr"]
+    assert cls["prune-4x"]["storage"]["target_values"] == cls["roast-stable-4x"]["storage"]["target_values"]
+    assert cls["roast-stable-emb-8x"]["storage"]["model_bytes_ratio"] > 4
+    # 1x with the stable mapper is the dense model; 4x is not
+    assert math.isclose(lm["roast-stable-1x"]["perplexity"], lm["dense"]["perplexity"], rel_tol=1e-5)
+    assert lm["roast-stable-1x"]["max_abs_logit_diff_vs_dense"] < 1e-4
+    assert lm["roast-stable-4x-rec"]["recovery_losses"] and lm["roast-stable-4x-rec"]["train_wall_seconds"] > 0
+    md = (tiny_sweep / "results.md").read_text()
+    assert "Targets:" in md and "hf-roast stable" in md and "magnitude pruning" in md
+    for name in ("classification_frontier.png", "language_model_frontier.png"):
+        assert (tiny_sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_skips_finished_arms(tiny_sweep, capsys):
+    from hf_roast.scripts.evaluate import main
+
+    before = {p: p.stat().st_mtime_ns for p in (tiny_sweep / "classification").glob("*.json")}
+    assert main(["--tiny", "--output", str(tiny_sweep)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert "[classification]" not in capsys.readouterr().out
+
+
+def test_cli_dispatches_evaluate(tmp_path):
+    from hf_roast.cli import main
+
+    # only the summary: proves `hf-roast evaluate` reaches scripts/evaluate.py:main
+    assert main(["evaluate", "--tiny", "--summary-only", "--output", str(tmp_path)]) == 0
+    assert (tmp_path / "results.json").is_file()
