@@ -59,13 +59,17 @@ def _check_tied_embeddings(model: nn.Module, targets) -> None:
 def compress_model(model: nn.Module, config: RoastConfig, show_progress: bool | None = None) -> RoastStore:
     """Compress ``model`` in place; returns the store that owns z."""
     if hasattr(model, STORE_NAME):
-        raise ValueError("This model is already ROAST-compressed: call merge_and_unload() first to recompress it.")
+        raise ValueError(
+            "This model is already ROAST-compressed: call merge_and_unload() first to recompress it."
+        )
     targets = find_targets(model, config)
     _check_tied_embeddings(model, targets)
     materialized = all(m.weight.device.type != "meta" for _, m, _ in targets)
     init = config.init if config.init != "auto" else ("pretrained" if materialized else "random")
     if init == "pretrained" and not materialized:
-        raise ValueError("init='pretrained' needs the dense weights, but they are on the meta device: load them first.")
+        raise ValueError(
+            "init='pretrained' needs the dense weights, but they are on the meta device: load them first."
+        )
     stds = [_module_std(module, kind, materialized) for _, module, kind in targets]
     z_std = _z_scale(stds, [dense_weight(m, k).numel() for _, m, k in targets])
     specs = []
@@ -100,14 +104,20 @@ def compress_model(model: nn.Module, config: RoastConfig, show_progress: bool | 
                 w = dense_weight(module, kind).detach().float()
                 lm = _init_mapping(plan, spec, device)
                 numerator += scatter_weight_grad(w, lm, plan.num_slots)
-                lm_den = LayerMapping(unsigned_plan, spec, lm.tile_slot, lm.tile_scale.abs() * spec.scale, None)
+                lm_den = LayerMapping(
+                    unsigned_plan, spec, lm.tile_slot, lm.tile_scale.abs() * spec.scale, None
+                )
                 denominator += scatter_weight_grad(torch.ones_like(w), lm_den, plan.num_slots)
         _swap(model, name, _roast_layer_like(module, kind, store, spec, copy_values=materialized))
     with torch.no_grad():
         if init == "pretrained":
-            z = torch.where(denominator > 0, numerator / denominator.clamp_min(1e-30), torch.zeros_like(numerator))
+            z = torch.where(
+                denominator > 0, numerator / denominator.clamp_min(1e-30), torch.zeros_like(numerator)
+            )
         else:
-            gen = torch.Generator(device="cpu").manual_seed(config.seed)  # private: the global RNG is untouched
+            gen = torch.Generator(device="cpu").manual_seed(
+                config.seed
+            )  # private: the global RNG is untouched
             z = (torch.randn(plan.num_slots, generator=gen, dtype=torch.float32) * z_std).to(device)
         store.z.copy_(z.to(store.z.dtype))
     model.add_module(STORE_NAME, store)
@@ -126,7 +136,13 @@ def _roast_layer_like(module: nn.Module, kind: str, store: RoastStore, spec: Mod
     device = None if w.device.type == "meta" else w.device
     if kind == "embedding":
         layer = RoastEmbedding(
-            module.num_embeddings, module.embedding_dim, store, spec, module.padding_idx, dtype=w.dtype, device=device
+            module.num_embeddings,
+            module.embedding_dim,
+            store,
+            spec,
+            module.padding_idx,
+            dtype=w.dtype,
+            device=device,
         )
         if copy_values and layer.padding_idx is not None:
             layer.padding_row.copy_(w.detach()[layer.padding_idx])

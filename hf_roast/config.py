@@ -45,7 +45,9 @@ class RoastConfig:
     )
     compress_embeddings: bool = field(
         default=False,
-        metadata={"help": "Also compress nn.Embedding tables (by rows); lookups gather only the rows they need."},
+        metadata={
+            "help": "Also compress nn.Embedding tables (by rows); lookups gather only the rows they need."
+        },
     )
     mapper: str = field(
         default="stable",
@@ -91,7 +93,9 @@ class RoastConfig:
     )
     mapping_version: int = field(
         default=MAPPING_VERSION,
-        metadata={"help": "Version of the mapping formulas; a checkpoint made by another version refuses to load."},
+        metadata={
+            "help": "Version of the mapping formulas; a checkpoint made by another version refuses to load."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -108,7 +112,9 @@ class RoastConfig:
                     "use compression >= 1.0 (1.0 is an exact copy with the stable mapper)."
                 )
             self.compression = float(self.compression)
-        if self.num_parameters is not None and (not isinstance(self.num_parameters, int) or self.num_parameters < 1):
+        if self.num_parameters is not None and (
+            not isinstance(self.num_parameters, int) or self.num_parameters < 1
+        ):
             raise ValueError(f"num_parameters must be a positive int, got {self.num_parameters!r}.")
         if self.mapper not in MAPPERS:
             raise ValueError(f"Unknown mapper {self.mapper!r}: choose one of {', '.join(MAPPERS)}.")
@@ -128,9 +134,13 @@ class RoastConfig:
         if tile[0] * tile[1] > 1 << 20:
             raise ValueError(f"tile {tile} holds over 2**20 weights: use a smaller tile such as (32, 32).")
         self.tile = tile
-        if self.target_modules is None or (isinstance(self.target_modules, (list, tuple)) and not self.target_modules):
+        if self.target_modules is None or (
+            isinstance(self.target_modules, (list, tuple)) and not self.target_modules
+        ):
             if not self.compress_embeddings:
-                raise ValueError("target_modules is empty and compress_embeddings is False: nothing to compress.")
+                raise ValueError(
+                    "target_modules is empty and compress_embeddings is False: nothing to compress."
+                )
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, tuple):

@@ -23,7 +23,9 @@ STORE_NAME = "roast_store"
 class RoastStore(nn.Module):
     """Holds z, the mapping plan and the gradient scaler shared by every compressed layer."""
 
-    def __init__(self, plan: MappingPlan, scaler: str = "v5", dtype: torch.dtype = torch.float32, device=None):
+    def __init__(
+        self, plan: MappingPlan, scaler: str = "v5", dtype: torch.dtype = torch.float32, device=None
+    ):
         super().__init__()
         self.plan = plan
         self.scaler = scaler
@@ -57,8 +59,12 @@ class _RoastLayerMixin:
         self.spec = spec
         store._layers.append(self)
         n_tiles = spec.n_tiles(store.plan.tile)
-        self.register_buffer("tile_slot", torch.zeros(n_tiles, dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("tile_scale", torch.ones(n_tiles, dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer(
+            "tile_slot", torch.zeros(n_tiles, dtype=torch.int64, device=device), persistent=False
+        )
+        self.register_buffer(
+            "tile_scale", torch.ones(n_tiles, dtype=torch.float32, device=device), persistent=False
+        )
         # An empty buffer whose dtype/device follow .to(): the compute dtype reported by `weight`.
         self.register_buffer("_dtype_probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
 
@@ -78,7 +84,9 @@ class _RoastLayerMixin:
     def layer_mapping(self) -> LayerMapping:
         store = self._roast_store
         inv = store.scaler_inv if store.scaler_inv.numel() else None
-        return LayerMapping(store.plan, self.spec, self.tile_slot if store.plan.is_tiled else None, self.tile_scale, inv)
+        return LayerMapping(
+            store.plan, self.spec, self.tile_slot if store.plan.is_tiled else None, self.tile_scale, inv
+        )
 
     def _check_ready(self) -> torch.Tensor:
         z = self._roast_store.z
@@ -103,7 +111,9 @@ class _RoastLayerMixin:
         :meth:`materialize_weight` for them.
         """
         probe = self._dtype_probe
-        stand_in = torch.full((), float("nan"), dtype=probe.dtype, device=probe.device).expand(self._weight_shape())
+        stand_in = torch.full((), float("nan"), dtype=probe.dtype, device=probe.device).expand(
+            self._weight_shape()
+        )
         # transformers' init functions skip flagged tensors: a parent's _init_weights (T5Attention writes
         # module.q.weight) must not write into this stand-in while a checkpoint loads.
         stand_in._is_hf_initialized = True
@@ -113,7 +123,9 @@ class _RoastLayerMixin:
     def materialize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight this layer computes with, as a fresh tensor in the HF layout of the original."""
         z = self._check_ready()
-        w = materialize_weight(z, self.layer_mapping(), dtype or self._dtype_probe.dtype, scratch=False).clone()
+        w = materialize_weight(
+            z, self.layer_mapping(), dtype or self._dtype_probe.dtype, scratch=False
+        ).clone()
         return w.t().contiguous() if self.spec.kind == "conv1d" else w
 
 
@@ -183,7 +195,9 @@ class RoastEmbedding(_RoastLayerMixin, nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         z = self._check_ready()
-        out = roast_embedding(input_ids, z, self.layer_mapping(), self._dtype_probe.dtype, self._roast_store.backend)
+        out = roast_embedding(
+            input_ids, z, self.layer_mapping(), self._dtype_probe.dtype, self._roast_store.backend
+        )
         if self.padding_idx is not None:
             pad = (input_ids == self.padding_idx).unsqueeze(-1)
             out = torch.where(pad, self.padding_row.to(out.dtype), out)

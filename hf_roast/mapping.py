@@ -197,7 +197,9 @@ class MappingPlan:
         sizes = [max(1, (spec.numel * self.num_slots) // n_real) for spec in self.modules]
         sizes[-1] += self.num_slots - sum(sizes)
         if sizes[-1] < 1:
-            raise ValueError("Too many modules for this budget under the hashednet mapper: lower the compression.")
+            raise ValueError(
+                "Too many modules for this budget under the hashednet mapper: lower the compression."
+            )
         start = 0
         for spec, size in zip(self.modules, sizes):
             spec.segment_start, spec.segment_size = start, size

@@ -29,7 +29,7 @@ def get_roast_model(model: nn.Module, config: RoastConfig | None = None, show_pr
     return RoastModel(model, config)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _wrapper_class(base_cls: type) -> type:
     """A RoastModel subclass whose ``forward`` has the wrapped class's signature.
 
@@ -60,7 +60,9 @@ class RoastModel(nn.Module):
     def __init__(self, model: nn.Module, roast_config: RoastConfig):
         super().__init__()
         if not hasattr(model, STORE_NAME):
-            raise ValueError("RoastModel wraps a compressed model: use get_roast_model(model, RoastConfig(...)).")
+            raise ValueError(
+                "RoastModel wraps a compressed model: use get_roast_model(model, RoastConfig(...))."
+            )
         self.base_model = model
         self.roast_config = roast_config
         self.training = model.training  # a wrapper of an eval-mode model starts in eval mode too
@@ -89,7 +91,9 @@ class RoastModel(nn.Module):
         return self.roast_store.plan
 
     def roast_layers(self) -> list[tuple[str, nn.Module]]:
-        return [(n, m) for n, m in self.base_model.named_modules() if isinstance(m, (RoastLinear, RoastEmbedding))]
+        return [
+            (n, m) for n, m in self.base_model.named_modules() if isinstance(m, (RoastLinear, RoastEmbedding))
+        ]
 
     def _unique_parameters(self):
         seen = set()
@@ -164,14 +168,18 @@ class RoastModel(nn.Module):
         for name, layer in self.roast_layers():
             w = layer.materialize_weight()
             if isinstance(layer, RoastEmbedding):
-                dense = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, device=w.device)
+                dense = nn.Embedding(
+                    layer.num_embeddings, layer.embedding_dim, layer.padding_idx, device=w.device
+                )
                 dense.weight = nn.Parameter(w)
             elif layer.spec.kind == "conv1d":
                 dense = Conv1D(layer.out_features, layer.in_features)
                 dense.weight = nn.Parameter(w)
                 dense.bias = nn.Parameter(layer.bias.detach().clone())
             else:
-                dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+                dense = nn.Linear(
+                    layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
+                )
                 dense.weight = nn.Parameter(w)
                 if layer.bias is not None:
                     dense.bias = nn.Parameter(layer.bias.detach().clone())

@@ -43,8 +43,8 @@ def marker_state_dict(plan) -> dict[str, torch.Tensor]:
     return {spec.name + MARKER_SUFFIX: torch.zeros(0, dtype=torch.float32) for spec in plan.modules}
 
 
-def _marker_pattern(plan) -> str:
-    names = "|".join(re.escape(spec.name) for spec in plan.modules)
+def _marker_pattern(module_names: list[str]) -> str:
+    names = "|".join(re.escape(name) for name in sorted(set(module_names)))
     return rf"(^|\.)({names}){re.escape(MARKER_SUFFIX)}$"
 
 
@@ -127,10 +127,12 @@ class RoastHfQuantizer(HfQuantizer):
         from .compress import apply_plan
 
         qc = self.quantization_config
+        stored_names = [spec.name for spec in qc.plan.modules]
         qc.set_plan(_plan_for(model, qc.plan))
         apply_plan(model, qc.roast_config, qc.plan, device="meta")
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-        model._keys_to_ignore_on_load_unexpected = ignore | {_marker_pattern(qc.plan)}
+        names = stored_names + [spec.name for spec in qc.plan.modules]
+        model._keys_to_ignore_on_load_unexpected = ignore | {_marker_pattern(names)}
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

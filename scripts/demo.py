@@ -35,18 +35,27 @@ def build_model(seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=4, max_position_embeddings=256, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     return LlamaForCausalLM(config)
 
 
-def byte_dataset(text: str, block: int = 64):
-    from datasets import Dataset
-
+def byte_dataset(text: str, block: int = 64) -> list[dict[str, list[int]]]:
+    """Overlapping blocks of UTF-8 bytes (a 256-token vocabulary needs no tokenizer download)."""
     data = list(text.encode("utf-8"))
-    blocks = [data[i : i + block] for i in range(0, len(data) - block, block // 2)]
-    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+    return [
+        {"input_ids": data[i : i + block], "labels": data[i : i + block]}
+        for i in range(0, len(data) - block, block // 2)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compression", type=float, default=16.0, help="compression of the target modules")
     parser.add_argument("--steps", type=int, default=40, help="training steps")
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate (AdamW)")
-    parser.add_argument("--output-dir", default=None, help="where to save the checkpoint (default: a temp dir)")
+    parser.add_argument(
+        "--output-dir", default=None, help="where to save the checkpoint (default: a temp dir)"
+    )
     args = parser.parse_args(argv)
 
     from transformers import Trainer, TrainingArguments
@@ -74,8 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(
         model=roast,
         args=TrainingArguments(
-            output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=8, learning_rate=args.lr,
-            logging_steps=max(1, args.steps // 8), report_to=[], save_strategy="no", seed=0,
+            output_dir=output_dir,
+            max_steps=args.steps,
+            per_device_train_batch_size=8,
+            learning_rate=args.lr,
+            logging_steps=max(1, args.steps // 8),
+            report_to=[],
+            save_strategy="no",
+            seed=0,
         ),
         train_dataset=train,
     )

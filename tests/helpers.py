@@ -9,23 +9,38 @@ VOCAB = 96
 def tiny_llama(seed: int = 0):
     torch.manual_seed(seed)
     cfg = tf.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return tf.LlamaForCausalLM(cfg).eval()
 
 
 def tiny_gpt2(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2)
+    cfg = tf.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2
+    )
     return tf.GPT2LMHeadModel(cfg).eval()
 
 
 def tiny_bert_classifier(seed: int = 0, num_labels: int = 3):
     torch.manual_seed(seed)
     cfg = tf.BertConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-        max_position_embeddings=64, num_labels=num_labels,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        num_labels=num_labels,
     )
     return tf.BertForSequenceClassification(cfg).eval()
 
@@ -33,8 +48,15 @@ def tiny_bert_classifier(seed: int = 0, num_labels: int = 3):
 def tiny_t5(seed: int = 0):
     torch.manual_seed(seed)
     cfg = tf.T5Config(
-        vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=1,
+        vocab_size=VOCAB,
+        d_model=64,
+        d_kv=16,
+        d_ff=96,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
     )
     return tf.T5ForConditionalGeneration(cfg).eval()
 
@@ -42,8 +64,14 @@ def tiny_t5(seed: int = 0):
 def tiny_vit(seed: int = 0):
     torch.manual_seed(seed)
     cfg = tf.ViTConfig(
-        image_size=16, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=96, num_labels=5,
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        num_labels=5,
     )
     return tf.ViTForImageClassification(cfg).eval()
 
@@ -58,4 +86,10 @@ def inputs_for(name: str, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert_classifier, "t5": tiny_t5, "vit": tiny_vit}
+BUILDERS = {
+    "llama": tiny_llama,
+    "gpt2": tiny_gpt2,
+    "bert": tiny_bert_classifier,
+    "t5": tiny_t5,
+    "vit": tiny_vit,
+}

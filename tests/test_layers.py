@@ -124,7 +124,9 @@ def test_embedding_padding_idx_is_kept_exactly_and_gets_no_gradient():
         emb.weight[1] = torch.randn(16)  # a pretrained pad row need not be zero
     model = nn.ModuleDict({"emb": emb})
     dense_pad = emb.weight[1].detach().clone()
-    rm = get_roast_model(model, RoastConfig(compression=4.0, target_modules=None, compress_embeddings=True, tile=(8, 8)))
+    rm = get_roast_model(
+        model, RoastConfig(compression=4.0, target_modules=None, compress_embeddings=True, tile=(8, 8))
+    )
     layer = rm.base_model["emb"]
     assert isinstance(layer, RoastEmbedding)
     ids = torch.tensor([1, 2, 1, 5])

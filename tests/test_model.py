@@ -21,7 +21,9 @@ def test_1x_stable_recovers_the_dense_model_exactly(name):
     inputs = inputs_for(name)
     expected = logits(dense, inputs)
     compress_embeddings = name in ("bert", "vit")  # untied embeddings
-    rm = get_roast_model(dense, RoastConfig(compression=1.0, compress_embeddings=compress_embeddings, tile=(16, 16)))
+    rm = get_roast_model(
+        dense, RoastConfig(compression=1.0, compress_embeddings=compress_embeddings, tile=(16, 16))
+    )
     assert isinstance(rm, RoastModel)
     assert any(isinstance(m, RoastLinear) for m in rm.modules())
     torch.testing.assert_close(logits(rm, inputs), expected, rtol=0, atol=1e-6)
@@ -68,7 +70,11 @@ def test_generate_is_forwarded():
 
 def test_compression_report_counts_and_bytes():
     dense = tiny_llama()
-    target_numel = sum(m.weight.numel() for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    target_numel = sum(
+        m.weight.numel()
+        for n, m in dense.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    )
     total_dense = sum(p.numel() for p in dense.parameters())
     rm = get_roast_model(dense, RoastConfig(compression=8.0, tile=(16, 16)))
     report = rm.compression_report()
@@ -144,7 +150,10 @@ def test_compression_beyond_what_the_weights_allow_is_an_error():
 
 @pytest.mark.parametrize(
     "tile, compression, message",
-    [((256, 256), 2.0, "256x256 mapping tile does not fit these modules"), ((64, 64), 200.0, "tile does not fit")],
+    [
+        ((256, 256), 2.0, "256x256 mapping tile does not fit these modules"),
+        ((64, 64), 200.0, "tile does not fit"),
+    ],
 )
 def test_a_tile_that_does_not_fit_is_an_error(tile, compression, message):
     with pytest.raises(ValueError, match=message):

@@ -290,3 +290,22 @@ def test_peak_memory_while_loading_is_far_below_dense_size(tmp_path):
     print(f"dense {dense_bytes / 2**20:.0f} MiB, stored {stored / 2**20:.1f} MiB, load peak +{peak_growth / 2**20:.1f} MiB")
     # The stored model (~26 MiB) may be counted twice (mmapped file pages + tensors); the dense one is 310 MB.
     assert peak_growth < dense_bytes / 4
+
+
+def test_auto_loaded_model_saves_with_transformers_and_loads_across_auto_classes(tmp_path):
+    rm, path = _save(tmp_path, tiny_llama)
+    inputs = inputs_for("llama")
+    with torch.no_grad():
+        hidden = rm.base_model.model(**inputs).last_hidden_state
+    base = tf.AutoModel.from_pretrained(path)  # LlamaModel: module names lose the "model." prefix
+    assert type(base) is tf.LlamaModel
+    with torch.no_grad():
+        assert torch.equal(base(**inputs).last_hidden_state, hidden)
+    base.save_pretrained(tmp_path / "resaved")  # transformers' own save, through the quantizer
+    assert not (tmp_path / "resaved" / "roast_config.json").exists()
+    for model in (tf.AutoModel.from_pretrained(tmp_path / "resaved"), RoastModel.from_pretrained(tmp_path / "resaved")):
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).last_hidden_state, hidden)
+    head = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")  # and back: the prefix is added
+    with torch.no_grad():
+        assert torch.equal(head.model(**inputs).last_hidden_state, hidden)

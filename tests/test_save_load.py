@@ -53,7 +53,17 @@ def test_checkpoint_holds_z_once_and_no_dense_copy(tmp_path):
     assert [k for k in keys if "roast_store" in k] == ["roast_store.z"]
     assert "model.embed_tokens.weight" in keys and "model.norm.weight" in keys
     stored = json.load(open(os.path.join(tmp_path, "roast_config.json")))
-    for field in ("compression", "mapper", "tile", "sign", "seed", "init", "scaler", "dtype", "mapping_version"):
+    for field in (
+        "compression",
+        "mapper",
+        "tile",
+        "sign",
+        "seed",
+        "init",
+        "scaler",
+        "dtype",
+        "mapping_version",
+    ):
         assert field in stored
     plan = stored["plan"]
     assert plan["mapping_version"] == 1 and len(plan["modules"]) == 14

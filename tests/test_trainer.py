@@ -1,7 +1,6 @@
 """The HF Trainer, with default arguments, trains a RoastModel: columns, labels, metrics, falling loss."""
 
 import numpy as np
-import pytest
 import torch
 from datasets import Dataset
 from helpers import VOCAB, tiny_bert_classifier, tiny_llama
@@ -35,18 +34,29 @@ def accuracy(eval_pred):
 def test_trainer_with_default_arguments_reports_metrics_and_loss_falls(tmp_path):
     rm = get_roast_model(tiny_bert_classifier(num_labels=2), RoastConfig(compression=4.0, tile=(16, 16)))
     args = TrainingArguments(
-        output_dir=str(tmp_path), num_train_epochs=6, per_device_train_batch_size=16, learning_rate=3e-3,
-        logging_steps=5, report_to=[], save_strategy="no", seed=0,
+        output_dir=str(tmp_path),
+        num_train_epochs=6,
+        per_device_train_batch_size=16,
+        learning_rate=3e-3,
+        logging_steps=5,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
     )
     trainer = Trainer(
-        model=rm, args=args, train_dataset=classification_data(256, 0), eval_dataset=classification_data(128, 1),
+        model=rm,
+        args=args,
+        train_dataset=classification_data(256, 0),
+        eval_dataset=classification_data(128, 1),
         compute_metrics=accuracy,
     )
     assert trainer.label_names == ["labels"]
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
-    assert "eval_accuracy" in after  # compute_metrics saw labels: input_ids and label survived column dropping
+    assert (
+        "eval_accuracy" in after
+    )  # compute_metrics saw labels: input_ids and label survived column dropping
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < 0.7 * losses[0]
     assert after["eval_loss"] < before["eval_loss"]
