@@ -1,13 +1,21 @@
 """hf-roast: ROAST / STABLE-RPS randomized parameter sharing for Hugging Face transformers."""
 
 from .config import RoastConfig
-from .distill import DistillationTrainer
 from .layers import RoastEmbedding, RoastLinear, RoastStore
 from .mapping import MAPPING_VERSION, MappingPlan
 from .model import RoastModel, get_roast_model
 from .quantizer import RoastQuantizationConfig  # registers quant_method "roast" with transformers
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "DistillationTrainer":  # lazy: importing transformers.Trainer costs seconds
+        from .distill import DistillationTrainer
+
+        return DistillationTrainer
+    raise AttributeError(f"module 'hf_roast' has no attribute {name!r}")
+
 
 __all__ = [
     "MAPPING_VERSION",

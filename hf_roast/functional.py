@@ -92,10 +92,8 @@ def materialize_weight(
 
 def element_scale(lm: LayerMapping, rows: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
     """lambda * sign of every element of the given rows, fp32 ``(*rows.shape, cols)``."""
-    tr, tc = lm.plan.tile
-    n_tc = lm.spec.n_tile_cols(lm.plan.tile)
-    cols = torch.arange(lm.spec.cols, device=rows.device)
-    scale = lm.tile_scale[(rows[..., None] // tr) * n_tc + cols // tc]
+    local_tile, _ = lm.plan.tile_coordinates(lm.spec, rows)
+    scale = lm.tile_scale[local_tile]
     if sign is not None:
         scale = scale * sign
     return scale

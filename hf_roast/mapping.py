@@ -268,21 +268,25 @@ class MappingPlan:
             scale *= hash_sign(self._global_tiles(spec, device), a, b).to(torch.float32)
         return scale
 
+    def tile_coordinates(self, spec: ModuleSpec, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(module-local tile index, offset inside the tile) of every column of the given rows, int64."""
+        tr, tc = self.tile
+        rows = rows.to(torch.int64)[..., None]
+        cols = torch.arange(spec.cols, dtype=torch.int64, device=rows.device)
+        return (rows // tr) * spec.n_tile_cols(self.tile) + cols // tc, (rows % tr) * tc + cols % tc
+
     def element_index(self, spec: ModuleSpec, rows: torch.Tensor, tile_slots: torch.Tensor | None = None):
         """z index and element sign (or None) of every column of the given rows: both ``(*rows.shape, cols)``.
 
         ``tile_slots`` may pass a cached :meth:`tile_slots` table. Used by embeddings (the rows looked up)
         and by the hashednet mapper; the tile mappers' linear layers use the cheaper tile tables.
         """
-        tr, tc = self.tile
         t = self.tile_numel
-        rows = rows.to(torch.int64)[..., None]
-        cols = torch.arange(spec.cols, dtype=torch.int64, device=rows.device)
-        g = spec.tile_offset + (rows // tr) * spec.n_tile_cols(self.tile) + cols // tc
-        e = (rows % tr) * tc + cols % tc
+        local, e = self.tile_coordinates(spec, rows)
+        g = spec.tile_offset + local
         if self.is_tiled:
             slots = self.tile_slots(spec, rows.device) if tile_slots is None else tile_slots
-            index = slots[g - spec.tile_offset] * t + e
+            index = slots[local] * t + e
         else:
             a, b = seed_constants(self.seed, "slot")
             index = hashednet_slot(g * t + e, spec.segment_start, spec.segment_size, a, b)

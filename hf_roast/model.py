@@ -251,9 +251,14 @@ class RoastModel(nn.Module):
 
 
 def _forget_roast(model: nn.Module) -> None:
-    for attr in ("roast_config",):
-        if attr in model.__dict__:
-            del model.__dict__[attr]
+    """Drop every trace of ROAST from a densified model, so that it saves and reloads as a plain one."""
+    for attr in ("roast_config", "hf_quantizer"):
+        model.__dict__.pop(attr, None)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.__dict__.pop("quantization_config", None)
+    for flag in ("is_quantized", "quantization_method"):
+        model.__dict__.pop(flag, None)
 
 
 def read_roast_config(directory: str | os.PathLike) -> dict:

@@ -174,10 +174,6 @@ class RoastHfQuantizer(HfQuantizer):
     def is_qat_trainable(self) -> bool:
         return True
 
-    @property
-    def is_compileable(self) -> bool:
-        return True
-
 
 def _has_module(model, name: str) -> bool:
     try:

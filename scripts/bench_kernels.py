@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(device, backend, dtype))
     print(f"compression {args.compression:g}x, tile {args.tile}, sign=tile, scaler=v5; medians of up to "
           f"{args.repeats} runs; ms = milliseconds")  # fmt: skip
-    print("ratios: ROAST time / dense time (lower is better); HashedNet time / ROAST time (ROAST speed-up)\n")
+    print("ratio: ROAST time / dense nn.Linear time (lower is better); x: HashedNet time / ROAST time (ROAST's "
+          "speed-up over the HashedNet mapper); f+b: forward + backward (dX, dz, db); W: materialising the dense "
+          "weight from z with the PyTorch path\n")  # fmt: skip
     header = (
         f"{'in x out':>11} {'rows':>5} | {'dense fwd':>9} {'roast fwd':>9} {'ratio':>6} | {'dense f+b':>9} "
         f"{'roast f+b':>9} {'ratio':>6}"

@@ -423,6 +423,12 @@ def test_meta_tensors_get_shapes_from_the_fake_implementation():
 def test_opcheck(mapper):
     args, _ = op_args(mapper)
     torch.library.opcheck(torch.ops.hf_roast.roast_linear.default, args)
+    z = args[1]
+    plan = make_plan(mapper, "element")
+    emb = layer_mapping(plan, "emb")
+    ids = torch.tensor([[3, 0, 12], [3, 7, 1]], device=DEVICE)
+    emb_args = (ids, z, emb.tile_slot, emb.tile_scale, emb.scaler_inv, ops.geometry_of(emb), torch.float32)
+    torch.library.opcheck(torch.ops.hf_roast.roast_embedding.default, emb_args)
 
 
 def test_torch_compile_traces_the_op_without_graph_breaks():

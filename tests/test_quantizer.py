@@ -249,6 +249,9 @@ def status(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
+# Load a tiny checkpoint of the same architecture first: transformers imports modules lazily while
+# loading (~150 MiB), which would otherwise count as the model's memory.
+transformers.AutoModelForCausalLM.from_pretrained(sys.argv[2])
 try:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS, so imports do not count
@@ -281,14 +284,15 @@ def test_peak_memory_while_loading_is_far_below_dense_size(tmp_path):
     rm.save_pretrained(path)
     stored = rm.compression_report()["model"]["stored_bytes"]
     del rm
+    _, warmup = _save(tmp_path, tiny_llama)
     out = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(path)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", MEMORY_SCRIPT, str(path), warmup], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
     mem = json.loads(out.stdout.strip().splitlines()[-1])
     peak_growth = mem["peak"] - mem["before"]
     print(f"dense {dense_bytes / 2**20:.0f} MiB, stored {stored / 2**20:.1f} MiB, load peak +{peak_growth / 2**20:.1f} MiB")
-    # The stored model (~26 MiB) may be counted twice (mmapped file pages + tensors); the dense one is 310 MB.
+    # Measured: +25 MiB for this checkpoint (22 MiB stored) vs +299 MiB for its dense checkpoint, same script.
     assert peak_growth < dense_bytes / 4
 
 

@@ -145,3 +145,20 @@ def test_loaded_model_trains(saved):
     ids = inputs_for("llama")["input_ids"]
     loaded(input_ids=ids, labels=ids).loss.backward()
     assert loaded.roast_store.z.grad.abs().sum() > 0
+
+
+def test_auto_loaded_then_merged_model_saves_as_dense(saved, tmp_path):
+    """A model loaded through an Auto class, wrapped and densified, must not save itself as ROAST."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(saved)
+    rm = RoastModel(base, RoastConfig(compression=4.0, tile=(16, 16)))
+    inputs = inputs_for("llama")
+    expected = logits(rm, inputs)
+    dense = rm.merge_and_unload()
+    dense.save_pretrained(tmp_path / "dense")
+    config = json.load(open(tmp_path / "dense" / "config.json"))
+    assert "quantization_config" not in config
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert not hasattr(again, "roast_store")
+    torch.testing.assert_close(logits(again, inputs), expected, rtol=1e-5, atol=1e-5)

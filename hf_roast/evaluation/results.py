@@ -180,35 +180,40 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], experiment: str, path: Path) -> None:
+    """Two panels, one line per method: metric vs stored bytes of the target modules, and of the whole model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     _, metric_name, higher = _metric(experiment)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     lines: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         lines[r["label"] if r["variant"] == "base" else f"{r['label']} ({r['variant']})"].append(r)
-    for label, rs in sorted(lines.items()):
-        rs.sort(key=lambda r: r["storage"]["model_bytes"])
-        xs = [r["storage"]["model_bytes"] / MB for r in rs]
-        ys = [r["mean"] for r in rs]
-        errs = [r["spread"] or 0 for r in rs]
-        style = "--" if "(" in label and "embeddings" not in label else "-"
-        if label == "dense":
-            ax.axhline(ys[0], color="black", lw=1, ls=":", label=f"dense ({ys[0]:.2f})")
-            continue
-        ax.errorbar(xs, ys, yerr=errs, marker="o", ms=4, ls=style, capsize=2, label=label)
-    ax.set_xscale("log")
-    if not higher:
-        ax.set_yscale("log")
-    ax.set_xlabel("stored bytes of the whole model (MB, log scale; pruning includes its sparsity pattern)")
-    ax.set_ylabel(metric_name)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    for ax, key, title in (
+        (axes[0], "target_bytes", "target modules (pruning: values + sparsity pattern)"),
+        (axes[1], "model_bytes", "whole model"),
+    ):
+        for label, rs in sorted(lines.items()):
+            rs = sorted(rs, key=lambda r: r["storage"][key])
+            xs = [r["storage"][key] / MB for r in rs]
+            ys = [r["mean"] for r in rs]
+            errs = [r["spread"] or 0 for r in rs]
+            if label == "dense":
+                ax.axhline(ys[0], color="black", lw=1, ls=":", label=f"dense ({ys[0]:.2f})")
+                continue
+            style = "--" if "(" in label and "embeddings" not in label else "-"
+            ax.errorbar(xs, ys, yerr=errs, marker="o", ms=4, ls=style, capsize=2, label=label)
+        ax.set_xscale("log")
+        if not higher:
+            ax.set_yscale("log")
+        ax.set_xlabel(f"stored MB, {title} (log)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metric_name)
+    axes[1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
