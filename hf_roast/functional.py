@@ -132,6 +132,16 @@ def scatter_weight_grad(grad_w: torch.Tensor, lm: LayerMapping, num_slots: int) 
     return dz
 
 
+def _weight_grad(gy: torch.Tensor, x2: torch.Tensor, lm: LayerMapping) -> torch.Tensor:
+    """dW = dY^T X. When W fills whole tiles it goes into the "weight" scratch buffer, free again once
+    dX is done: a fresh W-sized tensor per backward costs page faults on every step."""
+    n_tr, tr, n_tc, tc = _padded_shape(lm)
+    rows, cols = lm.spec.rows, lm.spec.cols
+    if (rows, cols) != (n_tr * tr, n_tc * tc):
+        return gy.t().mm(x2)
+    return torch.mm(gy.t(), x2, out=_scratch.get("weight", rows * cols, gy.dtype, gy.device).view(rows, cols))
+
+
 class RoastLinearFunction(torch.autograd.Function):
     """y = x W^T + b with W read from z; saves x only, rebuilds W in backward."""
 
@@ -157,7 +167,7 @@ class RoastLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
             acc = accumulation_dtype(gy.dtype)
-            grad_w = gy.t().to(acc).mm(x2.to(acc))
+            grad_w = _weight_grad(gy.to(acc), x2.to(acc), lm)
             grad_z = scatter_weight_grad(grad_w, lm, z.numel()).to(z.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy.to(accumulation_dtype(gy.dtype)).sum(0).to(ctx.bias_dtype)

@@ -188,3 +188,20 @@ def test_cli_dispatches_evaluate(tmp_path):
     # only the summary: proves `hf-roast evaluate` reaches scripts/evaluate.py:main
     assert main(["evaluate", "--tiny", "--summary-only", "--output", str(tmp_path)]) == 0
     assert (tmp_path / "results.json").is_file()
+
+
+def test_optimizer_groups_give_z_the_learning_rate_in_weight_units():
+    from hf_roast import get_roast_model
+    from hf_roast.evaluation.arms import optimizer_groups
+
+    dense_groups, one = optimizer_groups(tiny_bert(), 1e-4)
+    assert one == 1.0 and len(dense_groups) == 1
+    model = get_roast_model(tiny_bert(), roast_config_for(Arm("r", "roast", 4.0)))
+    groups, multiplier = optimizer_groups(model, 1e-4)
+    scales = [(m.rows * m.cols, m.scale) for m in model.roast_store.plan.modules]
+    rms = (sum(n * s**2 for n, s in scales) / sum(n for n, _ in scales)) ** 0.5
+    assert multiplier == pytest.approx(1 / rms)
+    assert groups[0]["params"] == [model.roast_store.z] and groups[0]["lr"] == pytest.approx(1e-4 * multiplier)
+    assert all(p is not model.roast_store.z for p in groups[1]["params"]) and groups[1]["lr"] == 1e-4
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == n_trainable

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from ..config import RoastConfig
@@ -33,6 +34,7 @@ class Arm:
     schedule: float = 1.0
     distill: bool = False
     recovery_steps: int = 0
+    norm_init: bool = False
     lrs: tuple[float, ...] | None = field(default=None)
 
     def __post_init__(self):
@@ -45,7 +47,11 @@ class Arm:
     def label(self) -> str:
         """The method's line in the plot (seeds, schedules and distillation are separate dimensions)."""
         if self.method == "roast":
-            return f"hf-roast {self.mapper}" + (" (+embeddings)" if self.compress_embeddings else "")
+            return (
+                f"hf-roast {self.mapper}"
+                + (" (+embeddings)" if self.compress_embeddings else "")
+                + (" (norm-preserving init)" if self.norm_init else "")
+            )
         if self.method == "prune":
             return "magnitude pruning" + (" (+embeddings)" if self.compress_embeddings else "")
         if self.method == "smaller":
@@ -99,7 +105,10 @@ def build_arm_model(model: nn.Module, arm: Arm) -> tuple[nn.Module, dict]:
     if arm.method == "dense":
         storage.update(target_values=dense_tv, target_bytes=dense_tb, model_values=dense_mv, model_bytes=dense_mb)
     elif arm.method == "roast":
+        dense_sq = _target_sq_norm(model, arm) if arm.norm_init else None
         model = get_roast_model(model, roast_config_for(arm))
+        if arm.norm_init:
+            storage["norm_init_factor"] = _rescale_to_dense_norm(model, dense_sq)
         report = model.compression_report()
         storage.update(
             target_values=report["target"]["stored_parameters"],
@@ -135,3 +144,44 @@ def build_arm_model(model: nn.Module, arm: Arm) -> tuple[nn.Module, dict]:
     storage["target_bytes_ratio"] = dense_tb / max(storage["target_bytes"], 1)
     storage["model_bytes_ratio"] = dense_mb / storage["model_bytes"]
     return model, storage
+
+
+def optimizer_groups(model: nn.Module, lr: float) -> tuple[list[dict], float]:
+    """AdamW parameter groups: the shared array z gets ``lr / lambda_rms``, everything else ``lr``.
+
+    hf-roast stores z in normalised units (W = lambda * g * z, with lambda about the module's weight
+    std, so z is O(1)), while a dense weight is O(lambda). Adam's step size is scale-free, so the same
+    ``lr`` moves z's weights lambda times more slowly than dense ones (about 25x for MiniLM). Dividing by
+    the RMS of the module scales gives every method the same learning rate *in weight units*, which is
+    what the per-arm learning-rate grid is meant to compare. Returns the groups and the multiplier.
+    """
+    store = getattr(model, "roast_store", None)
+    if store is None:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}], 1.0
+    modules = store.plan.modules
+    weights = sum(m.rows * m.cols for m in modules)
+    rms = (sum(m.rows * m.cols * m.scale**2 for m in modules) / weights) ** 0.5
+    multiplier = 1.0 / rms
+    z = store.z
+    others = [p for p in model.parameters() if p.requires_grad and p is not z]
+    return [{"params": [z], "lr": lr * multiplier}, {"params": others, "lr": lr}], multiplier
+
+
+def _target_sq_norm(model: nn.Module, arm: Arm) -> float:
+    return float(sum(m.weight.detach().double().pow(2).sum() for _, m, _ in target_modules_of(model, roast_config_for(arm))))
+
+
+@torch.no_grad()
+def _rescale_to_dense_norm(model, dense_sq: float) -> float:
+    """Multiply z so the compressed target weights keep the dense weights' total Frobenius norm.
+
+    The least-squares projection at c-fold sharing keeps about 1/c of each weight and adds the other
+    c-1 weights of its slot as noise, so ||W'|| is about ||W||/sqrt(c): attention logits (Q K^T) shrink
+    about c-fold, attention turns uniform and the token representations collapse. This variant
+    trades the L2-optimal start for the dense model's scale. One global factor suffices because the
+    stable mapper shares evenly across modules. Returns the factor.
+    """
+    roast_sq = float(sum(layer.materialize_weight().double().pow(2).sum() for _, layer in model.roast_layers()))
+    factor = (dense_sq / roast_sq) ** 0.5
+    model.roast_store.z.mul_(factor)
+    return factor

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arms import Arm, build_arm_model
+from .arms import Arm, build_arm_model, optimizer_groups
 from .data import TextClassificationData
 from .measure import ResourceMeter
 
@@ -102,7 +102,15 @@ def train(model: nn.Module, train_set, tokenizer, setup: ClassificationSetup, lr
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
-    kwargs = dict(model=model, args=args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tokenizer))
+    groups, multiplier = optimizer_groups(model, lr)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=setup.weight_decay)
+    kwargs = dict(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        optimizers=(optimizer, None),
+    )
     if arm.distill:
         trainer = DistillationTrainer(
             teacher=teacher, alpha=setup.distill_alpha, temperature=setup.distill_temperature, **kwargs
@@ -110,7 +118,7 @@ def train(model: nn.Module, train_set, tokenizer, setup: ClassificationSetup, lr
     else:
         trainer = Trainer(**kwargs)
     result = trainer.train()
-    return float(result.training_loss)
+    return float(result.training_loss), multiplier
 
 
 def run_classification_arm(
@@ -133,9 +141,10 @@ def run_classification_arm(
             set_seed(arm.seed)
             model, storage = build_arm_model(source.load_model(len(data.label_names)), arm)
             with ResourceMeter() as meter:
-                loss = train(model, train_set, tok, setup, lr, arm.seed, arm, teacher)
+                loss, z_lr_multiplier = train(model, train_set, tok, setup, lr, arm.seed, arm, teacher)
             val = accuracy(model, val_set, tok, setup.eval_batch_size)
-            run = {"lr": lr, "val_accuracy": val, "train_loss": loss, **meter.as_dict()}
+            run = {"lr": lr, "z_lr_multiplier": z_lr_multiplier, "val_accuracy": val, "train_loss": loss}
+            run.update(meter.as_dict())
             runs.append(run)
             if best is None or val > best["val_accuracy"]:
                 best, best_model = run, model

@@ -34,14 +34,17 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
             (1, _prune(4)),
             (1, _smaller(1)),
             (2, _roast(4, seed=1)),
+            (2, _roast(4, norm_init=True, suffix="-norminit")),
             (2, _roast(8, emb=True)),
             (2, _roast(8, mapper="hashednet")),
             (3, _roast(4, distill=True, suffix="-kd")),
             (3, _roast(4, schedule=3.0, suffix="-sched3")),
         ]
     arms = [(1, Arm("dense", "dense"))]
-    arms += [(1, a) for a in (_roast(4), _prune(4), _roast(16), _prune(16), _roast(8), _prune(8))]
+    arms += [(1, a) for a in (_roast(4), _prune(4), _roast(4, norm_init=True, suffix="-norminit"))]
+    arms += [(1, a) for a in (_roast(16), _prune(16), _roast(8), _prune(8))]
     arms += [(1, a) for a in (_smaller(1), _smaller(0), _roast(32), _prune(32))]
+    arms += [(2, _roast(16, norm_init=True, suffix="-norminit"))]
     arms += [(2, a) for a in (_roast(4, seed=1), _prune(4, seed=1), _roast(16, seed=1), _prune(16, seed=1))]
     arms += [(2, a) for a in (_roast(2), _prune(2), _smaller(2))]
     arms += [(3, _roast(16, distill=True, suffix="-kd")), (3, _prune(16, distill=True, suffix="-kd"))]
@@ -67,7 +70,7 @@ def lm_arms(mode: str, recovery_steps: int) -> list[tuple[int, Arm]]:
         arms = [Arm("dense", "dense"), _roast(1), _roast(4), _prune(4)]
         return [(1, a) for a in arms] + [(3, _roast(4, recovery_steps=steps, suffix="-rec"))]
     arms = [(1, a) for a in (Arm("dense", "dense"), _roast(1), _roast(4), _prune(4), _roast(8), _prune(8))]
-    arms += [(2, _roast(2)), (2, _prune(2))]
+    arms += [(2, _roast(2)), (2, _prune(2)), (2, _roast(4, norm_init=True, suffix="-norminit"))]
     arms += [(3, _roast(c, recovery_steps=steps, suffix=f"-rec{steps}")) for c in (4, 8)]
     arms += [(3, _prune(c, recovery_steps=steps, suffix=f"-rec{steps}")) for c in (4, 8)]
     if mode == "full":

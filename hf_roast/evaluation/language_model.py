@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .arms import Arm, build_arm_model
+from .arms import Arm, build_arm_model, optimizer_groups
 from .measure import ResourceMeter
 
 
@@ -80,9 +80,10 @@ def recovery_batches(tokens: torch.Tensor, steps: int, batch: int, context: int,
 
 
 def recover(model: nn.Module, batches: list[torch.Tensor], lr: float) -> list[float]:
-    """A short AdamW fine-tune with constant learning rate; pruned masks stay fixed (their hooks)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    """A short AdamW fine-tune with constant learning rate (z's in weight units, see ``optimizer_groups``);
+    pruned masks stay fixed (their hooks)."""
+    groups, _ = optimizer_groups(model, lr)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     model.train()
     losses = []
     for batch in batches:
