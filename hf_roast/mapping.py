@@ -73,6 +73,16 @@ def hashednet_slot(v, segment_start, segment_size, a, b):
     return segment_start + hash31(v, a, b) % segment_size
 
 
+def tile_coordinates(r, c, n_tile_cols, tile_rows, tile_cols):
+    """Module-local tile of weight (r, c) (tile-major, row-major over tiles) and its offset in the tile."""
+    return (r // tile_rows) * n_tile_cols + c // tile_cols, (r % tile_rows) * tile_cols + c % tile_cols
+
+
+def virtual_index(local_tile, element, tile_offset, tile_numel):
+    """Model-wide virtual index v = g * T + e of an element, with g = tile_offset + local_tile."""
+    return (local_tile + tile_offset) * tile_numel + element
+
+
 def hash_sign(x, a, b):
     """A seeded sign in {-1, +1} (as int64) for a tile or element index."""
     return 1 - 2 * (hash31(x, a, b) & 1)
@@ -80,7 +90,7 @@ def hash_sign(x, a, b):
 
 def formula_functions():
     """The formulas above, in dependency order, for recompilation by the Triton kernels."""
-    return [hash31, stable_slot, roast_slot, hashednet_slot, hash_sign]
+    return [tile_coordinates, virtual_index, hash31, stable_slot, roast_slot, hashednet_slot, hash_sign]
 
 
 def formula_constants() -> dict[str, int]:
@@ -270,10 +280,9 @@ class MappingPlan:
 
     def tile_coordinates(self, spec: ModuleSpec, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(module-local tile index, offset inside the tile) of every column of the given rows, int64."""
-        tr, tc = self.tile
         rows = rows.to(torch.int64)[..., None]
         cols = torch.arange(spec.cols, dtype=torch.int64, device=rows.device)
-        return (rows // tr) * spec.n_tile_cols(self.tile) + cols // tc, (rows % tr) * tc + cols % tc
+        return tile_coordinates(rows, cols, spec.n_tile_cols(self.tile), *self.tile)
 
     def element_index(self, spec: ModuleSpec, rows: torch.Tensor, tile_slots: torch.Tensor | None = None):
         """z index and element sign (or None) of every column of the given rows: both ``(*rows.shape, cols)``.
@@ -283,26 +292,25 @@ class MappingPlan:
         """
         t = self.tile_numel
         local, e = self.tile_coordinates(spec, rows)
-        g = spec.tile_offset + local
+        v = virtual_index(local, e, spec.tile_offset, t)
         if self.is_tiled:
             slots = self.tile_slots(spec, rows.device) if tile_slots is None else tile_slots
             index = slots[local] * t + e
         else:
             a, b = seed_constants(self.seed, "slot")
-            index = hashednet_slot(g * t + e, spec.segment_start, spec.segment_size, a, b)
+            index = hashednet_slot(v, spec.segment_start, spec.segment_size, a, b)
         sign = None
         if self.sign == "element":
             a, b = seed_constants(self.seed, "sign")
-            sign = hash_sign(g * t + e, a, b)
+            sign = hash_sign(v, a, b)
         return index, sign
 
     def tile_element_signs(self, spec: ModuleSpec, device=None) -> torch.Tensor:
         """Element signs laid out as ``(n_tiles, T)``, for sign="element" on the tile path (fp32)."""
         a, b = seed_constants(self.seed, "sign")
-        v = self._global_tiles(spec, device)[:, None] * self.tile_numel + torch.arange(
-            self.tile_numel, dtype=torch.int64, device=device
-        )
-        return hash_sign(v, a, b).to(torch.float32)
+        local = torch.arange(spec.n_tiles(self.tile), dtype=torch.int64, device=device)[:, None]
+        element = torch.arange(self.tile_numel, dtype=torch.int64, device=device)
+        return hash_sign(virtual_index(local, element, spec.tile_offset, self.tile_numel), a, b).to(torch.float32)
 
     # ---- statistics for the gradient scaler and the pretrained init --------------------------------
     def scaler_unit(self) -> int:

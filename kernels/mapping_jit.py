@@ -30,6 +30,8 @@ def _compile_formulas() -> dict[str, object]:
 
 
 _JIT = _compile_formulas()
+tile_coordinates = _JIT["tile_coordinates"]
+virtual_index = _JIT["virtual_index"]
 hash31 = _JIT["hash31"]
 stable_slot = _JIT["stable_slot"]
 roast_slot = _JIT["roast_slot"]

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from hf_roast.mapping import SIGNS, MappingPlan, ModuleSpec, seed_constants
 
-from .mapping_jit import hash_sign, hashednet_slot
+from .mapping_jit import hash_sign, hashednet_slot, tile_coordinates, virtual_index
 
 MAPPER_IDS = {"stable": 0, "roast": 1, "hashednet": 2}
 SIGN_IDS = {name: i for i, name in enumerate(SIGNS)}  # none=0, tile=1, element=2
@@ -159,10 +159,9 @@ def _locate(
     r = r.to(tl.int64)
     c = c.to(tl.int64)
     mask = (r < n_rows) & (c < n_cols)
-    local_tile = (r // TR) * n_tile_cols.to(tl.int64) + c // TC
-    element = (r % TR) * TC + c % TC
+    local_tile, element = tile_coordinates(r, c, n_tile_cols.to(tl.int64), TR, TC)
     scale = tl.load(scale_ptr + local_tile, mask=mask, other=0.0)
-    virtual = (local_tile + tile_offset.to(tl.int64)) * (TR * TC) + element  # unused ones are eliminated
+    virtual = virtual_index(local_tile, element, tile_offset.to(tl.int64), TR * TC)  # dead unless hashed
     if MAPPER == HASHEDNET:
         index = hashednet_slot(virtual, seg_start.to(tl.int64), seg_size.to(tl.int64), slot_a.to(tl.int64), slot_b.to(tl.int64))
     else:

@@ -1,24 +1,18 @@
 """Triton kernels vs the PyTorch path, and the PyTorch path vs an element-by-element dense reference.
 
 The kernels run on CPU under the Triton interpreter: TRITON_INTERPRET=1 must be set before the kernel
-module is imported (``triton.jit`` decides at decoration time), hence the environment line first.
+module is imported (``triton.jit`` decides at decoration time); tests/conftest.py sets it for the session.
 Shapes are small and odd (M = 1, dims that are multiples of no block, edge tiles) to keep the suite
 fast and the masks honest.
 """
 
-import os
+import importlib.util
+import math
+import pathlib
+import sys
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib.util  # noqa: E402
-import math  # noqa: E402
-import pathlib  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
 
 from hf_roast import dispatch
 from hf_roast.functional import LayerMapping, RoastEmbeddingFunction, RoastLinearFunction, materialize_weight
