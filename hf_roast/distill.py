@@ -52,7 +52,9 @@ def hidden_state_loss(student_hidden, teacher_hidden, mask: torch.Tensor | None 
     losses = []
     for s, t in pairs:
         if s.shape != t.shape:
-            raise ValueError(f"hidden states {tuple(s.shape)} vs {tuple(t.shape)}: widths must match to distil them.")
+            raise ValueError(
+                f"hidden states {tuple(s.shape)} vs {tuple(t.shape)}: widths must match to distil them."
+            )
         err = (s.float() - t.float()).pow(2).mean(-1)
         if mask is not None:
             m = mask.to(err.dtype)

@@ -24,20 +24,32 @@ EXPERIMENT_DIRS = {"classification": "classification", "lm": "language_model"}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hf-roast evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--experiments", nargs="+", choices=list(EXPERIMENT_DIRS), default=["classification", "lm"])
+    p.add_argument(
+        "--experiments", nargs="+", choices=list(EXPERIMENT_DIRS), default=["classification", "lm"]
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--full", action="store_true", help="Run every arm, not only the default sweep.")
-    mode.add_argument("--tiny", action="store_true", help="Tiny config models and synthetic text (smoke test).")
+    mode.add_argument(
+        "--tiny", action="store_true", help="Tiny config models and synthetic text (smoke test)."
+    )
     p.add_argument("--output", default="docs/results", help="Results folder (default: docs/results).")
     p.add_argument("--arms", nargs="+", default=None, help="Run only these arm names.")
-    p.add_argument("--train-size", type=int, default=1500, help="Rotten Tomatoes train subsample (same for all arms).")
+    p.add_argument(
+        "--train-size", type=int, default=1500, help="Rotten Tomatoes train subsample (same for all arms)."
+    )
     p.add_argument("--val-size", type=int, default=500, help="Validation examples carved from train.")
     p.add_argument("--epochs", type=float, default=1.0, help="Base epochs of the classification recipe.")
-    p.add_argument("--lr-grid", type=float, nargs="+", default=[1e-4, 3e-4], help="Learning rates tried per arm.")
+    p.add_argument(
+        "--lr-grid", type=float, nargs="+", default=[1e-4, 3e-4], help="Learning rates tried per arm."
+    )
     p.add_argument("--recovery-steps", type=int, default=10, help="LM recovery fine-tune steps (every arm).")
     p.add_argument("--eval-tokens", type=int, default=4096, help="Held-out tokens for LM perplexity.")
-    p.add_argument("--recovery-batch", type=int, default=2, help="LM recovery batch (sequences of 256 tokens).")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
+    p.add_argument(
+        "--recovery-batch", type=int, default=2, help="LM recovery batch (sequences of 256 tokens)."
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)."
+    )
     p.add_argument("--rerun", action="store_true", help="Recompute arms whose results exist.")
     p.add_argument("--summary-only", action="store_true", help="Only rebuild results.json / .md / .png.")
     return p.parse_args(argv)
@@ -90,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         queue = experiments.run_order(args.experiments, mode, steps)
         if args.arms:
             queue = [(e, a) for e, a in queue if a.name in args.arms]
-        todo = [(e, a) for e, a in queue if args.rerun or not results.arm_path(out, EXPERIMENT_DIRS[e], a.name).is_file()]
+        todo = [
+            (e, a)
+            for e, a in queue
+            if args.rerun or not results.arm_path(out, EXPERIMENT_DIRS[e], a.name).is_file()
+        ]
         _run_queue(todo, mode, args, out, tqdm, results)
     results.write_summary(out, meta)
     print(f"results written to {out}/results.md")
@@ -98,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
+    import torch
+
     prepared: dict[str, tuple] = {}
     teacher = None
     bar = tqdm(todo, desc="evaluate", unit="arm")
@@ -125,6 +143,7 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
             result, model = run_lm_arm(arm, source, setup, cache)
             metric = f"ppl {result['perplexity']:.3f}"
         result["mode"] = mode
+        result["torch_threads"] = torch.get_num_threads()
         results.write_arm(out, EXPERIMENT_DIRS[experiment], result)
         tqdm.write(
             f"[{experiment}] {arm.name}: {metric}, target {result['storage']['target_ratio']:.2f}x, "

@@ -14,7 +14,12 @@ from hf_roast.distill import distillation_loss, hidden_state_loss
 def tiny_bert(seed=0):
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, num_labels=3
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        num_labels=3,
     )
     return BertForSequenceClassification(config)
 
@@ -88,16 +93,26 @@ def test_trainer_distils_a_roast_student_with_hidden_states(tmp_path):
     from datasets import Dataset
 
     teacher = tiny_bert(0).eval()
-    student = get_roast_model(tiny_bert(1), RoastConfig(compression=4, tile=(8, 8), exclude_modules=["classifier"]))
+    student = get_roast_model(
+        tiny_bert(1), RoastConfig(compression=4, tile=(8, 8), exclude_modules=["classifier"])
+    )
     batch = _batch()
     data = Dataset.from_dict({k: v.tolist() for k, v in batch.items()})
     args = TrainingArguments(
-        output_dir=str(tmp_path), report_to=[], use_cpu=True, num_train_epochs=4, learning_rate=3e-3,
-        per_device_train_batch_size=4, save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        num_train_epochs=4,
+        learning_rate=3e-3,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
     )
     trainer = DistillationTrainer(
         model=student, args=args, train_dataset=data, teacher=teacher, alpha=1.0, hidden_weight=1.0
     )
+
     def kd_now():
         with torch.no_grad():
             return trainer.compute_loss(student.eval(), batch).item()
@@ -109,8 +124,14 @@ def test_trainer_distils_a_roast_student_with_hidden_states(tmp_path):
     assert kd_now() < before
 
 
-@pytest.mark.parametrize("kwargs, match", [({"alpha": 1.5}, "alpha"), ({"temperature": 0}, "temperature"),
-                                           ({"hidden_weight": -1}, "hidden_weight")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"alpha": 1.5}, "alpha"),
+        ({"temperature": 0}, "temperature"),
+        ({"hidden_weight": -1}, "hidden_weight"),
+    ],
+)
 def test_bad_settings_are_refused(tmp_path, kwargs, match):
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match=match):

@@ -4,6 +4,7 @@ The real sweep (MiniLM on Rotten Tomatoes, SmolLM2 on Wikipedia) is minutes to a
 experiment runs end to end on tiny config models and template sentences, without the data packages.
 """
 
+import importlib.util
 import json
 import math
 
@@ -28,7 +29,9 @@ from hf_roast.evaluation.results import check_targets
 def tiny_bert():
     torch.manual_seed(0)
     return BertForSequenceClassification(
-        BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+        BertConfig(
+            vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64
+        )
     )
 
 
@@ -79,7 +82,9 @@ def test_build_arm_model_accounting_is_consistent():
     smaller_model, smaller = build_arm_model(tiny_bert(), Arm("s", "smaller", num_layers=1))
     assert dense["target_ratio"] == 1.0 and dense["model_bytes"] == dense["dense_model_bytes"]
     assert roast["target_values"] == roast_model.roast_store.z.numel()
-    assert pruned["target_values"] == roast["target_values"], "pruning keeps exactly hf-roast's number of values"
+    assert pruned["target_values"] == roast["target_values"], (
+        "pruning keeps exactly hf-roast's number of values"
+    )
     assert pruned["target_bytes"] == pruned["target_bytes_values_only"] + pruned["index_overhead_bytes"]
     assert pruned["model_bytes"] > roast["model_bytes"]  # same values, plus the sparsity pattern
     assert len(smaller_model.bert.encoder.layer) == 1 and smaller_model.config.num_hidden_layers == 1
@@ -89,7 +94,9 @@ def test_build_arm_model_accounting_is_consistent():
 def test_truncate_layers_on_llama_and_bad_k():
     torch.manual_seed(0)
     model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2)
+        LlamaConfig(
+            vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2
+        )
     )
     truncate_layers(model, 2)
     assert len(model.model.layers) == 2
@@ -100,7 +107,12 @@ def test_truncate_layers_on_llama_and_bad_k():
 
 def test_roast_config_for_arm_excludes_the_classifier_head():
     config = roast_config_for(Arm("r", "roast", 8.0, mapper="hashednet", compress_embeddings=True, seed=3))
-    assert (config.mapper, config.compress_embeddings, config.seed, config.init) == ("hashednet", True, 3, "pretrained")
+    assert (config.mapper, config.compress_embeddings, config.seed, config.init) == (
+        "hashednet",
+        True,
+        3,
+        "pretrained",
+    )
     assert "classifier" in config.exclude_modules
 
 
@@ -116,7 +128,13 @@ def test_split_is_stratified_disjoint_and_deterministic():
 
 
 def _row(label, budget, mean, model_bytes):
-    return {"label": label, "budget": budget, "variant": "base", "mean": mean, "storage": {"model_bytes": model_bytes}}
+    return {
+        "label": label,
+        "budget": budget,
+        "variant": "base",
+        "mean": mean,
+        "storage": {"model_bytes": model_bytes},
+    }
 
 
 def test_check_targets_decides_from_measured_rows_only():
@@ -159,18 +177,23 @@ def test_tiny_sweep_writes_every_arm_and_the_summary(tiny_sweep):
         assert r["selected_lr"] in [run["lr"] for run in r["lr_search"]]
         assert r["arm_wall_seconds"] > 0 and r["arm_peak_rss_mb"] > 0
     assert len(cls["dense"]["lr_search"]) == 2, "the learning rate is picked on validation from the grid"
-    assert len(cls["roast-stable-4x-kd"]["lr_search"]) == 1, "distilled arms reuse the base arm's learning rate"
+    assert len(cls["roast-stable-4x-kd"]["lr_search"]) == 1, (
+        "distilled arms reuse the base arm's learning rate"
+    )
     assert cls["roast-stable-4x-kd"]["selected_lr"] == cls["roast-stable-4x"]["selected_lr"]
     assert cls["prune-4x"]["storage"]["target_values"] == cls["roast-stable-4x"]["storage"]["target_values"]
     assert cls["roast-stable-emb-8x"]["storage"]["model_bytes_ratio"] > 4
     # 1x with the stable mapper is the dense model; 4x is not
     assert math.isclose(lm["roast-stable-1x"]["perplexity"], lm["dense"]["perplexity"], rel_tol=1e-5)
     assert lm["roast-stable-1x"]["max_abs_logit_diff_vs_dense"] < 1e-4
-    assert lm["roast-stable-4x-rec"]["recovery_losses"] and lm["roast-stable-4x-rec"]["train_wall_seconds"] > 0
+    assert (
+        lm["roast-stable-4x-rec"]["recovery_losses"] and lm["roast-stable-4x-rec"]["train_wall_seconds"] > 0
+    )
     md = (tiny_sweep / "results.md").read_text()
     assert "Targets:" in md and "hf-roast stable" in md and "magnitude pruning" in md
-    for name in ("classification_frontier.png", "language_model_frontier.png"):
-        assert (tiny_sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional (the `eval` extra)
+        for name in ("classification_frontier.png", "language_model_frontier.png"):
+            assert (tiny_sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_rerun_skips_finished_arms(tiny_sweep, capsys):
@@ -201,7 +224,9 @@ def test_optimizer_groups_give_z_the_learning_rate_in_weight_units():
     scales = [(m.rows * m.cols, m.scale) for m in model.roast_store.plan.modules]
     rms = (sum(n * s**2 for n, s in scales) / sum(n for n, _ in scales)) ** 0.5
     assert multiplier == pytest.approx(1 / rms)
-    assert groups[0]["params"] == [model.roast_store.z] and groups[0]["lr"] == pytest.approx(1e-4 * multiplier)
+    assert groups[0]["params"] == [model.roast_store.z] and groups[0]["lr"] == pytest.approx(
+        1e-4 * multiplier
+    )
     assert all(p is not model.roast_store.z for p in groups[1]["params"]) and groups[1]["lr"] == 1e-4
     n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == n_trainable

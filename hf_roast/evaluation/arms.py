@@ -100,10 +100,16 @@ def build_arm_model(model: nn.Module, arm: Arm) -> tuple[nn.Module, dict]:
     """
     dense_tv, dense_tb = dense_target_values(model, arm)
     dense_mv, dense_mb = parameter_bytes(model)
-    storage = {"dense_target_values": dense_tv, "dense_target_bytes": dense_tb, "dense_model_values": dense_mv}
+    storage = {
+        "dense_target_values": dense_tv,
+        "dense_target_bytes": dense_tb,
+        "dense_model_values": dense_mv,
+    }
     storage["dense_model_bytes"] = dense_mb
     if arm.method == "dense":
-        storage.update(target_values=dense_tv, target_bytes=dense_tb, model_values=dense_mv, model_bytes=dense_mb)
+        storage.update(
+            target_values=dense_tv, target_bytes=dense_tb, model_values=dense_mv, model_bytes=dense_mb
+        )
     elif arm.method == "roast":
         dense_sq = _target_sq_norm(model, arm) if arm.norm_init else None
         model = get_roast_model(model, roast_config_for(arm))
@@ -139,7 +145,9 @@ def build_arm_model(model: nn.Module, arm: Arm) -> tuple[nn.Module, dict]:
         model = truncate_layers(model, arm.num_layers)
         tv, tb = dense_target_values(model, arm)
         mv, mb = parameter_bytes(model)
-        storage.update(target_values=tv, target_bytes=tb, model_values=mv, model_bytes=mb, index_overhead_bytes=0)
+        storage.update(
+            target_values=tv, target_bytes=tb, model_values=mv, model_bytes=mb, index_overhead_bytes=0
+        )
     storage["target_ratio"] = dense_tv / max(storage["target_values"], 1)
     storage["target_bytes_ratio"] = dense_tb / max(storage["target_bytes"], 1)
     storage["model_bytes_ratio"] = dense_mb / storage["model_bytes"]
@@ -168,7 +176,12 @@ def optimizer_groups(model: nn.Module, lr: float) -> tuple[list[dict], float]:
 
 
 def _target_sq_norm(model: nn.Module, arm: Arm) -> float:
-    return float(sum(m.weight.detach().double().pow(2).sum() for _, m, _ in target_modules_of(model, roast_config_for(arm))))
+    return float(
+        sum(
+            m.weight.detach().double().pow(2).sum()
+            for _, m, _ in target_modules_of(model, roast_config_for(arm))
+        )
+    )
 
 
 @torch.no_grad()
@@ -181,7 +194,9 @@ def _rescale_to_dense_norm(model, dense_sq: float) -> float:
     trades the L2-optimal start for the dense model's scale. One global factor suffices because the
     stable mapper shares evenly across modules. Returns the factor.
     """
-    roast_sq = float(sum(layer.materialize_weight().double().pow(2).sum() for _, layer in model.roast_layers()))
+    roast_sq = float(
+        sum(layer.materialize_weight().double().pow(2).sum() for _, layer in model.roast_layers())
+    )
     factor = (dense_sq / roast_sq) ** 0.5
     model.roast_store.z.mul_(factor)
     return factor

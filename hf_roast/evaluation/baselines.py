@@ -56,7 +56,9 @@ def magnitude_prune(model: nn.Module, config: RoastConfig, keep_total: int) -> d
             mask[torch.topk(w.detach().abs().flatten(), k, sorted=False).indices] = True
         prune.custom_from_mask(module, "weight", mask.view_as(w).to(w.dtype))
         rows_total += dense_weight(module, kind).shape[0] if kind != "embedding" else w.shape[0]
-    return pruning_storage([w.numel() for w in weights], sum(kept), rows_total, element_size=weights[0].element_size())
+    return pruning_storage(
+        [w.numel() for w in weights], sum(kept), rows_total, element_size=weights[0].element_size()
+    )
 
 
 def pruning_storage(numels: list[int], kept_values: int, rows_total: int, element_size: int = 4) -> dict:

@@ -78,7 +78,16 @@ def accuracy(model: nn.Module, dataset, tokenizer, batch_size: int) -> float:
     return correct / len(dataset)
 
 
-def train(model: nn.Module, train_set, tokenizer, setup: ClassificationSetup, lr: float, seed: int, arm: Arm, teacher):
+def train(
+    model: nn.Module,
+    train_set,
+    tokenizer,
+    setup: ClassificationSetup,
+    lr: float,
+    seed: int,
+    arm: Arm,
+    teacher,
+):
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from ..distill import DistillationTrainer

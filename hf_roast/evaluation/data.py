@@ -83,7 +83,9 @@ def pinned_file(key: str) -> Path:
     info = PINNED[key]
     spec = importlib.util.find_spec(info["module"])
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"{info['package']} is not installed; install the data packages: {INSTALL_HINT}")
+        raise ModuleNotFoundError(
+            f"{info['package']} is not installed; install the data packages: {INSTALL_HINT}"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / info["file"]
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from {info['package']}: reinstall it ({INSTALL_HINT}).")
@@ -151,7 +153,9 @@ def split_classification(
     )
 
 
-def load_rotten_tomatoes(train_size: int | None = None, val_size: int = 1000, seed: int = 0) -> TextClassificationData:
+def load_rotten_tomatoes(
+    train_size: int | None = None, val_size: int = 1000, seed: int = 0
+) -> TextClassificationData:
     """fresh/rotten snippets (plot rows and duplicate texts dropped), stratified 80/20 split, seed 0."""
     path = pinned_file("rotten_tomatoes")
     csv.field_size_limit(sys.maxsize)
@@ -171,7 +175,12 @@ def load_rotten_tomatoes(train_size: int | None = None, val_size: int = 1000, se
         + (f", train subsampled to {train_size} (same subsample for every arm)" if train_size else "")
     )
     return split_classification(
-        rows, ["rotten", "fresh"], val_size=val_size, train_size=train_size, seed=seed, description=description
+        rows,
+        ["rotten", "fresh"],
+        val_size=val_size,
+        train_size=train_size,
+        seed=seed,
+        description=description,
     )
 
 
@@ -183,7 +192,17 @@ def _gensim_wheel(cache: Path) -> Path:
     if wheels:
         return Path(wheels[0])
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "gensim==4.4.0", "-d", str(cache)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "gensim==4.4.0",
+            "-d",
+            str(cache),
+        ],
         check=True,
     )
     return Path(sorted(glob.glob(str(cache / "gensim-4.4.0-*.whl")))[0])
@@ -212,9 +231,9 @@ def load_wikipedia_articles() -> list[str]:
             continue
         text_el = next((e for e in element.iter() if e.tag.endswith("}text")), None)
         wikitext = (text_el.text or "") if text_el is not None else ""
-        redirect = any(e.tag.endswith("}redirect") for e in element.iter()) or wikitext.lstrip().upper().startswith(
-            "#REDIRECT"
-        )
+        redirect = any(
+            e.tag.endswith("}redirect") for e in element.iter()
+        ) or wikitext.lstrip().upper().startswith("#REDIRECT")
         if wikitext and not redirect:
             plain = mwparserfromhell.parse(wikitext).strip_code()
             plain = "\n".join(line.strip() for line in plain.splitlines() if line.strip())
@@ -248,7 +267,9 @@ def smollm2_dir() -> Path:
     gguf = pinned_file("smollm2")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = AutoConfig.for_model(**{k: v for k, v in model.config.to_dict().items() if k != "quantization_config"})
+    config = AutoConfig.for_model(
+        **{k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    )
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
     clean.save_pretrained(out)

@@ -13,7 +13,9 @@ EXPERIMENTS = ("classification", "lm")
 
 def _roast(c, mapper="stable", emb=False, seed=0, **kw) -> Arm:
     tag = f"roast-{mapper}{'-emb' if emb else ''}-{c:g}x" + (f"-s{seed}" if seed else "")
-    return Arm(tag + kw.pop("suffix", ""), "roast", c, mapper=mapper, compress_embeddings=emb, seed=seed, **kw)
+    return Arm(
+        tag + kw.pop("suffix", ""), "roast", c, mapper=mapper, compress_embeddings=emb, seed=seed, **kw
+    )
 
 
 def _prune(c, emb=False, seed=0, **kw) -> Arm:
@@ -57,7 +59,13 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
     if mode == "full":
         more = [_smaller(3)]
         more += [_roast(c, emb=True) for c in (2, 4, 8, 16, 32)] + [_prune(c, emb=True) for c in (10, 50)]
-        more += [_smaller(1, seed=1), _roast(8, seed=1), _prune(8, seed=1), _roast(32, seed=1), _prune(32, seed=1)]
+        more += [
+            _smaller(1, seed=1),
+            _roast(8, seed=1),
+            _prune(8, seed=1),
+            _roast(32, seed=1),
+            _prune(32, seed=1),
+        ]
         more += [_roast(8, distill=True, suffix="-kd"), _prune(8, distill=True, suffix="-kd")]
         more += [Arm("smaller-1layers-kd", "smaller", num_layers=1, distill=True)]
         more += [_roast(8, schedule=3.0, suffix="-sched3"), _prune(8, schedule=3.0, suffix="-sched3")]

@@ -68,13 +68,17 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, context: int) -> tuple[fl
     return math.exp(total_nll / total_count), first_logits
 
 
-def recovery_batches(tokens: torch.Tensor, steps: int, batch: int, context: int, seed: int) -> list[torch.Tensor]:
+def recovery_batches(
+    tokens: torch.Tensor, steps: int, batch: int, context: int, seed: int
+) -> list[torch.Tensor]:
     """The same random windows of the training articles for every arm."""
     rng = random.Random(seed)
     if len(tokens) <= context:
         raise ValueError(f"Training text has {len(tokens)} tokens, fewer than one window of {context}.")
     return [
-        torch.stack([tokens[s : s + context] for s in (rng.randrange(len(tokens) - context) for _ in range(batch))])
+        torch.stack(
+            [tokens[s : s + context] for s in (rng.randrange(len(tokens) - context) for _ in range(batch))]
+        )
         for _ in range(steps)
     ]
 
@@ -114,7 +118,11 @@ def run_lm_arm(
             if "train_tokens" not in cache:
                 cache["train_tokens"] = token_stream(source.tokenizer, source.train_texts)
             batches = recovery_batches(
-                cache["train_tokens"], arm.recovery_steps, setup.train_batch_size, setup.train_context, setup.seed
+                cache["train_tokens"],
+                arm.recovery_steps,
+                setup.train_batch_size,
+                setup.train_context,
+                setup.seed,
             )
             with ResourceMeter() as train_meter:
                 losses = recover(model, batches, arm.lrs[0] if arm.lrs else setup.lr)
@@ -143,5 +151,7 @@ def run_lm_arm(
     if arm.method == "dense":
         cache["dense_first_logits"] = first_logits
     if "dense_first_logits" in cache and first_logits is not None:
-        result["max_abs_logit_diff_vs_dense"] = float((first_logits - cache["dense_first_logits"]).abs().max())
+        result["max_abs_logit_diff_vs_dense"] = float(
+            (first_logits - cache["dense_first_logits"]).abs().max()
+        )
     return result, model

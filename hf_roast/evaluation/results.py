@@ -82,7 +82,9 @@ def group_rows(results: list[dict], experiment: str) -> list[dict]:
             }
         )
     order = {"dense": 0}
-    rows.sort(key=lambda r: (order.get(r["label"], 1), r["label"], r["variant"], -r["storage"]["model_bytes"]))
+    rows.sort(
+        key=lambda r: (order.get(r["label"], 1), r["label"], r["variant"], -r["storage"]["model_bytes"])
+    )
     return rows
 
 
@@ -149,7 +151,9 @@ def check_targets(rows: list[dict]) -> list[dict]:
             }
         )
     else:
-        checks.append({"target": "hf-roast 4x within 2 points of dense", "met": None, "detail": "not measured"})
+        checks.append(
+            {"target": "hf-roast 4x within 2 points of dense", "met": None, "detail": "not measured"}
+        )
     for c in sorted(b for b in stable if b >= 8):
         r = stable[c]
         p = prune.get(c)
@@ -167,7 +171,9 @@ def check_targets(rows: list[dict]) -> list[dict]:
             parts.append("no smaller model measured within the budget")
             met = None if met is None else met
         else:
-            parts.append(f"best smaller model within budget (k={best_small['budget']}) {best_small['mean']:.2f}")
+            parts.append(
+                f"best smaller model within budget (k={best_small['budget']}) {best_small['mean']:.2f}"
+            )
             met = None if met is None else (met and r["mean"] > best_small["mean"])
         checks.append(
             {
@@ -217,6 +223,12 @@ def plot(rows: list[dict], experiment: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _have_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def write_summary(results_dir: Path, meta: dict) -> dict:
     """Aggregate every finished arm into results.json, results.md and one PNG per experiment."""
     results_dir = Path(results_dir)
@@ -240,9 +252,13 @@ def write_summary(results_dir: Path, meta: dict) -> dict:
                 verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
                 md.append(f"- {t['target']}: **{verdict}** ({t['detail']})\n")
         png = results_dir / f"{experiment}_frontier.png"
-        plot(rows, experiment, png)
-        block["plot"] = png.name
-        md.append(f"\n![{experiment} frontier]({png.name})\n")
+        if _have_matplotlib():
+            plot(rows, experiment, png)
+            block["plot"] = png.name
+            md.append(f"\n![{experiment} frontier]({png.name})\n")
+        else:
+            block["plot"] = None
+            md.append("\n(no plot: install matplotlib, e.g. `pip install hf-roast[eval]`)\n")
         summary["experiments"][experiment] = block
     (results_dir / "results.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     (results_dir / "results.md").write_text("".join(md))

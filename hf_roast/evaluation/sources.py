@@ -60,7 +60,11 @@ def tiny_classification_source(n: int = 160) -> ClassificationSource:
 
     tokenizer = tiny_tokenizer()
     data = split_classification(
-        tiny_sentences(n), ["negative", "positive"], val_size=n // 5, seed=0, description=f"{n} template sentences"
+        tiny_sentences(n),
+        ["negative", "positive"],
+        val_size=n // 5,
+        seed=0,
+        description=f"{n} template sentences",
     )
 
     def load(num_labels: int):
@@ -99,7 +103,9 @@ def tiny_lm_source() -> LanguageModelSource:
         )
         return LlamaForCausalLM(config)
 
-    return LanguageModelSource("tiny-llama (config, random init)", load, tokenizer, texts[2:], texts[:2], "template text")
+    return LanguageModelSource(
+        "tiny-llama (config, random init)", load, tokenizer, texts[2:], texts[:2], "template text"
+    )
 
 
 def minilm_classification_source(train_size: int | None, val_size: int = 1000) -> ClassificationSource:
@@ -136,5 +142,10 @@ def smollm2_source() -> LanguageModelSource:
         f"held out ({len(held_out)}), recovery trains on the other {len(train)}"
     )
     return LanguageModelSource(
-        f"SmolLM2-135M-Instruct Q4_1->fp32 ({PINNED['smollm2']['package']})", load, tokenizer, train, held_out, description
+        f"SmolLM2-135M-Instruct Q4_1->fp32 ({PINNED['smollm2']['package']})",
+        load,
+        tokenizer,
+        train,
+        held_out,
+        description,
     )
