@@ -157,11 +157,11 @@ def build_arm_model(model: nn.Module, arm: Arm) -> tuple[nn.Module, dict]:
 def optimizer_groups(model: nn.Module, lr: float) -> tuple[list[dict], float]:
     """AdamW parameter groups: the shared array z gets ``lr / lambda_rms``, everything else ``lr``.
 
-    hf-roast stores z in normalised units (W = lambda * g * z, with lambda about the module's weight
-    std, so z is O(1)), while a dense weight is O(lambda). Adam's step size is scale-free, so the same
-    ``lr`` moves z's weights lambda times more slowly than dense ones (about 25x for MiniLM). Dividing by
-    the RMS of the module scales gives every method the same learning rate *in weight units*, which is
-    what the per-arm learning-rate grid is meant to compare. Returns the groups and the multiplier.
+    A weight is ``W = lambda * g * z`` and Adam's step is scale-free, so the same ``lr`` moves W by
+    ``lambda`` times more or less than a dense weight. hf-roast already picks z's scale so that lambda is
+    near 1 (the multiplier is about 1.04 for MiniLM); dividing by the RMS of the module scales makes the
+    per-arm learning-rate grid compare every method in weight units regardless. Returns the groups and
+    the multiplier.
     """
     store = getattr(model, "roast_store", None)
     if store is None:
