@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import os
 
 import torch
 from torch import nn
 
-from .compress import compress_model, dense_weight
-from .config import CONFIG_NAME, RoastConfig
+from .compress import compress_model
+from .config import RoastConfig
 from .layers import STORE_NAME, RoastEmbedding, RoastLinear, RoastStore
 
 FORMAT_VERSION = 1
@@ -261,12 +260,4 @@ def _forget_roast(model: nn.Module) -> None:
         model.__dict__.pop(flag, None)
 
 
-def read_roast_config(directory: str | os.PathLike) -> dict:
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: it is not an hf_roast checkpoint.")
-    with open(path) as f:
-        return json.load(f)
-
-
-__all__ = ["RoastModel", "get_roast_model", "dense_weight"]
+__all__ = ["RoastModel", "get_roast_model"]

@@ -129,19 +129,6 @@ def tensor_shapes(directory: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def read_state_dict(directory: str) -> dict:
-    """Every tensor of the folder's safetensors files, with a clear error on a damaged file."""
-    state = {}
-    for path in _weight_files(directory):
-        try:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    state[key] = f.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise _open_error(path, e) from e
-    return state
-
-
 def read_roast_dict(directory: str | os.PathLike) -> tuple[dict, str]:
     """The stored ROAST config: ``roast_config.json``, else ``config.json``'s ``quantization_config``."""
     path = os.path.join(directory, CONFIG_NAME)
