@@ -189,7 +189,13 @@ def test_tiny_sweep_writes_every_arm_and_the_summary(tiny_sweep):
     assert (
         lm["roast-stable-4x-rec"]["recovery_losses"] and lm["roast-stable-4x-rec"]["train_wall_seconds"] > 0
     )
+    compute = summary["experiments"]["classification"]["compute"]
+    assert compute["arms"] == len(cls)
+    assert compute["arm_seconds_total"] == pytest.approx(
+        sum(r["arm_wall_seconds"] for r in cls.values()), abs=0.1
+    )
     md = (tiny_sweep / "results.md").read_text()
+    assert "Compute: " in md
     assert "Targets:" in md and "hf-roast stable" in md and "magnitude pruning" in md
     if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional (the `eval` extra)
         for name in ("classification_frontier.png", "language_model_frontier.png"):
@@ -230,3 +236,50 @@ def test_optimizer_groups_give_z_the_learning_rate_in_weight_units():
     assert all(p is not model.roast_store.z for p in groups[1]["params"]) and groups[1]["lr"] == 1e-4
     n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == n_trainable
+
+
+def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
+    from hf_roast.evaluation.experiments import classification_arms
+
+    default = {a.name for _, a in classification_arms("default")}
+    full = {a.name for _, a in classification_arms("full")}
+    assert default < full
+    for c in (2, 4, 8, 16, 32):  # the stable frontier and pruning at the same budgets
+        assert {f"roast-stable-{c}x", f"prune-{c}x"} <= default
+    for c in (4, 16):  # two seeds for every method at 4x and 16x
+        assert {f"roast-stable-{c}x-s1", f"prune-{c}x-s1"} <= default
+    assert {
+        "dense",
+        "smaller-1layers",
+        "smaller-0layers",
+        "smaller-1layers-s1",
+        "smaller-0layers-s1",
+    } <= default
+    for c in (8, 32):  # global-vs-local mapper comparison
+        assert {f"roast-roast-{c}x", f"roast-hashednet-{c}x"} <= full
+    for c in (4, 16):  # headline arms with distillation and a 3x schedule
+        for method in ("roast-stable", "prune"):
+            assert {f"{method}-{c}x-kd", f"{method}-{c}x-sched3"} <= full
+    assert {"roast-stable-emb-10x", "roast-stable-emb-50x"} <= full
+
+
+def test_init_relative_error_matches_theory_for_gaussian_weights():
+    """Least squares over n weights in m slots keeps about one weight's energy per slot: error
+    sqrt(1 - m/n). Magnitude pruning keeping a fraction q of Gaussian weights keeps the energy above the
+    threshold t = Phi^-1(1 - q/2), a share 2 (t phi(t) + 1 - Phi(t)); tile padding makes m/n and q a bit
+    above 1/4, so both are computed from the measured budget."""
+    from statistics import NormalDist
+
+    _, exact = build_arm_model(tiny_bert(), Arm("r1", "roast", 1.0))
+    _, roast = build_arm_model(tiny_bert(), Arm("r", "roast", 4.0))
+    _, pruned = build_arm_model(tiny_bert(), Arm("p", "prune", 4.0))
+    _, dense = build_arm_model(tiny_bert(), Arm("dense", "dense"))
+    assert exact["init_relative_error"] == 0.0
+    share = roast["target_values"] / roast["dense_target_values"]
+    assert 0.25 <= share < 0.3
+    assert roast["init_relative_error"] == pytest.approx((1 - share) ** 0.5, abs=0.02)
+    normal = NormalDist()
+    t = normal.inv_cdf(1 - share / 2)
+    kept_energy = 2 * (t * normal.pdf(t) + 1 - normal.cdf(t))
+    assert pruned["init_relative_error"] == pytest.approx((1 - kept_energy) ** 0.5, abs=0.02)
+    assert "init_relative_error" not in dense

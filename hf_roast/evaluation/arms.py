@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..compress import dense_weight
 from ..config import RoastConfig
 from ..model import get_roast_model
 from .baselines import magnitude_prune, parameter_bytes, target_modules_of, truncate_layers
@@ -100,6 +101,7 @@ def build_arm_model(model: nn.Module, arm: Arm) -> tuple[nn.Module, dict]:
     """
     dense_tv, dense_tb = dense_target_values(model, arm)
     dense_mv, dense_mb = parameter_bytes(model)
+    dense_weights = _target_weights(model, arm) if arm.method in ("roast", "prune") else None
     storage = {
         "dense_target_values": dense_tv,
         "dense_target_bytes": dense_tb,
@@ -115,6 +117,9 @@ def build_arm_model(model: nn.Module, arm: Arm) -> tuple[nn.Module, dict]:
         model = get_roast_model(model, roast_config_for(arm))
         if arm.norm_init:
             storage["norm_init_factor"] = _rescale_to_dense_norm(model, dense_sq)
+        storage["init_relative_error"] = relative_error(
+            dense_weights, {n: layer.materialize_weight() for n, layer in model.roast_layers()}
+        )
         report = model.compression_report()
         storage.update(
             target_values=report["target"]["stored_parameters"],
@@ -126,6 +131,7 @@ def build_arm_model(model: nn.Module, arm: Arm) -> tuple[nn.Module, dict]:
     elif arm.method == "prune":
         keep = roast_budget(model, arm)
         pruned = magnitude_prune(model, roast_config_for(arm), keep)
+        storage["init_relative_error"] = relative_error(dense_weights, _target_weights(model, arm))
         other_values, other_bytes = dense_mv - dense_tv, dense_mb - dense_tb
         storage.update(
             target_values=pruned["kept_values"],
@@ -152,6 +158,30 @@ def build_arm_model(model: nn.Module, arm: Arm) -> tuple[nn.Module, dict]:
     storage["target_bytes_ratio"] = dense_tb / max(storage["target_bytes"], 1)
     storage["model_bytes_ratio"] = dense_mb / storage["model_bytes"]
     return model, storage
+
+
+@torch.no_grad()
+def _target_weights(model: nn.Module, arm: Arm) -> dict[str, torch.Tensor]:
+    """The target modules' weights (``out x in``), copied, keyed by module name."""
+    return {
+        name: dense_weight(module, kind).detach().float().clone()
+        for name, module, kind in target_modules_of(model, roast_config_for(arm))
+    }
+
+
+@torch.no_grad()
+def relative_error(dense: dict[str, torch.Tensor], compressed: dict[str, torch.Tensor]) -> float:
+    """``||W' - W||_F / ||W||_F`` over all target weights together, right after compression.
+
+    It says how much of the pre-trained weights a method keeps before any training: least squares at
+    c-fold random sharing keeps about ``1/c`` of each weight (error about ``sqrt(1 - 1/c)``), while
+    magnitude pruning drops only the smallest weights.
+    """
+    if dense.keys() != compressed.keys():
+        raise ValueError(f"module sets differ: {sorted(dense.keys() ^ compressed.keys())[:4]}")
+    err = sum(float((compressed[n].float() - w).double().pow(2).sum()) for n, w in dense.items())
+    ref = sum(float(w.double().pow(2).sum()) for w in dense.values())
+    return (err / ref) ** 0.5
 
 
 def optimizer_groups(model: nn.Module, lr: float) -> tuple[list[dict], float]:

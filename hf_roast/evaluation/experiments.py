@@ -42,36 +42,25 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
             (3, _roast(4, distill=True, suffix="-kd")),
             (3, _roast(4, schedule=3.0, suffix="-sched3")),
         ]
+    # default sweep (about 45 min on 2 cores): every arm that decides the targets, with 2 seeds
+    # at 4x and 16x for each method, and the whole stable-mapper frontier from 2x to 32x
     arms = [(1, Arm("dense", "dense"))]
-    arms += [(1, a) for a in (_roast(4), _prune(4), _roast(4, norm_init=True, suffix="-norminit"))]
-    arms += [(1, a) for a in (_roast(16), _prune(16), _roast(8), _prune(8), _smaller(1), _smaller(0))]
-    # the headline arms (4x: the budget where any method keeps signal in this short recipe)
-    arms += [(2, _roast(4, schedule=3.0, suffix="-sched3")), (2, _prune(4, schedule=3.0, suffix="-sched3"))]
-    arms += [(2, a) for a in (_roast(4, seed=1), _prune(4, seed=1))]
-    arms += [(2, _roast(4, distill=True, suffix="-kd")), (2, _prune(4, distill=True, suffix="-kd"))]
-    arms += [(2, a) for a in (_roast(16, seed=1), _prune(16, seed=1))]
-    arms += [(3, a) for a in (_roast(32), _prune(32), _roast(2), _prune(2), _smaller(2))]
-    arms += [(3, _roast(16, norm_init=True, suffix="-norminit"))]
-    arms += [(3, _roast(c, emb=True)) for c in (10, 50)]
-    arms += [(3, _roast(c, mapper=m)) for m in ("roast", "hashednet") for c in (8, 32)]
-    arms += [(3, _roast(16, distill=True, suffix="-kd")), (3, _prune(16, distill=True, suffix="-kd"))]
-    arms += [(3, _roast(16, schedule=3.0, suffix="-sched3")), (3, _prune(16, schedule=3.0, suffix="-sched3"))]
+    arms += [(1, a) for a in (_roast(4), _prune(4), _roast(16), _prune(16), _smaller(1), _smaller(0))]
+    arms += [(1, a) for a in (_roast(8), _prune(8), _roast(32), _prune(32))]
+    arms += [(2, a) for a in (_roast(4, seed=1), _prune(4, seed=1), _roast(16, seed=1), _prune(16, seed=1))]
+    arms += [(2, a) for a in (_smaller(1, seed=1), _smaller(0, seed=1))]
+    arms += [(2, a) for a in (_roast(2), _prune(2), _smaller(2))]
     if mode == "full":
-        more = [_smaller(3)]
-        more += [_roast(c, emb=True) for c in (2, 4, 8, 16, 32)] + [_prune(c, emb=True) for c in (10, 50)]
-        more += [
-            _smaller(1, seed=1),
-            _roast(8, seed=1),
-            _prune(8, seed=1),
-            _roast(32, seed=1),
-            _prune(32, seed=1),
-        ]
-        more += [_roast(8, distill=True, suffix="-kd"), _prune(8, distill=True, suffix="-kd")]
-        more += [Arm("smaller-1layers-kd", "smaller", num_layers=1, distill=True)]
-        more += [_roast(8, schedule=3.0, suffix="-sched3"), _prune(8, schedule=3.0, suffix="-sched3")]
-        more += [_roast(16, distill=True, schedule=3.0, suffix="-kd-sched3")]
-        more += [_prune(16, distill=True, schedule=3.0, suffix="-kd-sched3")]
-        arms += [(4, a) for a in more]
+        # --full: the recovery recipes (distillation, a 3x schedule) at the headline budgets 4x and 16x,
+        # the global-vs-local mapper comparison, embeddings, and the investigative init variant
+        more = [_roast(c, mapper=m) for m in ("roast", "hashednet") for c in (8, 32)]
+        for c in (4, 16):
+            more += [_roast(c, distill=True, suffix="-kd"), _prune(c, distill=True, suffix="-kd")]
+            more += [_roast(c, schedule=3.0, suffix="-sched3"), _prune(c, schedule=3.0, suffix="-sched3")]
+        more += [_roast(c, emb=True) for c in (10, 50)]
+        more += [_roast(c, norm_init=True, suffix="-norminit") for c in (4, 16)]
+        more += [_smaller(3)]
+        arms += [(3, a) for a in more]
     return arms
 
 

@@ -99,7 +99,8 @@ def markdown_table(rows: list[dict], experiment: str) -> str:
     _, metric_name, _ = _metric(experiment)
     head = (
         f"| method | variant | target compression (values) | target MB (bytes headline) | pruning index MB "
-        f"| model MB | {metric_name} | lr | train s | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        f"| model MB | init weight error | {metric_name} | lr | train s | peak RSS MB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -108,9 +109,11 @@ def markdown_table(rows: list[dict], experiment: str) -> str:
         overhead = s.get("index_overhead_bytes") or 0
         index = f"{overhead / MB:.2f} ({s.get('index_format', '')})" if overhead else "0"
         lrs = ", ".join(f"{lr:g}" for lr in r["selected_lr"] if lr is not None) or "-"
+        init_error = s.get("init_relative_error")
+        init_error = f"{init_error:.3f}" if init_error is not None else "-"
         lines.append(
             f"| {name} | {r['variant']} | {s['target_ratio']:.2f}x | {s['target_bytes'] / MB:.2f} | {index} "
-            f"| {s['model_bytes'] / MB:.2f} | {_fmt_value(r, experiment)} | {lrs} | {r['train_seconds']:.0f} "
+            f"| {s['model_bytes'] / MB:.2f} | {init_error} | {_fmt_value(r, experiment)} | {lrs} | {r['train_seconds']:.0f} "
             f"| {r['peak_rss_mb']:.0f} |"
         )
     return head + "\n".join(lines) + "\n"
@@ -223,6 +226,38 @@ def plot(rows: list[dict], experiment: str, path: Path) -> None:
     plt.close(fig)
 
 
+def compute_time(results: list[dict], experiment: str) -> dict:
+    """Summed wall-clock of the finished arms, overall and for the default sweep's arms only.
+
+    The sums include each arm's learning-rate search and evaluation, not model downloads (there are none)
+    or interpreter start-up; they are what the runtime target of the default sweep is checked against.
+    """
+    from .experiments import classification_arms, lm_arms
+
+    if experiment == "classification":
+        default = {a.name for _, a in classification_arms("default")}
+    else:
+        steps = {r["arm"].get("recovery_steps") or 0 for r in results} - {0}
+        default = {a.name for s in steps or {10} for _, a in lm_arms("default", s)}
+    seconds = {r["arm"]["name"]: float(r["arm_wall_seconds"]) for r in results}
+    in_default = [n for n in seconds if n in default]
+    return {
+        "arms": len(seconds),
+        "arm_seconds_total": round(sum(seconds.values()), 1),
+        "default_arms_finished": len(in_default),
+        "default_arms_listed": len(default),
+        "default_arm_seconds": round(sum(seconds[n] for n in in_default), 1),
+    }
+
+
+def _compute_line(c: dict) -> str:
+    return (
+        f"Compute: {c['arms']} arms, {c['arm_seconds_total'] / 60:.1f} min of arm wall-clock in all; "
+        f"the default sweep's {c['default_arms_finished']}/{c['default_arms_listed']} arms "
+        f"{c['default_arm_seconds'] / 60:.1f} min."
+    )
+
+
 def _have_matplotlib() -> bool:
     import importlib.util
 
@@ -242,6 +277,8 @@ def write_summary(results_dir: Path, meta: dict) -> dict:
         block = {"arms": results, "rows": rows}
         md.append(f"\n## {experiment}\n\n{results[0]['data']}\n\nModel: {results[0]['source']}\n\n")
         md.append(markdown_table(rows, experiment))
+        block["compute"] = compute_time(results, experiment)
+        md.append("\n" + _compute_line(block["compute"]) + "\n")
         acct = pruning_accounting_table(results)
         if acct:
             md.append("\nPruning storage, both accountings (target modules only):\n\n" + acct)
