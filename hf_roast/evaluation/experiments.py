@@ -42,7 +42,7 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
             (3, _roast(4, distill=True, suffix="-kd")),
             (3, _roast(4, schedule=3.0, suffix="-sched3")),
         ]
-    # default sweep (about 45 min on 2 cores): every arm that decides the targets, with 2 seeds
+    # default sweep (37.5 min measured on 2 cores): every arm that decides the targets, with 2 seeds
     # at 4x and 16x for each method, and the whole stable-mapper frontier from 2x to 32x
     arms = [(1, Arm("dense", "dense"))]
     arms += [(1, a) for a in (_roast(4), _prune(4), _roast(16), _prune(16), _smaller(1), _smaller(0))]
