@@ -310,7 +310,9 @@ class MappingPlan:
         a, b = seed_constants(self.seed, "sign")
         local = torch.arange(spec.n_tiles(self.tile), dtype=torch.int64, device=device)[:, None]
         element = torch.arange(self.tile_numel, dtype=torch.int64, device=device)
-        return hash_sign(virtual_index(local, element, spec.tile_offset, self.tile_numel), a, b).to(torch.float32)
+        return hash_sign(virtual_index(local, element, spec.tile_offset, self.tile_numel), a, b).to(
+            torch.float32
+        )
 
     # ---- statistics for the gradient scaler and the pretrained init --------------------------------
     def scaler_unit(self) -> int:

@@ -38,7 +38,9 @@ def template_path() -> str:
     """The template shipped as package data of ``hf_roast.model_cards`` (works from a wheel too)."""
     path = resources.files("hf_roast.model_cards").joinpath(TEMPLATE_NAME)
     if not path.is_file():
-        raise FileNotFoundError(f"hf_roast's model card template {TEMPLATE_NAME} is missing: reinstall hf-roast.")
+        raise FileNotFoundError(
+            f"hf_roast's model card template {TEMPLATE_NAME} is missing: reinstall hf-roast."
+        )
     return str(path)
 
 
@@ -101,7 +103,9 @@ def render_model_card(
     )
 
 
-def write_model_card(roast_model, save_directory: str | os.PathLike, repo_id: str | None = None, **kwargs) -> str:
+def write_model_card(
+    roast_model, save_directory: str | os.PathLike, repo_id: str | None = None, **kwargs
+) -> str:
     """Write ``README.md`` into ``save_directory``; returns its path."""
     card = render_model_card(roast_model, repo_id=repo_id or os.fspath(save_directory), **kwargs)
     path = os.path.join(save_directory, "README.md")

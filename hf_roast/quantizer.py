@@ -59,13 +59,17 @@ class RoastQuantizationConfig(QuantizationConfigMixin):
 
     def __init__(self, quant_method: str = QUANT_METHOD, **roast_fields: Any):
         if quant_method != QUANT_METHOD:
-            raise ValueError(f"RoastQuantizationConfig needs quant_method={QUANT_METHOD!r}, got {quant_method!r}.")
+            raise ValueError(
+                f"RoastQuantizationConfig needs quant_method={QUANT_METHOD!r}, got {quant_method!r}."
+            )
         from .serialization import parse_roast_config
 
         self.quant_method = QUANT_METHOD
         self._fields = copy.deepcopy(roast_fields)
         # Raises on a wrong mapping version / missing plan; cached because every hook needs them.
-        self._roast_config, self._plan = parse_roast_config(self._fields, "quantization_config (quant_method='roast')")
+        self._roast_config, self._plan = parse_roast_config(
+            self._fields, "quantization_config (quant_method='roast')"
+        )
 
     @classmethod
     def from_roast_model(cls, roast_model) -> RoastQuantizationConfig:

@@ -76,7 +76,9 @@ def save_roast_model(
     from .quantizer import RoastQuantizationConfig
 
     if kwargs.pop("push_to_hub", False):
-        raise ValueError("Use RoastModel.push_to_hub(repo_id) to upload; save_pretrained only writes a folder.")
+        raise ValueError(
+            "Use RoastModel.push_to_hub(repo_id) to upload; save_pretrained only writes a folder."
+        )
     if not kwargs.pop("safe_serialization", True):
         raise ValueError("hf_roast checkpoints are safetensors only; drop safe_serialization=False.")
     os.makedirs(save_directory, exist_ok=True)
@@ -169,7 +171,9 @@ def parse_roast_config(raw: dict, source: str) -> tuple[RoastConfig, MappingPlan
     if plan.mapping_version != MAPPING_VERSION:
         raise ValueError(f"{source}: the plan's mapping version {plan.mapping_version} != {MAPPING_VERSION}.")
     if plan.mapper != config.mapper or tuple(plan.tile) != tuple(config.tile) or plan.seed != config.seed:
-        raise ValueError(f"{source}: the plan disagrees with the config on mapper, tile or seed; the file was edited.")
+        raise ValueError(
+            f"{source}: the plan disagrees with the config on mapper, tile or seed; the file was edited."
+        )
     return config, plan
 
 
@@ -192,20 +196,26 @@ def load_roast_model(path: str | os.PathLike, **kwargs):
     shapes = tensor_shapes(directory)
     z_shape = shapes.get(f"{STORE_NAME}.z")
     if z_shape != (plan.num_slots,):
-        raise ValueError(f"{directory}: {STORE_NAME}.z has shape {z_shape}, the plan needs ({plan.num_slots},).")
+        raise ValueError(
+            f"{directory}: {STORE_NAME}.z has shape {z_shape}, the plan needs ({plan.num_slots},)."
+        )
 
     hf_config = transformers.AutoConfig.from_pretrained(directory)
     hf_config.quantization_config = {"quant_method": "roast", **raw}
     archs = getattr(hf_config, "architectures", None) or []
     model_cls = getattr(transformers, archs[0], None) if archs else None
     if model_cls is None:
-        raise ValueError(f"{directory}/config.json names no known architecture ({archs}); set `architectures`.")
+        raise ValueError(
+            f"{directory}/config.json names no known architecture ({archs}); set `architectures`."
+        )
     model, info = model_cls.from_pretrained(directory, config=hf_config, output_loading_info=True, **kwargs)
     unexpected = sorted(k for k in info["unexpected_keys"] if not k.endswith(MARKER_SUFFIX))
     if unexpected:
         raise ValueError(f"{directory}: unexpected tensors {unexpected[:8]}: the module list does not match.")
     if info["missing_keys"]:
-        raise ValueError(f"{directory}: the checkpoint lacks tensors {sorted(info['missing_keys'])[:8]}: it is incomplete.")
+        raise ValueError(
+            f"{directory}: the checkpoint lacks tensors {sorted(info['missing_keys'])[:8]}: it is incomplete."
+        )
     _drop_quantizer(model)
     return RoastModel(model, config)
 

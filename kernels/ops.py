@@ -79,7 +79,9 @@ def _embedding_impl(ids, z, tile_slot, tile_scale, scaler_inv, geometry, dtype):
 
 
 def _embedding_grad_z_impl(ids, grad, z, tile_slot, tile_scale, scaler_inv, geometry):
-    return rm.embedding_grad_z(ids, grad, tile_slot, tile_scale, scaler_inv, Geometry.from_list(geometry), z.numel())
+    return rm.embedding_grad_z(
+        ids, grad, tile_slot, tile_scale, scaler_inv, Geometry.from_list(geometry), z.numel()
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,7 +121,9 @@ def _linear_backward(ctx, grad_y):
     if ctx.needs_input_grad[0]:
         grad_x = ops.roast_linear_grad_input(grad_y, z, tile_slot, tile_scale, ctx.geometry, x.dtype)
     if ctx.needs_input_grad[1]:
-        grad_z = ops.roast_linear_grad_z(grad_y, x, z, tile_slot, tile_scale, scaler_inv, ctx.geometry).to(z.dtype)
+        grad_z = ops.roast_linear_grad_z(grad_y, x, z, tile_slot, tile_scale, scaler_inv, ctx.geometry).to(
+            z.dtype
+        )
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).float().sum(0).to(ctx.bias_dtype)
     return grad_x, grad_z, grad_b, None, None, None, None
@@ -204,7 +208,9 @@ def triton_roast_linear(
     )
 
 
-def triton_roast_embedding(ids: torch.Tensor, z: torch.Tensor, lm: LayerMapping, dtype: torch.dtype) -> torch.Tensor:
+def triton_roast_embedding(
+    ids: torch.Tensor, z: torch.Tensor, lm: LayerMapping, dtype: torch.dtype
+) -> torch.Tensor:
     """Rows of the embedding for ``ids`` (any shape), gathered from z; backward scatters into z."""
     _check_runnable(lm.spec.name, z.device, dtype, z.dtype)
     return getattr(torch.ops, NAMESPACE).roast_embedding(

@@ -31,7 +31,16 @@ HASHEDNET = tl.constexpr(MAPPER_IDS["hashednet"])
 ELEMENT_SIGN = tl.constexpr(SIGN_IDS["element"])
 
 # Scalar int arguments that may equal 1 must not be specialised into constexprs (``.to`` needs a tensor).
-_NO_SPECIALIZE = ["tile_offset", "seg_start", "seg_size", "slot_a", "slot_b", "sign_a", "sign_b", "n_tile_cols"]
+_NO_SPECIALIZE = [
+    "tile_offset",
+    "seg_start",
+    "seg_size",
+    "slot_a",
+    "slot_b",
+    "sign_a",
+    "sign_b",
+    "n_tile_cols",
+]
 
 
 @torch.compiler.assume_constant_result
@@ -163,7 +172,9 @@ def _locate(
     scale = tl.load(scale_ptr + local_tile, mask=mask, other=0.0)
     virtual = virtual_index(local_tile, element, tile_offset.to(tl.int64), TR * TC)  # dead unless hashed
     if MAPPER == HASHEDNET:
-        index = hashednet_slot(virtual, seg_start.to(tl.int64), seg_size.to(tl.int64), slot_a.to(tl.int64), slot_b.to(tl.int64))
+        index = hashednet_slot(
+            virtual, seg_start.to(tl.int64), seg_size.to(tl.int64), slot_a.to(tl.int64), slot_b.to(tl.int64)
+        )
     else:
         index = tl.load(slot_ptr + local_tile, mask=mask, other=0) * (TR * TC) + element
     if SIGN == ELEMENT_SIGN:

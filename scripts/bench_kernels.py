@@ -34,18 +34,28 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="hf-roast bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--shapes", default=None, help="comma-separated INxOUT (default: the --quick or --full set)")
+    p = argparse.ArgumentParser(
+        prog="hf-roast bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--shapes", default=None, help="comma-separated INxOUT (default: the --quick or --full set)"
+    )
     p.add_argument("--rows", default=None, help="comma-separated batch*sequence rows (default: --quick set)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, rows {QUICK_ROWS} (the default)")
+    mode.add_argument(
+        "--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, rows {QUICK_ROWS} (the default)"
+    )
     mode.add_argument("--full", action="store_true", help=f"shapes {FULL_SHAPES}, rows {FULL_ROWS}")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument(
+        "--dtype", default=None, choices=tuple(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU"
+    )
     p.add_argument("--compression", type=float, default=16.0)
     p.add_argument("--tile", default="32x32", help="mapping tile ROWSxCOLS")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (fewer when one takes long)")
-    p.add_argument("--budget", type=float, default=2.0, help="stop repeating a figure after this many seconds")
+    p.add_argument(
+        "--budget", type=float, default=2.0, help="stop repeating a figure after this many seconds"
+    )
     p.add_argument("--no-hashednet", action="store_true", help="skip the (slow) HashedNet columns")
     return p.parse_args(argv)
 
@@ -91,7 +101,9 @@ def roast_layer(mapper: str, d_in: int, d_out: int, args, device, dtype) -> tupl
     """One compressed module at ``args.compression`` with its own z (a model shares one z; same cost)."""
     spec = ModuleSpec("bench", "linear", d_out, d_in, 0.02)
     tile = tuple(int(v) for v in args.tile.lower().split("x"))
-    plan = MappingPlan.build([spec], mapper=mapper, sign="tile", seed=0, tile=tile, compression=args.compression)
+    plan = MappingPlan.build(
+        [spec], mapper=mapper, sign="tile", seed=0, tile=tile, compression=args.compression
+    )
     inv = gradient_scaler(plan, "v5", device)
     slots = plan.tile_slots(spec, device) if plan.is_tiled else None
     lm = LayerMapping(plan, spec, slots, plan.tile_scales(spec, device), inv)
@@ -99,7 +111,9 @@ def roast_layer(mapper: str, d_in: int, d_out: int, args, device, dtype) -> tupl
     return lm, z
 
 
-def bench_shape(d_in: int, d_out: int, rows: int, args, timer: Timer, device, dtype, backend) -> dict[str, float]:
+def bench_shape(
+    d_in: int, d_out: int, rows: int, args, timer: Timer, device, dtype, backend
+) -> dict[str, float]:
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(rows, d_in, generator=g).to(device, dtype).requires_grad_()
     grad_y = torch.randn(rows, d_out, generator=g).to(device, dtype)
@@ -138,19 +152,27 @@ def describe(device: torch.device, backend: str, dtype: torch.dtype) -> str:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU, {torch.get_num_threads()} threads"
-    path = "Triton kernels (hf_roast.kernels)" if backend == "triton" else "PyTorch path (hf_roast.functional)"
-    return f"device: {name}; ROAST/HashedNet run on the {path}; activations {str(dtype).removeprefix('torch.')}"
+    path = (
+        "Triton kernels (hf_roast.kernels)" if backend == "triton" else "PyTorch path (hf_roast.functional)"
+    )
+    return (
+        f"device: {name}; ROAST/HashedNet run on the {path}; activations {str(dtype).removeprefix('torch.')}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch.")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     backend = resolve_backend("auto", device, (dtype,))
     shapes = parse_pairs(args.shapes) if args.shapes else list(FULL_SHAPES if args.full else QUICK_SHAPES)
-    rows_list = [int(r) for r in args.rows.split(",")] if args.rows else list(FULL_ROWS if args.full else QUICK_ROWS)
+    rows_list = (
+        [int(r) for r in args.rows.split(",")] if args.rows else list(FULL_ROWS if args.full else QUICK_ROWS)
+    )
     timer = Timer(device, args.repeats, args.budget)
 
     print(describe(device, backend, dtype))

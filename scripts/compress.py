@@ -15,7 +15,17 @@ import os
 import shutil
 import sys
 
-NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".index.json")
+NOT_COPIED_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".h5",
+    ".msgpack",
+    ".ckpt",
+    ".gguf",
+    ".index.json",
+)
 NOT_COPIED_NAMES = {"config.json", "generation_config.json", "roast_config.json", "README.md"}
 
 
@@ -24,13 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-roast compress",
         description="Compress a local Hugging Face model folder into a ROAST / STABLE-RPS checkpoint.",
     )
-    p.add_argument("model_dir", help="Folder with config.json and the dense weights (save_pretrained output).")
+    p.add_argument(
+        "model_dir", help="Folder with config.json and the dense weights (save_pretrained output)."
+    )
     p.add_argument("out_dir", help="Folder to write the compressed checkpoint into.")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--compression", type=float, help="Dense weights per stored weight (>= 1; default 16).")
+    budget.add_argument(
+        "--compression", type=float, help="Dense weights per stored weight (>= 1; default 16)."
+    )
     budget.add_argument("--num-parameters", type=int, help="Explicit length of the shared array z.")
-    p.add_argument("--target-modules", nargs="+", default=None,
-                   help="'all-linear' (default), one full-match regex, or several names/suffixes.")
+    p.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=None,
+        help="'all-linear' (default), one full-match regex, or several names/suffixes.",
+    )
     p.add_argument("--exclude-modules", nargs="+", default=None, help="Names/suffixes never to compress.")
     p.add_argument("--compress-embeddings", action="store_true", help="Also compress nn.Embedding tables.")
     p.add_argument("--mapper", default="stable", choices=["stable", "roast", "hashednet"])
@@ -38,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sign", default="tile", choices=["none", "tile", "element"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default="auto", choices=["auto", "pretrained", "random"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="Storage dtype of z.")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="Storage dtype of z."
+    )
     p.add_argument("--base-model", default=None, help="Hub repo id of the dense model, for the model card.")
     p.add_argument("--license", default=None, help="License for the card (default: the source README's).")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
@@ -48,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _target_modules(values: list[str] | None):
     if values is None:
         return "all-linear"
-    return values[0] if len(values) == 1 and (values[0] == "all-linear" or not values[0].isidentifier()) else values
+    return (
+        values[0]
+        if len(values) == 1 and (values[0] == "all-linear" or not values[0].isidentifier())
+        else values
+    )
 
 
 def _copy_side_files(model_dir: str, out_dir: str) -> list[str]:
@@ -74,11 +98,15 @@ def load_dense(model_dir: str):
     with open(config_path) as f:
         raw = json.load(f)
     if (raw.get("quantization_config") or {}).get("quant_method") == "roast":
-        raise SystemExit(f"error: {model_dir} is already a ROAST checkpoint; compress the dense model instead.")
+        raise SystemExit(
+            f"error: {model_dir} is already a ROAST checkpoint; compress the dense model instead."
+        )
     archs = raw.get("architectures") or []
     model_cls = getattr(transformers, archs[0], None) if archs else None
     if model_cls is None:
-        raise SystemExit(f"error: {config_path} names no transformers architecture ({archs}); set `architectures`.")
+        raise SystemExit(
+            f"error: {config_path} names no transformers architecture ({archs}); set `architectures`."
+        )
     return model_cls.from_pretrained(model_dir, dtype="auto")
 
 
@@ -88,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     from hf_roast.model_card import read_card_metadata
 
     if os.path.abspath(args.model_dir) == os.path.abspath(args.out_dir):
-        raise SystemExit("error: OUT_DIR must differ from MODEL_DIR (the dense weights would be overwritten).")
+        raise SystemExit(
+            "error: OUT_DIR must differ from MODEL_DIR (the dense weights would be overwritten)."
+        )
     try:
         config = RoastConfig(
             compression=args.compression,

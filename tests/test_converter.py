@@ -24,8 +24,20 @@ def dense_dir(tmp_path):
 
 def test_converter_round_trip_matches_library_compression(dense_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    code = cli_main(["compress", str(dense_dir), str(out), "--compression", "4", "--tile", "16", "16",
-                     "--base-model", "org/tiny-llama"])
+    code = cli_main(
+        [
+            "compress",
+            str(dense_dir),
+            str(out),
+            "--compression",
+            "4",
+            "--tile",
+            "16",
+            "16",
+            "--base-model",
+            "org/tiny-llama",
+        ]
+    )
     assert code == 0
     captured = capsys.readouterr()
     assert "ROAST compress" in captured.err  # the per-module progress bar
@@ -46,8 +58,28 @@ def test_converter_round_trip_matches_library_compression(dense_dir, tmp_path, c
 
 def test_converter_options_reach_the_config(dense_dir, tmp_path):
     out = tmp_path / "out"
-    assert compress_main([str(dense_dir), str(out), "--num-parameters", "4096", "--tile", "8", "8",
-                          "--mapper", "roast", "--target-modules", "q_proj", "v_proj", "--seed", "3", "--quiet"]) == 0
+    assert (
+        compress_main(
+            [
+                str(dense_dir),
+                str(out),
+                "--num-parameters",
+                "4096",
+                "--tile",
+                "8",
+                "8",
+                "--mapper",
+                "roast",
+                "--target-modules",
+                "q_proj",
+                "v_proj",
+                "--seed",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     with open(out / "roast_config.json") as f:
         cfg = json.load(f)
     assert cfg["mapper"] == "roast" and cfg["seed"] == 3 and cfg["tile"] == [8, 8]

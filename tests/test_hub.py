@@ -73,7 +73,9 @@ def test_push_to_hub_uploads_exactly_what_save_pretrained_writes(tmp_path, fake_
     result = rm.push_to_hub(REPO, token="hf_secret", revision="v1", commit_message="compressed", private=True)
     assert result == "commit-info"
     assert fake_hub["create_repo"]["repo_id"] == REPO and fake_hub["create_repo"]["private"] is True
-    assert fake_hub["create_repo"]["token"] == "hf_secret" and fake_hub["upload_folder"]["token"] == "hf_secret"
+    assert (
+        fake_hub["create_repo"]["token"] == "hf_secret" and fake_hub["upload_folder"]["token"] == "hf_secret"
+    )
     assert fake_hub["create_branch"]["branch"] == "v1"
     assert fake_hub["upload_folder"]["revision"] == "v1"
     assert fake_hub["upload_folder"]["commit_message"] == "compressed"
@@ -96,8 +98,10 @@ def test_model_card_metadata_and_compression_table(tmp_path):
     assert meta["tags"] == ["hf-roast", "roast"]
     assert meta["license"] == "apache-2.0"
     report = rm.compression_report()
-    assert f"| compressed modules: parameters | {report['target']['dense_parameters']:,} | " \
-           f"{report['target']['stored_parameters']:,} |" in card
+    assert (
+        f"| compressed modules: parameters | {report['target']['dense_parameters']:,} | "
+        f"{report['target']['stored_parameters']:,} |" in card
+    )
     assert f"{report['target']['ratio']:.2f}x" in card
     assert "| mapper | `stable` |" in card and "| tile | 16 x 16 |" in card and "| seed | 0 |" in card
     assert "AutoModelForCausalLM.from_pretrained" in card

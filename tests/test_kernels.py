@@ -113,7 +113,11 @@ def assert_close_scaled(actual, expected, dtype, name):
     tol = TOLERANCE[dtype]
     scale = max(1.0, expected.abs().max().item())
     torch.testing.assert_close(
-        actual.float(), expected.float(), rtol=tol["rtol"], atol=tol["atol"] * scale, msg=lambda m: f"{name}: {m}"
+        actual.float(),
+        expected.float(),
+        rtol=tol["rtol"],
+        atol=tol["atol"] * scale,
+        msg=lambda m: f"{name}: {m}",
     )
 
 
@@ -154,7 +158,9 @@ def test_torch_path_matches_elementwise_dense_reference(mapper, sign):
     w_ref = z[index] * scale
     # arange oracle: z = 0..m-1 with unit scale reads the index map back from the materialised weights.
     unit = LayerMapping(plan, lm.spec, lm.tile_slot, torch.ones_like(lm.tile_scale), None)
-    arange_w = materialize_weight(torch.arange(plan.num_slots, dtype=torch.float64), unit, torch.float64, scratch=False)
+    arange_w = materialize_weight(
+        torch.arange(plan.num_slots, dtype=torch.float64), unit, torch.float64, scratch=False
+    )
     if sign == "element":
         arange_w = arange_w.abs()
     assert torch.equal(arange_w.long(), index)

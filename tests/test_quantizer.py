@@ -86,7 +86,10 @@ def test_config_json_carries_full_roast_config(tmp_path):
     assert [m["name"] for m in qc["plan"]["modules"]] == [s.name for s in rm.plan.modules]
     assert {"rows", "cols", "scale"} <= set(qc["plan"]["modules"][0])
     # from_dict calls cls(**d): every stored key must be accepted, and round-trip.
-    assert RoastQuantizationConfig.from_dict({"quant_method": "roast", **roast}).to_dict() == {"quant_method": "roast", **roast}
+    assert RoastQuantizationConfig.from_dict({"quant_method": "roast", **roast}).to_dict() == {
+        "quant_method": "roast",
+        **roast,
+    }
 
 
 def test_live_config_not_left_quantized_after_save(tmp_path):
@@ -127,8 +130,13 @@ def test_trainer_accepts_auto_loaded_model(tmp_path):
     ids = torch.randint(3, VOCAB, (8, 10), generator=torch.Generator().manual_seed(1))
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = tf.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-        report_to=[], save_strategy="no", use_cpu=True,
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
     )
     z0 = loaded.roast_store.z.detach().clone()
     tf.Trainer(model=loaded, args=args, train_dataset=data).train()
@@ -150,7 +158,9 @@ def test_text_generation_pipeline_from_checkpoint_folder(tmp_path):
     pipe = tf.pipeline("text-generation", model=path, device="cpu")
     out = pipe("t5 t6 t7", max_new_tokens=4, do_sample=False, return_full_text=False)[0]["generated_text"]
     ids = torch.tensor([[5, 6, 7]])
-    expected = rm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    expected = rm.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False
+    )
     assert out.split() == [f"t{i}" for i in expected[0, 3:].tolist()]
 
 
@@ -211,10 +221,15 @@ def test_checkpoint_missing_z_is_refused_by_auto_class(tmp_path):
 def test_module_list_for_other_architecture_is_refused(tmp_path):
     _, path = _save(tmp_path, tiny_llama)
     _edit_json(
-        path, "config.json",
+        path,
+        "config.json",
         lambda d: d["quantization_config"]["plan"]["modules"][0].update(name="model.layers.0.self_attn.nope"),
     )
-    _edit_json(path, "roast_config.json", lambda d: d["plan"]["modules"][0].update(name="model.layers.0.self_attn.nope"))
+    _edit_json(
+        path,
+        "roast_config.json",
+        lambda d: d["plan"]["modules"][0].update(name="model.layers.0.self_attn.nope"),
+    )
     with pytest.raises(ValueError, match="module list"):
         tf.AutoModelForCausalLM.from_pretrained(path)
     with pytest.raises(ValueError, match="module list"):
@@ -272,8 +287,13 @@ def test_peak_memory_while_loading_is_far_below_dense_size(tmp_path):
     """A ~310 MB (fp32) Llama at 16x: loading must never hold the dense target weights."""
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(
-        vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=8,
-        num_key_value_heads=8, max_position_embeddings=64,
+        vocab_size=512,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=64,
     )
     dense = tf.LlamaForCausalLM(cfg)
     dense_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
@@ -291,7 +311,9 @@ def test_peak_memory_while_loading_is_far_below_dense_size(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     mem = json.loads(out.stdout.strip().splitlines()[-1])
     peak_growth = mem["peak"] - mem["before"]
-    print(f"dense {dense_bytes / 2**20:.0f} MiB, stored {stored / 2**20:.1f} MiB, load peak +{peak_growth / 2**20:.1f} MiB")
+    print(
+        f"dense {dense_bytes / 2**20:.0f} MiB, stored {stored / 2**20:.1f} MiB, load peak +{peak_growth / 2**20:.1f} MiB"
+    )
     # Measured: +25 MiB for this checkpoint (22 MiB stored) vs +299 MiB for its dense checkpoint, same script.
     assert peak_growth < dense_bytes / 4
 
@@ -307,7 +329,10 @@ def test_auto_loaded_model_saves_with_transformers_and_loads_across_auto_classes
         assert torch.equal(base(**inputs).last_hidden_state, hidden)
     base.save_pretrained(tmp_path / "resaved")  # transformers' own save, through the quantizer
     assert not (tmp_path / "resaved" / "roast_config.json").exists()
-    for model in (tf.AutoModel.from_pretrained(tmp_path / "resaved"), RoastModel.from_pretrained(tmp_path / "resaved")):
+    for model in (
+        tf.AutoModel.from_pretrained(tmp_path / "resaved"),
+        RoastModel.from_pretrained(tmp_path / "resaved"),
+    ):
         with torch.no_grad():
             assert torch.equal(model(**inputs).last_hidden_state, hidden)
     head = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")  # and back: the prefix is added
