@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,9 +70,7 @@ def _reuse_base_lr(arm, folder: Path):
 
     if arm.lrs or not (arm.distill or arm.schedule != 1.0):
         return arm
-    base = arm.name
-    for suffix in ("-kd-sched3", "-sched3", "-kd"):
-        base = base.replace(suffix, "")
+    base = re.sub(r"(-kd)?(-sched\d+)?$", "", arm.name)
     path = folder / f"{base}.json"
     if path.is_file():
         return replace(arm, lrs=(json.loads(path.read_text())["selected_lr"],))

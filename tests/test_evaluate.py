@@ -261,6 +261,7 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
         for method in ("roast-stable", "prune"):
             assert {f"{method}-{c}x-kd", f"{method}-{c}x-sched3"} <= full
     assert {"roast-stable-emb-10x", "roast-stable-emb-50x"} <= full
+    assert {"roast-stable-4x-sched6", "prune-4x-sched6"} <= full  # does the gap keep closing?
 
 
 def test_init_relative_error_matches_theory_for_gaussian_weights():
@@ -283,3 +284,48 @@ def test_init_relative_error_matches_theory_for_gaussian_weights():
     kept_energy = 2 * (t * normal.pdf(t) + 1 - normal.cdf(t))
     assert pruned["init_relative_error"] == pytest.approx((1 - kept_energy) ** 0.5, abs=0.02)
     assert "init_relative_error" not in dense
+
+
+def test_longer_schedule_and_distilled_arms_reuse_the_base_learning_rate(tmp_path):
+    from hf_roast.scripts.evaluate import _reuse_base_lr
+
+    (tmp_path / "roast-stable-4x.json").write_text(json.dumps({"selected_lr": 3e-4}))
+    for name, kw in [
+        ("roast-stable-4x-sched6", dict(schedule=6.0)),
+        ("roast-stable-4x-kd-sched3", dict(schedule=3.0, distill=True)),
+        ("roast-stable-4x-kd", dict(distill=True)),
+    ]:
+        assert _reuse_base_lr(Arm(name, "roast", 4.0, **kw), tmp_path).lrs == (3e-4,)
+    base = Arm("roast-stable-4x", "roast", 4.0)
+    assert _reuse_base_lr(base, tmp_path) is base  # base arms search the grid
+    missing = Arm("roast-stable-8x-sched3", "roast", 8.0, schedule=3.0)
+    assert _reuse_base_lr(missing, tmp_path).lrs is None  # no base result yet: search the grid
+
+
+def test_schedule_table_compares_each_schedule_with_dense_trained_as_long():
+    from hf_roast.evaluation.results import schedule_table
+
+    def row(label, budget, variant, mean):
+        return {"label": label, "budget": budget, "variant": variant, "mean": mean}
+
+    rows = [
+        row("dense", 1.0, "base", 75.0),
+        row("dense", 1.0, "3x schedule", 80.0),
+        row("hf-roast stable", 4.0, "base", 57.0),
+        row("hf-roast stable", 4.0, "3x schedule", 79.0),
+        row("hf-roast stable", 16.0, "3x schedule", 50.0),  # another budget: not in the 4x table
+        row("magnitude pruning", 4.0, "base", 66.0),
+        row("magnitude pruning", 4.0, "distilled", 99.0),  # not a schedule variant
+    ]
+    table = schedule_table(rows)
+    lines = table.strip().splitlines()
+    assert lines[0] == "| arm | 1x schedule | 3x schedule |"
+    assert "| dense | 75.00 | 80.00 |" in lines
+    assert "| hf-roast stable 4x | 57.00 | 79.00 |" in lines
+    assert (
+        lines[lines.index("| hf-roast stable 4x | 57.00 | 79.00 |") + 1]
+        == "| gap to dense (points) | 18.00 | 1.00 |"
+    )
+    assert "| magnitude pruning 4x | 66.00 | - |" in lines
+    assert "50.00" not in table and "99.00" not in table
+    assert schedule_table(rows[:1]) == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -117,6 +118,42 @@ def markdown_table(rows: list[dict], experiment: str) -> str:
             f"| {r['peak_rss_mb']:.0f} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def schedule_table(rows: list[dict], budget: float = 4.0) -> str:
+    """Test accuracy by schedule length for dense and for hf-roast / pruning at ``budget``, with the gaps.
+
+    Longer schedules are compared with the dense model trained on the same schedule, so that "within 2
+    points of dense" is asked at equal training, not against a shorter-trained reference.
+    """
+    table: dict[str, dict[float, float]] = defaultdict(dict)
+    for r in rows:
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)x schedule", r["variant"])
+        k = float(m.group(1)) if m else (1.0 if r["variant"] == "base" else None)
+        if k is None:
+            continue
+        if r["label"] == "dense":
+            table["dense"][k] = r["mean"]
+        elif r["label"] in ("hf-roast stable", "magnitude pruning") and r["budget"] == budget:
+            table[f"{r['label']} {budget:g}x"][k] = r["mean"]
+    ks = sorted({k for v in table.values() for k in v})
+    if len(ks) < 2 or "dense" not in table:
+        return ""
+    head = "| arm | " + " | ".join(f"{k:g}x schedule" for k in ks) + " |\n|---|" + "---|" * len(ks) + "\n"
+    lines = []
+    for name in sorted(table, key=lambda n: (n != "dense", n)):
+        lines.append(f"| {name} | " + " | ".join(_cell(table[name].get(k)) for k in ks) + " |")
+        if name != "dense":
+            gaps = [
+                table["dense"][k] - table[name][k] if k in table[name] and k in table["dense"] else None
+                for k in ks
+            ]
+            lines.append("| gap to dense (points) | " + " | ".join(_cell(g) for g in gaps) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def pruning_accounting_table(results: list[dict]) -> str:
@@ -283,6 +320,12 @@ def write_summary(results_dir: Path, meta: dict) -> dict:
         if acct:
             md.append("\nPruning storage, both accountings (target modules only):\n\n" + acct)
         if experiment == "classification":
+            sched = schedule_table(rows)
+            if sched:
+                md.append(
+                    "\nSchedule length at 4x (test accuracy %, each against dense trained as long):\n\n"
+                    + sched
+                )
             block["targets"] = check_targets(rows)
             md.append("\nTargets:\n\n")
             for t in block["targets"]:
