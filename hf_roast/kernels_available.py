@@ -12,9 +12,8 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_MODULE = "hf_roast.kernels.roast_matmul"
 
 
-_TRITON_INSTALLED = (
-    importlib.util.find_spec("triton") is not None
-)  # once: cheap, and trivial for torch.compile
+# once: cheap, and trivial for torch.compile
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _triton_installed() -> bool:

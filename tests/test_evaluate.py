@@ -305,17 +305,23 @@ def test_longer_schedule_and_distilled_arms_reuse_the_base_learning_rate(tmp_pat
 def test_schedule_table_compares_each_schedule_with_dense_trained_as_long():
     from hf_roast.evaluation.results import schedule_table
 
-    def row(label, budget, variant, mean):
-        return {"label": label, "budget": budget, "variant": variant, "mean": mean}
+    def row(label, budget, schedule, mean, distilled=False):
+        return {
+            "label": label,
+            "budget": budget,
+            "schedule": schedule,
+            "extra_recipe": distilled,
+            "mean": mean,
+        }
 
     rows = [
-        row("dense", 1.0, "base", 75.0),
-        row("dense", 1.0, "3x schedule", 80.0),
-        row("hf-roast stable", 4.0, "base", 57.0),
-        row("hf-roast stable", 4.0, "3x schedule", 79.0),
-        row("hf-roast stable", 16.0, "3x schedule", 50.0),  # another budget: not in the 4x table
-        row("magnitude pruning", 4.0, "base", 66.0),
-        row("magnitude pruning", 4.0, "distilled", 99.0),  # not a schedule variant
+        row("dense", 1.0, 1.0, 75.0),
+        row("dense", 1.0, 3.0, 80.0),
+        row("hf-roast stable", 4.0, 1.0, 57.0),
+        row("hf-roast stable", 4.0, 3.0, 79.0),
+        row("hf-roast stable", 16.0, 3.0, 50.0),  # another budget: not in the 4x table
+        row("magnitude pruning", 4.0, 1.0, 66.0),
+        row("magnitude pruning", 4.0, 1.0, 99.0, distilled=True),  # not a schedule variant
     ]
     table = schedule_table(rows)
     lines = table.strip().splitlines()

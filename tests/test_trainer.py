@@ -54,9 +54,8 @@ def test_trainer_with_default_arguments_reports_metrics_and_loss_falls(tmp_path)
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
-    assert (
-        "eval_accuracy" in after
-    )  # compute_metrics saw labels: input_ids and label survived column dropping
+    # compute_metrics saw labels: input_ids and label survived column dropping
+    assert "eval_accuracy" in after
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < 0.7 * losses[0]
     assert after["eval_loss"] < before["eval_loss"]

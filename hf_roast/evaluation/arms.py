@@ -113,9 +113,9 @@ def build_arm_model(model: nn.Module, arm: Arm) -> tuple[nn.Module, dict]:
             target_values=dense_tv, target_bytes=dense_tb, model_values=dense_mv, model_bytes=dense_mb
         )
     elif arm.method == "roast":
-        dense_sq = _target_sq_norm(model, arm) if arm.norm_init else None
         model = get_roast_model(model, roast_config_for(arm))
         if arm.norm_init:
+            dense_sq = sum(float(w.double().pow(2).sum()) for w in dense_weights.values())
             storage["norm_init_factor"] = _rescale_to_dense_norm(model, dense_sq)
         storage["init_relative_error"] = relative_error(
             dense_weights, {n: layer.materialize_weight() for n, layer in model.roast_layers()}
@@ -179,7 +179,7 @@ def relative_error(dense: dict[str, torch.Tensor], compressed: dict[str, torch.T
     """
     if dense.keys() != compressed.keys():
         raise ValueError(f"module sets differ: {sorted(dense.keys() ^ compressed.keys())[:4]}")
-    err = sum(float((compressed[n].float() - w).double().pow(2).sum()) for n, w in dense.items())
+    err = sum(float((compressed[n].double() - w.double()).pow(2).sum()) for n, w in dense.items())
     ref = sum(float(w.double().pow(2).sum()) for w in dense.values())
     return (err / ref) ** 0.5
 
@@ -203,15 +203,6 @@ def optimizer_groups(model: nn.Module, lr: float) -> tuple[list[dict], float]:
     z = store.z
     others = [p for p in model.parameters() if p.requires_grad and p is not z]
     return [{"params": [z], "lr": lr * multiplier}, {"params": others, "lr": lr}], multiplier
-
-
-def _target_sq_norm(model: nn.Module, arm: Arm) -> float:
-    return float(
-        sum(
-            m.weight.detach().double().pow(2).sum()
-            for _, m, _ in target_modules_of(model, roast_config_for(arm))
-        )
-    )
 
 
 @torch.no_grad()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -69,6 +68,9 @@ def group_rows(results: list[dict], experiment: str) -> list[dict]:
                 "label": label,
                 "budget": budget,
                 "variant": variant,
+                "schedule": rs[0]["arm"].get("schedule", 1.0),
+                # distillation or LM recovery: not a plain schedule variant
+                "extra_recipe": bool(rs[0]["arm"].get("distill") or rs[0]["arm"].get("recovery_steps")),
                 "seeds": sorted(r["arm"]["seed"] for r in rs),
                 "mean": statistics.fmean(values),
                 "spread": (max(values) - min(values)) / 2 if len(values) > 1 else None,
@@ -128,10 +130,9 @@ def schedule_table(rows: list[dict], budget: float = 4.0) -> str:
     """
     table: dict[str, dict[float, float]] = defaultdict(dict)
     for r in rows:
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)x schedule", r["variant"])
-        k = float(m.group(1)) if m else (1.0 if r["variant"] == "base" else None)
-        if k is None:
+        if r["extra_recipe"]:
             continue
+        k = r["schedule"]
         if r["label"] == "dense":
             table["dense"][k] = r["mean"]
         elif r["label"] in ("hf-roast stable", "magnitude pruning") and r["budget"] == budget:
