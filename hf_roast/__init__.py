@@ -4,6 +4,7 @@ from .config import RoastConfig
 from .layers import RoastEmbedding, RoastLinear, RoastStore
 from .mapping import MAPPING_VERSION, MappingPlan
 from .model import RoastModel, get_roast_model
+from .optim import RoastRecipe, create_roast_optimizer
 from .quantizer import RoastQuantizationConfig  # registers quant_method "roast" with transformers
 
 __version__ = "0.1.0"
@@ -14,6 +15,10 @@ def __getattr__(name: str):
         from .distill import DistillationTrainer
 
         return DistillationTrainer
+    if name == "RoastTrainer":
+        from .optim import roast_trainer_class
+
+        return roast_trainer_class()
     raise AttributeError(f"module 'hf_roast' has no attribute {name!r}")
 
 
@@ -26,6 +31,9 @@ __all__ = [
     "RoastLinear",
     "RoastModel",
     "RoastQuantizationConfig",
+    "RoastRecipe",
     "RoastStore",
+    "RoastTrainer",
+    "create_roast_optimizer",
     "get_roast_model",
 ]

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import column_weights, input_statistics, normalized_gram, output_error_solve
 from .config import RoastConfig
 from .functional import LayerMapping, scatter_weight_grad
 from .layers import STORE_NAME, RoastEmbedding, RoastLinear, RoastStore, default_init_std
 from .mapping import MappingPlan, ModuleSpec
 from .targets import find_targets, module_kind
+
+CALIBRATIONS = ("output", "diagonal")
 
 
 def dense_weight(module: nn.Module, kind: str) -> torch.Tensor:
@@ -56,8 +60,22 @@ def _check_tied_embeddings(model: nn.Module, targets) -> None:
             )
 
 
-def compress_model(model: nn.Module, config: RoastConfig, show_progress: bool | None = None) -> RoastStore:
-    """Compress ``model`` in place; returns the store that owns z."""
+def compress_model(
+    model: nn.Module,
+    config: RoastConfig,
+    show_progress: bool | None = None,
+    calibration_data: Iterable | None = None,
+    calibration: str = "output",
+    calibration_iterations: int = 50,
+    calibration_damping: float = 0.01,
+) -> RoastStore:
+    """Compress ``model`` in place; returns the store that owns z.
+
+    With ``calibration_data`` (a few batches of model inputs), the pretrained projection is fitted to
+    what the data reads (:mod:`hf_roast.calibration`): ``calibration="diagonal"`` weights each input
+    column by its mean squared activation; ``"output"`` (the default) then minimises every layer's
+    output error ``||(W' - W) x||^2`` on the calibration inputs by conjugate gradients.
+    """
     if hasattr(model, STORE_NAME):
         raise ValueError(
             "This model is already ROAST-compressed: call merge_and_unload() first to recompress it."
@@ -70,6 +88,21 @@ def compress_model(model: nn.Module, config: RoastConfig, show_progress: bool | 
         raise ValueError(
             "init='pretrained' needs the dense weights, but they are on the meta device: load them first."
         )
+    if calibration_data is not None and init != "pretrained":
+        raise ValueError(
+            f"calibration_data weights the projection of pretrained weights, but init resolves to {init!r}: "
+            "drop calibration_data, or load the dense weights and use init='pretrained'."
+        )
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"Unknown calibration {calibration!r}: choose one of {', '.join(CALIBRATIONS)}.")
+    stats = (
+        input_statistics(
+            model, targets, calibration_data, full=calibration == "output", show_progress=bool(show_progress)
+        )
+        if calibration_data is not None
+        else {}
+    )
+    moments = {n: g.diagonal() if g.ndim == 2 else g for n, g in stats.items()}
     stds = [_module_std(module, kind, materialized) for _, module, kind in targets]
     z_std = _z_scale(stds, [dense_weight(m, k).numel() for _, m, k in targets])
     specs = []
@@ -102,12 +135,16 @@ def compress_model(model: nn.Module, config: RoastConfig, show_progress: bool | 
         if init == "pretrained":
             with torch.no_grad():
                 w = dense_weight(module, kind).detach().float()
+                # importance of each weight: 1 for plain least squares, its column's weight when calibrated
+                importance = torch.ones_like(w)
+                if name in moments:
+                    importance *= column_weights(moments[name].to(w.device))[None, :]
                 lm = _init_mapping(plan, spec, device)
-                numerator += scatter_weight_grad(w, lm, plan.num_slots)
+                numerator += scatter_weight_grad(w * importance, lm, plan.num_slots)
                 lm_den = LayerMapping(
                     unsigned_plan, spec, lm.tile_slot, lm.tile_scale.abs() * spec.scale, None
                 )
-                denominator += scatter_weight_grad(torch.ones_like(w), lm_den, plan.num_slots)
+                denominator += scatter_weight_grad(importance, lm_den, plan.num_slots)
         _swap(model, name, _roast_layer_like(module, kind, store, spec, copy_values=materialized))
     with torch.no_grad():
         if init == "pretrained":
@@ -119,6 +156,18 @@ def compress_model(model: nn.Module, config: RoastConfig, show_progress: bool | 
                 config.seed
             )  # private: the global RNG is untouched
             z = (torch.randn(plan.num_slots, generator=gen, dtype=torch.float32) * z_std).to(device)
+        if init == "pretrained" and calibration == "output" and stats:
+            solve_modules = [
+                (
+                    _init_mapping(plan, spec, device),
+                    dense_weight(module, kind).detach().float(),
+                    normalized_gram(stats[name], calibration_damping).to(device) if name in stats else None,
+                )
+                for (name, module, kind), spec in zip(targets, specs)
+            ]
+            z, store.calibration_report = output_error_solve(
+                z, solve_modules, plan.num_slots, calibration_iterations, show_progress=bool(show_progress)
+            )
         store.z.copy_(z.to(store.z.dtype))
     model.add_module(STORE_NAME, store)
     store.rebuild()

@@ -17,14 +17,30 @@ FORMAT_VERSION = 1
 """Version of the on-disk layout (file names and keys); independent of the mapping version."""
 
 
-def get_roast_model(model: nn.Module, config: RoastConfig | None = None, show_progress: bool | None = None):
+def get_roast_model(
+    model: nn.Module,
+    config: RoastConfig | None = None,
+    show_progress: bool | None = None,
+    calibration_data=None,
+    calibration: str = "output",
+):
     """Compress ``model``'s target modules in place with ROAST / STABLE-RPS and wrap it.
 
     The dense weights of the target modules are projected onto the shared array z (least squares,
     ``init="pretrained"``) or replaced by a random z with each module's init scale (``init="random"``).
+    ``calibration_data``: a few batches of model inputs (tokenizer output dicts or input-id tensors).
+    When given, the projection keeps best what the data reads: ``calibration="output"`` (default)
+    minimises each layer's output error on those inputs, ``"diagonal"`` weights each input column by its
+    mean squared activation (as AWQ / ASVD). See :mod:`hf_roast.calibration`.
     """
     config = config or RoastConfig()
-    compress_model(model, config, show_progress=show_progress)
+    compress_model(
+        model,
+        config,
+        show_progress=show_progress,
+        calibration_data=calibration_data,
+        calibration=calibration,
+    )
     return RoastModel(model, config)
 
 

@@ -4,8 +4,9 @@ Runs the named experiments arm by arm, writes each arm's JSON as soon as it fini
 finished arms, so an interrupted sweep resumes), then aggregates everything into ``results.json``,
 ``results.md`` and one PNG per experiment in the results folder.
 
-    hf-roast evaluate                      # default sweep, real models (about an hour on 2 cores)
-    hf-roast evaluate --full               # every arm of the issue
+    hf-roast evaluate                      # default sweep, real models (hours on 2 cores; resumable)
+    hf-roast evaluate --quick              # the headline arms in at most 40 minutes on 2 cores
+    hf-roast evaluate --full               # every arm, with seeds, mappers and recovery variants
     hf-roast evaluate --tiny               # tiny synthetic models and text, seconds (the smoke test)
 """
 
@@ -20,28 +21,35 @@ import sys
 import time
 from pathlib import Path
 
-EXPERIMENT_DIRS = {"classification": "classification", "lm": "language_model"}
+EXPERIMENT_DIRS = {"classification": "classification", "lm": "language_model", "scratch": "scratch"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hf-roast evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--experiments", nargs="+", choices=list(EXPERIMENT_DIRS), default=["classification", "lm"]
+        "--experiments", nargs="+", choices=list(EXPERIMENT_DIRS), default=["classification", "scratch"]
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--full", action="store_true", help="Run every arm, not only the default sweep.")
     mode.add_argument(
         "--tiny", action="store_true", help="Tiny config models and synthetic text (smoke test)."
     )
+    mode.add_argument("--quick", action="store_true", help="The headline arms only (at most 40 min).")
     p.add_argument("--output", default="docs/results", help="Results folder (default: docs/results).")
     p.add_argument("--arms", nargs="+", default=None, help="Run only these arm names.")
     p.add_argument(
-        "--train-size", type=int, default=1500, help="Rotten Tomatoes train subsample (same for all arms)."
+        "--train-size",
+        type=int,
+        default=None,
+        help="Rotten Tomatoes train subsample (same for all arms; default: the whole training split).",
     )
-    p.add_argument("--val-size", type=int, default=500, help="Validation examples carved from train.")
+    p.add_argument("--val-size", type=int, default=1000, help="Validation examples carved from train.")
     p.add_argument("--epochs", type=float, default=1.0, help="Base epochs of the classification recipe.")
     p.add_argument(
         "--lr-grid", type=float, nargs="+", default=[1e-4, 3e-4], help="Learning rates tried per arm."
+    )
+    p.add_argument(
+        "--scratch-batch", type=int, default=8, help="From-scratch LM batch (windows of 128 bytes)."
     )
     p.add_argument("--recovery-steps", type=int, default=10, help="LM recovery fine-tune steps (every arm).")
     p.add_argument("--eval-tokens", type=int, default=4096, help="Held-out tokens for LM perplexity.")
@@ -77,6 +85,25 @@ def _reuse_base_lr(arm, folder: Path):
     return arm
 
 
+def _reuse_method_lr(arm, folder: Path, mode: str):
+    """From-scratch arms without a grid take the rate their method's grid arm chose (see ``scratch_arms``)."""
+    from dataclasses import replace
+
+    from hf_roast.evaluation.experiments import scratch_arms
+
+    if arm.lrs:
+        return arm
+    grid_arms = [a for _, a in scratch_arms(mode) if a.lrs and len(a.lrs) > 1]
+    source = next((a for a in grid_arms if a.method == arm.method), None)
+    path = folder / f"{source.name}.json" if source else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"{arm.name} reuses the learning rate chosen by its method's grid arm "
+            f"{source.name if source else '?'}: run that arm first (it comes first in the default order)."
+        )
+    return replace(arm, lrs=(json.loads(path.read_text())["selected_lr"],))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -86,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    mode = "tiny" if args.tiny else ("full" if args.full else "default")
+    mode = "tiny" if args.tiny else ("full" if args.full else ("quick" if args.quick else "default"))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -136,6 +163,12 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
                 teacher = model
                 _save_teacher(model, folder)
             metric = f"test acc {100 * result['test_accuracy']:.2f}% (lr {result['selected_lr']:g})"
+        elif experiment == "scratch":
+            from hf_roast.evaluation.scratch import run_scratch_arm
+
+            arm = _reuse_method_lr(arm, folder, mode)
+            result, model = run_scratch_arm(arm, source, setup)
+            metric = f"{result['bits_per_byte']:.3f} bits/byte (lr {result['selected_lr']:g})"
         else:
             from hf_roast.evaluation.language_model import run_lm_arm
 
@@ -156,6 +189,22 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
 def _prepare(experiment: str, mode: str, args):
     from hf_roast.evaluation import sources
 
+    if experiment == "scratch":
+        from hf_roast.evaluation.scratch import ScratchSetup, tiny_bytes_source, wikipedia_bytes_source
+
+        if mode == "tiny":
+            setup = ScratchSetup(
+                hidden_size=32,
+                intermediate_size=64,
+                num_layers=2,
+                head_dim=16,
+                context=16,
+                batch_size=4,
+                val_bytes=256,
+                eval_bytes=256,
+            )
+            return tiny_bytes_source(), setup, None
+        return wikipedia_bytes_source(), ScratchSetup(batch_size=args.scratch_batch), None
     if experiment == "classification":
         from hf_roast.evaluation.classification import ClassificationSetup
 

@@ -160,7 +160,8 @@ def tiny_sweep(tmp_path_factory):
     from hf_roast.scripts.evaluate import main
 
     out = tmp_path_factory.mktemp("results")
-    assert main(["--tiny", "--output", str(out), "--threads", "1"]) == 0
+    experiments = ["--experiments", "classification", "lm", "scratch"]
+    assert main(["--tiny", "--output", str(out), "--threads", "1", *experiments]) == 0
     return out
 
 
@@ -183,6 +184,15 @@ def test_tiny_sweep_writes_every_arm_and_the_summary(tiny_sweep):
     assert cls["roast-stable-4x-kd"]["selected_lr"] == cls["roast-stable-4x"]["selected_lr"]
     assert cls["prune-4x"]["storage"]["target_values"] == cls["roast-stable-4x"]["storage"]["target_values"]
     assert cls["roast-stable-emb-8x"]["storage"]["model_bytes_ratio"] > 4
+    # hf-roast arms fine-tune with the recipe; the ablation with one rate for everything is marked
+    assert cls["roast-stable-4x"]["arm"]["recipe"] and not cls["roast-stable-4x"]["arm"]["single_lr"]
+    assert (
+        cls["roast-stable-4x-onelr"]["arm"]["single_lr"]
+        and cls["roast-stable-4x-onelr"]["arm"]["recipe"] is None
+    )
+    assert (
+        cls["roast-stable-4x"]["arm"]["calibrate"] and not cls["roast-stable-4x-lsinit"]["arm"]["calibrate"]
+    )
     # 1x with the stable mapper is the dense model; 4x is not
     assert math.isclose(lm["roast-stable-1x"]["perplexity"], lm["dense"]["perplexity"], rel_tol=1e-5)
     assert lm["roast-stable-1x"]["max_abs_logit_diff_vs_dense"] < 1e-4
@@ -200,6 +210,31 @@ def test_tiny_sweep_writes_every_arm_and_the_summary(tiny_sweep):
     if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional (the `eval` extra)
         for name in ("classification_frontier.png", "language_model_frontier.png"):
             assert (tiny_sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiny_sweep_trains_every_scratch_arm_on_the_same_budget(tiny_sweep):
+    from hf_roast.evaluation.experiments import scratch_arms
+
+    summary = json.loads((tiny_sweep / "results.json").read_text())
+    block = summary["experiments"]["scratch"]
+    arms = {r["arm"]["name"]: r for r in block["arms"]}
+    assert set(arms) == {a.name for _, a in scratch_arms("tiny")}
+    tokens = {r["setup"]["tokens_per_arm"] for r in arms.values()}
+    assert len(tokens) == 1
+    budgets = {r["arm"]["method"]: r["storage"]["target_values"] for r in arms.values()}
+    # the compressed arms store the same number of projection values (the narrower one as near as whole
+    # heads allow), and a quarter of dense's at 4x
+    assert budgets["prune"] == budgets["roast"]
+    assert abs(budgets["narrower"] - budgets["roast"]) <= 0.1 * budgets["roast"]
+    assert budgets["dense"] == pytest.approx(4 * budgets["roast"], rel=0.02)
+    for r in arms.values():
+        assert 0 < r["bits_per_byte"] < 12 and r["perplexity_per_byte"] == pytest.approx(
+            2 ** r["bits_per_byte"]
+        )
+    assert (
+        block["targets"]
+        and "Held-out bits per byte by compression" in (tiny_sweep / "results.md").read_text()
+    )
 
 
 def test_rerun_skips_finished_arms(tiny_sweep, capsys):
@@ -239,29 +274,36 @@ def test_optimizer_groups_give_z_the_learning_rate_in_weight_units():
 
 
 def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
-    from hf_roast.evaluation.experiments import classification_arms
+    from hf_roast.evaluation.experiments import BASELINE_LR, RECIPE_LR, classification_arms, scratch_arms
 
-    default = {a.name for _, a in classification_arms("default")}
+    default = {a.name: a for _, a in classification_arms("default")}
     full = {a.name for _, a in classification_arms("full")}
-    assert default < full
-    for c in (2, 4, 8, 16, 32):  # the stable frontier and pruning at the same budgets
-        assert {f"roast-stable-{c}x", f"prune-{c}x"} <= default
-    for c in (4, 16):  # two seeds for every method at 4x and 16x
-        assert {f"roast-stable-{c}x-s1", f"prune-{c}x-s1"} <= default
-    assert {
-        "dense",
-        "smaller-1layers",
-        "smaller-0layers",
-        "smaller-1layers-s1",
-        "smaller-0layers-s1",
-    } <= default
+    quick = {a.name for _, a in classification_arms("quick")}
+    assert quick < set(default) < full
+    for c in (4, 8, 16, 32):  # the stable frontier with the recipe, and pruning at the same budgets
+        assert {f"roast-stable-{c}x", f"prune-{c}x"} <= set(default)
+        roast = default[f"roast-stable-{c}x"]
+        assert roast.recipe and roast.lrs == (RECIPE_LR,), "hf-roast takes the dense rate and the recipe"
+        assert roast.calibrate, "hf-roast starts from the calibrated init, as a user's default"
+        assert default[f"prune-{c}x"].lrs == (BASELINE_LR,)
+    assert len(default["dense"].lrs) == 2, "the dense reference picks its rate on validation"
+    assert {"dense", "smaller-1layers", "smaller-0layers"} <= set(default)
+    assert {"roast-stable-4x-onelr", "roast-stable-4x-lsinit", "roast-stable-16x-lsinit"} <= set(default)
+    assert {"prune-4x-grid", "prune-16x-grid"} <= full
     for c in (8, 32):  # global-vs-local mapper comparison
         assert {f"roast-roast-{c}x", f"roast-hashednet-{c}x"} <= full
-    for c in (4, 16):  # headline arms with distillation and a 3x schedule
-        for method in ("roast-stable", "prune"):
-            assert {f"{method}-{c}x-kd", f"{method}-{c}x-sched3"} <= full
-    assert {"roast-stable-emb-10x", "roast-stable-emb-50x"} <= full
-    assert {"roast-stable-4x-sched6", "prune-4x-sched6"} <= full  # does the gap keep closing?
+    assert {"roast-stable-4x-kd", "roast-stable-16x-kd", "roast-stable-4x-sched3", "dense-sched3"} <= full
+    scratch = [a for _, a in scratch_arms("default")]
+    for c in (4, 8, 16, 32):  # every method at every compression of the issue, on the short budget
+        assert {a.method for a in scratch if a.compression == c and a.steps == 150} == {
+            "roast",
+            "narrower",
+            "prune",
+        }
+    assert {a.steps for a in scratch} == {300, 1200}, "two token budgets 4x apart"
+    assert {a.method for a in scratch if a.steps == 1200} == {"dense", "roast", "narrower", "prune"}
+    grids = [a for a in scratch if a.lrs and len(a.lrs) > 1]
+    assert sorted(a.method for a in grids) == ["dense", "narrower", "prune", "roast"]
 
 
 def test_init_relative_error_matches_theory_for_gaussian_weights():

@@ -16,9 +16,10 @@ from torch import nn
 from ..compress import dense_weight
 from ..config import RoastConfig
 from ..model import get_roast_model
+from ..optim import z_weight_multiplier
 from .baselines import magnitude_prune, parameter_bytes, target_modules_of, truncate_layers
 
-METHODS = ("dense", "roast", "prune", "smaller")
+METHODS = ("dense", "roast", "prune", "smaller", "narrower")
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,20 @@ class Arm:
     recovery_steps: int = 0
     norm_init: bool = False
     lrs: tuple[float, ...] | None = field(default=None)
+    steps: int | None = None
+    recipe: tuple[float, float, float] | None = None
+    single_lr: bool = False
+    calibrate: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}: choose one of {METHODS}.")
         if self.method == "smaller" and self.num_layers is None:
             raise ValueError(f"Arm {self.name}: a 'smaller' arm needs num_layers.")
+        if self.recipe is not None and (self.single_lr or self.method != "roast"):
+            raise ValueError(
+                f"Arm {self.name}: the fine-tuning recipe is for hf-roast arms without single_lr."
+            )
 
     @property
     def label(self) -> str:
@@ -57,12 +66,15 @@ class Arm:
             return "magnitude pruning" + (" (+embeddings)" if self.compress_embeddings else "")
         if self.method == "smaller":
             return "smaller model (first k layers)"
+        if self.method == "narrower":
+            return "narrower model (same stored values)"
         return "dense"
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["label"] = self.label
         d["lrs"] = list(self.lrs) if self.lrs else None
+        d["recipe"] = list(self.recipe) if self.recipe else None
         return d
 
 
@@ -92,7 +104,7 @@ def roast_budget(model: nn.Module, arm: Arm) -> int:
     return get_roast_model(probe, roast_config_for(arm)).compression_report()["target"]["stored_parameters"]
 
 
-def build_arm_model(model: nn.Module, arm: Arm) -> tuple[nn.Module, dict]:
+def build_arm_model(model: nn.Module, arm: Arm, calibration_data=None) -> tuple[nn.Module, dict]:
     """Turn a freshly loaded dense model into the arm's model; returns it with its storage accounting.
 
     Storage keys: ``target_values`` / ``target_bytes`` (what the target modules store; for pruning the
@@ -113,7 +125,11 @@ def build_arm_model(model: nn.Module, arm: Arm) -> tuple[nn.Module, dict]:
             target_values=dense_tv, target_bytes=dense_tb, model_values=dense_mv, model_bytes=dense_mb
         )
     elif arm.method == "roast":
-        model = get_roast_model(model, roast_config_for(arm))
+        if arm.calibrate and calibration_data is None:
+            raise ValueError(f"Arm {arm.name} calibrates its init, but no calibration_data was given.")
+        model = get_roast_model(
+            model, roast_config_for(arm), calibration_data=calibration_data if arm.calibrate else None
+        )
         if arm.norm_init:
             dense_sq = sum(float(w.double().pow(2).sum()) for w in dense_weights.values())
             storage["norm_init_factor"] = _rescale_to_dense_norm(model, dense_sq)
@@ -185,21 +201,15 @@ def relative_error(dense: dict[str, torch.Tensor], compressed: dict[str, torch.T
 
 
 def optimizer_groups(model: nn.Module, lr: float) -> tuple[list[dict], float]:
-    """AdamW parameter groups: the shared array z gets ``lr / lambda_rms``, everything else ``lr``.
+    """One learning rate for every parameter, in weight units: z gets ``lr * z_weight_multiplier``.
 
-    A weight is ``W = lambda * g * z`` and Adam's step is scale-free, so the same ``lr`` moves W by
-    ``lambda`` times more or less than a dense weight. hf-roast already picks z's scale so that lambda is
-    near 1 (the multiplier is about 1.04 for MiniLM); dividing by the RMS of the module scales makes the
-    per-arm learning-rate grid compare every method in weight units regardless. Returns the groups and
-    the multiplier.
+    The baselines' recipe (and hf-roast's before the fine-tuning recipe of :mod:`hf_roast.optim`), kept
+    so that older arms reproduce. Returns the groups and z's multiplier (1.0 for an uncompressed model).
     """
     store = getattr(model, "roast_store", None)
     if store is None:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}], 1.0
-    modules = store.plan.modules
-    weights = sum(m.rows * m.cols for m in modules)
-    rms = (sum(m.rows * m.cols * m.scale**2 for m in modules) / weights) ** 0.5
-    multiplier = 1.0 / rms
+    multiplier = z_weight_multiplier(model)
     z = store.z
     others = [p for p in model.parameters() if p.requires_grad and p is not z]
     return [{"params": [z], "lr": lr * multiplier}, {"params": others, "lr": lr}], multiplier

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..optim import RoastRecipe, roast_trainer_class, z_weight_multiplier
 from .arms import Arm, build_arm_model, optimizer_groups
 from .data import TextClassificationData
 from .measure import ResourceMeter
@@ -57,6 +58,18 @@ def _encode(tokenizer, texts: list[str], labels: list[int], max_length: int):
     columns = {k: enc[k] for k in enc.keys()}
     columns["labels"] = labels
     return Dataset.from_dict(columns)
+
+
+def calibration_batches(dataset, tokenizer, batch_size: int, examples: int = 256) -> list[dict]:
+    """The first ``examples`` training examples as padded input batches, for the activation-aware init."""
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer)
+    n = min(examples, len(dataset))
+    batches = [
+        collate([dataset[i] for i in range(s, min(s + batch_size, n))]) for s in range(0, n, batch_size)
+    ]
+    return [{k: v for k, v in b.items() if k != "labels"} for b in batches]
 
 
 @torch.no_grad()
@@ -102,6 +115,7 @@ def train(
         ),
         weight_decay=setup.weight_decay,
         lr_scheduler_type="linear",
+        train_sampling_strategy="group_by_length",  # similar lengths per batch: far less padding
         seed=seed,
         data_seed=seed,
         report_to=[],
@@ -111,21 +125,24 @@ def train(
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
-    groups, multiplier = optimizer_groups(model, lr)
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=setup.weight_decay)
     kwargs = dict(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        optimizers=(optimizer, None),
+        model=model, args=args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tokenizer)
     )
-    if arm.distill:
-        trainer = DistillationTrainer(
-            teacher=teacher, alpha=setup.distill_alpha, temperature=setup.distill_temperature, **kwargs
-        )
+    if arm.recipe:
+        # hf-roast's fine-tuning recipe: RoastTrainer's parameter groups (its optimizer, Trainer's scheduler)
+        recipe = RoastRecipe(*arm.recipe)
+        multiplier = z_weight_multiplier(model) * recipe.z_lr_ratio
+        base = DistillationTrainer if arm.distill else Trainer
+        trainer_cls = roast_trainer_class(base)
+        kwargs["roast_recipe"] = recipe
     else:
-        trainer = Trainer(**kwargs)
+        groups, multiplier = optimizer_groups(model, lr)
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=setup.weight_decay)
+        kwargs["optimizers"] = (optimizer, None)
+        trainer_cls = DistillationTrainer if arm.distill else Trainer
+    if arm.distill:
+        kwargs.update(teacher=teacher, alpha=setup.distill_alpha, temperature=setup.distill_temperature)
+    trainer = trainer_cls(**kwargs)
     result = trainer.train()
     return float(result.training_loss), multiplier
 
@@ -148,7 +165,8 @@ def run_classification_arm(
     with ResourceMeter() as whole:
         for lr in grid:
             set_seed(arm.seed)
-            model, storage = build_arm_model(source.load_model(len(data.label_names)), arm)
+            calibration = calibration_batches(train_set, tok, setup.batch_size) if arm.calibrate else None
+            model, storage = build_arm_model(source.load_model(len(data.label_names)), arm, calibration)
             with ResourceMeter() as meter:
                 loss, z_lr_multiplier = train(model, train_set, tok, setup, lr, arm.seed, arm, teacher)
             val = accuracy(model, val_set, tok, setup.eval_batch_size)

@@ -1,14 +1,15 @@
 """The named experiments and their arms, in the order they run (most important first).
 
-``default`` is what fits in about an hour on 2 CPU cores; ``full`` adds the remaining arms of the
-issue; ``tiny`` runs every kind of arm on tiny synthetic sources for the smoke tests.
+``quick`` is a check of at most 40 minutes on 2 CPU cores; ``default`` decides the targets; ``full``
+adds seeds, mappers and recovery variants; ``tiny`` runs every kind of arm on tiny synthetic sources for
+the smoke tests.
 """
 
 from __future__ import annotations
 
 from .arms import Arm
 
-EXPERIMENTS = ("classification", "lm")
+EXPERIMENTS = ("classification", "lm", "scratch")
 
 
 def _roast(c, mapper="stable", emb=False, seed=0, **kw) -> Arm:
@@ -23,50 +24,114 @@ def _prune(c, emb=False, seed=0, **kw) -> Arm:
     return Arm(tag + kw.pop("suffix", ""), "prune", c, compress_embeddings=emb, seed=seed, **kw)
 
 
-def _smaller(k, seed=0) -> Arm:
-    return Arm(f"smaller-{k}layers" + (f"-s{seed}" if seed else ""), "smaller", num_layers=k, seed=seed)
+def _smaller(k, seed=0, lrs=None) -> Arm:
+    name = f"smaller-{k}layers" + (f"-s{seed}" if seed else "")
+    return Arm(name, "smaller", num_layers=k, seed=seed, lrs=lrs)
+
+
+DENSE_LRS = (5e-5, 1e-4)
+"""The dense model's grid: the usual BERT fine-tuning rates."""
+BASELINE_LR = 3e-4
+"""Pruned and smaller models recover best at a few times the dense rate (3e-4 won every earlier grid)."""
+BASELINE_LRS = (1e-4, 3e-4)
+RECIPE_LR = 5e-5
+"""hf-roast arms take the dense fine-tuning rate and the recipe of :mod:`hf_roast.optim`, no grid."""
+
+
+def _recipe(c, **kw) -> Arm:
+    """hf-roast as a user runs it: output-calibrated init, the fine-tuning recipe at the dense rate."""
+    from ..optim import DEFAULT_HEAD_LR_RATIO, DEFAULT_UNCOMPRESSED_LR_RATIO, DEFAULT_Z_LR_RATIO
+
+    recipe = kw.pop("recipe", (DEFAULT_Z_LR_RATIO, DEFAULT_UNCOMPRESSED_LR_RATIO, DEFAULT_HEAD_LR_RATIO))
+    kw.setdefault("calibrate", True)
+    return _roast(c, recipe=recipe, lrs=kw.pop("lrs", (RECIPE_LR,)), **kw)
 
 
 def classification_arms(mode: str) -> list[tuple[int, Arm]]:
-    """(tier, arm): tier 1 decides the issue's targets; later tiers add seeds, variants and mappers."""
+    """(tier, arm): tier 1 decides the issue's targets; later tiers add the recipe's ablations and seeds.
+
+    Every arm trains on the full Rotten Tomatoes training split for one epoch (``hf-roast evaluate``'s
+    defaults). hf-roast arms use the calibrated init and the fine-tuning recipe at the dense rate. The
+    dense model picks its rate from a grid on validation; the baselines train at the rate that won
+    their grids before (``BASELINE_LR``; ``--full`` adds their grids) because each run costs minutes.
+    """
     if mode == "tiny":
         return [
             (1, Arm("dense", "dense")),
-            (1, _roast(4)),
+            (1, _recipe(4, lrs=None)),
             (1, _prune(4)),
             (1, _smaller(1)),
-            (2, _roast(4, seed=1)),
-            (2, _roast(4, norm_init=True, suffix="-norminit")),
-            (2, _roast(8, emb=True)),
-            (2, _roast(8, mapper="hashednet")),
-            (3, _roast(4, distill=True, suffix="-kd")),
-            (3, _roast(4, schedule=3.0, suffix="-sched3")),
+            (2, _roast(4, single_lr=True, suffix="-onelr")),
+            (2, _recipe(4, calibrate=False, lrs=None, suffix="-lsinit")),
+            (2, _recipe(4, seed=1, lrs=None)),
+            (2, _roast(8, emb=True, single_lr=True)),
+            (2, _recipe(8, mapper="hashednet", lrs=None)),
+            (3, _recipe(4, distill=True, lrs=None, suffix="-kd")),
+            (3, _prune(4, schedule=2.0, suffix="-sched2")),
         ]
-    # default sweep (37.5 min measured on 2 cores): every arm that decides the issue's targets, with 2 seeds
-    # at 4x and 16x for each method, and the whole stable-mapper frontier from 2x to 32x
-    arms = [(1, Arm("dense", "dense"))]
-    arms += [(1, a) for a in (_roast(4), _prune(4), _roast(16), _prune(16), _smaller(1), _smaller(0))]
-    arms += [(1, a) for a in (_roast(8), _prune(8), _roast(32), _prune(32))]
-    arms += [(2, a) for a in (_roast(4, seed=1), _prune(4, seed=1), _roast(16, seed=1), _prune(16, seed=1))]
-    arms += [(2, a) for a in (_smaller(1, seed=1), _smaller(0, seed=1))]
-    arms += [(2, a) for a in (_roast(2), _prune(2), _smaller(2))]
+    one = (BASELINE_LR,)
+    if mode == "quick":
+        # at most 40 minutes on 2 cores: dense, the 4x and 16x comparison, and the smallest smaller model
+        return [
+            (1, Arm("dense", "dense", lrs=(RECIPE_LR,))),
+            (1, _recipe(4)),
+            (1, _prune(4, lrs=one)),
+            (1, _smaller(1, lrs=one)),
+            (1, _recipe(16)),
+            (1, _prune(16, lrs=one)),
+        ]
+    arms = [(1, Arm("dense", "dense", lrs=DENSE_LRS)), (1, _recipe(4)), (1, _prune(4, lrs=one))]
+    arms += [(1, _smaller(1, lrs=one)), (1, _recipe(16)), (1, _prune(16, lrs=one))]
+    # what the calibrated init brings over plain least squares, at the same recipe
+    arms += [(1, _recipe(4, calibrate=False, suffix="-lsinit"))]
+    arms += [(1, _recipe(8)), (1, _prune(8, lrs=one)), (1, _smaller(0, lrs=one))]
+    arms += [(1, _recipe(32)), (1, _prune(32, lrs=one))]
+    # the old way: plain least squares and one learning rate for every parameter
+    arms += [(2, _roast(4, single_lr=True, lrs=(1e-4,), suffix="-onelr"))]
+    arms += [(2, _recipe(16, calibrate=False, suffix="-lsinit"))]
     if mode == "full":
-        # --full: the recovery recipes (distillation, a 3x schedule) at the headline budgets 4x and 16x,
-        # the global-vs-local mapper comparison, embeddings, and the investigative init variant
-        more = [_roast(c, mapper=m) for m in ("roast", "hashednet") for c in (8, 32)]
-        for c in (4, 16):
-            more += [_roast(c, distill=True, suffix="-kd"), _prune(c, distill=True, suffix="-kd")]
-            more += [_roast(c, schedule=3.0, suffix="-sched3"), _prune(c, schedule=3.0, suffix="-sched3")]
-        more += [_roast(c, emb=True) for c in (10, 50)]
-        more += [_roast(c, norm_init=True, suffix="-norminit") for c in (4, 16)]
-        more += [_smaller(3)]
-        # does a longer schedule keep closing the gap at 4x? (3x closed it from 8.35 to 5.18 points)
-        for seed in (0, 1):
-            more += [_roast(4, seed=seed, schedule=6.0, suffix="-sched6")]
-            more += [_prune(4, seed=seed, schedule=6.0, suffix="-sched6")]
-        # the dense reference with the same longer schedules, so that longer-trained arms are compared fairly
-        more += [Arm(f"dense-sched{k}", "dense", schedule=float(k)) for k in (3, 6)]
+        more = [_prune(c, lrs=BASELINE_LRS, suffix="-grid") for c in (4, 16)]
+        more += [_recipe(c, seed=1) for c in (4, 16)] + [_prune(c, seed=1, lrs=one) for c in (4, 16)]
+        more += [_recipe(c, mapper=m) for m in ("roast", "hashednet") for c in (8, 32)]
+        more += [_recipe(c, distill=True, suffix="-kd") for c in (4, 16)]
+        more += [_recipe(c, schedule=3.0, suffix="-sched3") for c in (4, 16)]
+        more += [Arm("dense-sched3", "dense", schedule=3.0, lrs=DENSE_LRS)]
+        more += [_recipe(2), _prune(2, lrs=one), _smaller(2, lrs=one)]
+        more += [_recipe(c, emb=True) for c in (10, 50)]
         arms += [(3, a) for a in more]
+    return arms
+
+
+SCRATCH_COMPRESSIONS = (4, 8, 16, 32)
+SCRATCH_LRS = (3e-3, 1e-2)
+SCRATCH_BUDGETS = (300, 1200)
+"""Training steps of the two token budgets (4x apart)."""
+
+
+def _scratch(method: str, c: float, steps: int, mapper="stable", lrs=None, recipe=None, suffix="") -> Arm:
+    tags = {"roast": f"roast-{mapper}", "narrower": "narrower", "prune": "prune-init", "dense": "dense"}
+    name = f"dense-{steps}steps" if method == "dense" else f"{tags[method]}-{c:g}x{suffix}-{steps}steps"
+    return Arm(name, method, float(c), mapper=mapper, steps=steps, lrs=lrs, recipe=recipe)
+
+
+def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
+    """From-scratch LM arms. The learning-rate grid runs once per method (at 8x, short budget, or dense);
+    every other arm of that method reuses the chosen rate (``hf-roast evaluate`` fills it in)."""
+    if mode == "tiny":
+        return [(1, _scratch(m, 4, 8, lrs=(3e-3,))) for m in ("dense", "roast", "narrower", "prune")]
+    short, long = SCRATCH_BUDGETS
+    methods = ("roast", "narrower", "prune")
+    arms = [(1, _scratch("dense", 1, short, lrs=SCRATCH_LRS))]
+    arms += [(1, _scratch(m, 8, short, lrs=SCRATCH_LRS)) for m in methods]
+    arms += [(1, _scratch(m, c, short)) for c in (4, 16, 32) for m in methods]
+    # does sharing want a higher rate on z than on the rest (each slot's gradient sums c weights')?
+    arms += [(1, _scratch("roast", 8, short, recipe=(3.0, 1.0, 1.0), suffix="-zlr3"))]
+    arms += [(2, _scratch("dense", 1, long))] + [(2, _scratch(m, 8, long)) for m in methods]
+    if mode == "full":
+        arms += [(3, _scratch(m, c, long)) for c in (4, 16, 32) for m in methods]
+        arms += [
+            (3, _scratch("roast", c, short, mapper=mp)) for mp in ("roast", "hashednet") for c in (8, 32)
+        ]
     return arms
 
 
@@ -88,6 +153,11 @@ def run_order(experiments: list[str], mode: str, recovery_steps: int) -> list[tu
     """All arms, tier by tier, experiments in the given order within a tier: partial sweeps stay useful."""
     tiered = []
     for order, experiment in enumerate(experiments):
-        arms = classification_arms(mode) if experiment == "classification" else lm_arms(mode, recovery_steps)
+        if experiment == "classification":
+            arms = classification_arms(mode)
+        elif experiment == "scratch":
+            arms = scratch_arms(mode)
+        else:
+            arms = lm_arms(mode, recovery_steps)
         tiered += [(tier, order, i, experiment, arm) for i, (tier, arm) in enumerate(arms)]
     return [(experiment, arm) for *_, experiment, arm in sorted(tiered, key=lambda t: t[:3])]

@@ -7,7 +7,10 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from ..optim import DEFAULT_HEAD_LR_RATIO, DEFAULT_UNCOMPRESSED_LR_RATIO, DEFAULT_Z_LR_RATIO
+
 MB = 1e6
+DEFAULT_RECIPE = (DEFAULT_Z_LR_RATIO, DEFAULT_UNCOMPRESSED_LR_RATIO, DEFAULT_HEAD_LR_RATIO)
 
 
 def arm_path(results_dir: Path, experiment: str, arm_name: str) -> Path:
@@ -32,6 +35,8 @@ def _metric(experiment: str) -> tuple[str, str, bool]:
     """(result key, display name, higher is better)."""
     if experiment == "classification":
         return "test_accuracy", "test accuracy (%)", True
+    if experiment == "scratch":
+        return "bits_per_byte", "held-out bits per byte", False
     return "perplexity", "perplexity", False
 
 
@@ -40,7 +45,7 @@ def _value(result: dict, key: str) -> float:
     return 100 * v if key == "test_accuracy" else v
 
 
-def _variant(arm: dict) -> str:
+def _variant(arm: dict, experiment: str = "classification") -> str:
     parts = []
     if arm.get("schedule", 1.0) != 1.0:
         parts.append(f"{arm['schedule']:g}x schedule")
@@ -48,6 +53,17 @@ def _variant(arm: dict) -> str:
         parts.append("distilled")
     if arm.get("recovery_steps"):
         parts.append(f"{arm['recovery_steps']} recovery steps")
+    if arm.get("single_lr"):
+        parts.append("one lr for all parameters")
+    if arm.get("recipe") and tuple(arm["recipe"]) != DEFAULT_RECIPE:
+        parts.append("recipe z x{:g}, uncompressed x{:g}, head x{:g}".format(*arm["recipe"]))
+    # hf-roast's base is the user's default: calibrated init and the recipe; the ablations are variants
+    if experiment == "classification" and arm.get("recipe") and not arm.get("calibrate"):
+        parts.append("plain least-squares init")
+    if arm.get("calibrate") and not arm.get("recipe"):
+        parts.append("calibrated init")
+    if arm.get("steps"):
+        parts.append(f"{arm['steps']} steps")
     return ", ".join(parts) or "base"
 
 
@@ -58,7 +74,9 @@ def group_rows(results: list[dict], experiment: str) -> list[dict]:
     for r in results:
         a = r["arm"]
         budget = a["num_layers"] if a["method"] == "smaller" else a["compression"]
-        groups[(a["label"], budget, _variant(a))].append(r)
+        if a["method"] == "dense" and experiment == "scratch":
+            budget = 1.0
+        groups[(a["label"], budget, _variant(a, experiment))].append(r)
     rows = []
     for (label, budget, variant), rs in groups.items():
         values = [_value(r, key) for r in rs]
@@ -153,8 +171,8 @@ def schedule_table(rows: list[dict], budget: float = 4.0) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _cell(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def pruning_accounting_table(results: list[dict]) -> str:
@@ -226,6 +244,52 @@ def check_targets(rows: list[dict]) -> list[dict]:
     return checks
 
 
+def scratch_pivot(rows: list[dict]) -> str:
+    """Held-out bits per byte, one line per (method, steps), one column per compression of the projections."""
+    budgets = sorted({r["budget"] for r in rows})
+    head = "| method | steps | " + " | ".join(f"{b:g}x" for b in budgets) + " |\n"
+    head += "|---|---|" + "---|" * len(budgets) + "\n"
+    cells: dict[tuple, dict] = defaultdict(dict)
+    for r in rows:
+        cells[(r["label"], r["variant"])][r["budget"]] = r["mean"]
+    lines = [
+        f"| {label} | {variant} | " + " | ".join(_cell(v.get(b), 3) for b in budgets) + " |"
+        for (label, variant), v in sorted(
+            cells.items(), key=lambda kv: (kv[0][1], kv[0][0] != "dense", kv[0][0])
+        )
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def check_scratch_targets(rows: list[dict]) -> list[dict]:
+    """From scratch: at every compression >= 4, hf-roast (stable) beats the narrower model and pruning at init."""
+    checks = []
+    for variant in sorted({r["variant"] for r in rows}):
+        at = {(r["label"], r["budget"]): r["mean"] for r in rows if r["variant"] == variant}
+        if not any(label != "hf-roast stable" for label, _ in at):
+            continue  # a variant of hf-roast alone (e.g. another z rate): no baseline to compare at
+        for c in sorted({b for label, b in at if label == "hf-roast stable" and b >= 4}):
+            roast = at[("hf-roast stable", c)]
+            others = {
+                "narrower model": at.get(("narrower model (same stored values)", c)),
+                "pruning at init": at.get(("magnitude pruning", c)),
+            }
+            measured = {k: v for k, v in others.items() if v is not None}
+            met = None if len(measured) < len(others) else all(roast < v for v in measured.values())
+            detail = f"hf-roast {roast:.3f}; " + "; ".join(
+                f"{k} {'not measured' if v is None else f'{v:.3f}'}" for k, v in others.items()
+            )
+            checks.append(
+                {
+                    "target": f"from scratch ({variant}), {c:g}x: hf-roast stable has lower bits per byte than "
+                    "the narrower model and pruning at init",
+                    "met": met,
+                    "detail": detail,
+                }
+            )
+    return checks
+
+
 def plot(rows: list[dict], experiment: str, path: Path) -> None:
     """Two panels, one line per method: metric vs stored bytes of the target modules, and of the whole model."""
     import matplotlib
@@ -270,10 +334,12 @@ def compute_time(results: list[dict], experiment: str) -> dict:
     The sums include each arm's learning-rate search and evaluation, not model downloads (there are none)
     or interpreter start-up; they are what the runtime target of the default sweep is checked against.
     """
-    from .experiments import classification_arms, lm_arms
+    from .experiments import classification_arms, lm_arms, scratch_arms
 
     if experiment == "classification":
         default = {a.name for _, a in classification_arms("default")}
+    elif experiment == "scratch":
+        default = {a.name for _, a in scratch_arms("default")}
     else:
         steps = {r["arm"].get("recovery_steps") or 0 for r in results} - {0}
         default = {a.name for s in steps or {10} for _, a in lm_arms("default", s)}
@@ -307,7 +373,7 @@ def write_summary(results_dir: Path, meta: dict) -> dict:
     results_dir = Path(results_dir)
     summary = {"meta": meta, "experiments": {}}
     md = ["# hf-roast evaluation results\n", f"Hardware: {meta.get('hardware', '?')}\n"]
-    for experiment in ("classification", "language_model"):
+    for experiment in ("classification", "language_model", "scratch"):
         results = load_arms(results_dir, experiment)
         if not results:
             continue
@@ -327,7 +393,12 @@ def write_summary(results_dir: Path, meta: dict) -> dict:
                     "\nSchedule length at 4x (test accuracy %, each against dense trained as long):\n\n"
                     + sched
                 )
-            block["targets"] = check_targets(rows)
+        if experiment == "scratch":
+            md.append("\nHeld-out bits per byte by compression of the projections:\n\n" + scratch_pivot(rows))
+        if experiment in ("classification", "scratch"):
+            block["targets"] = (check_targets if experiment == "classification" else check_scratch_targets)(
+                rows
+            )
             md.append("\nTargets:\n\n")
             for t in block["targets"]:
                 verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]

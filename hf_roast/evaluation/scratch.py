@@ -1,0 +1,332 @@
+"""Experiment 3: training a language model from scratch, the STABLE-RPS paper's actual claim.
+
+Parameter sharing *from the start of training* is claimed to match or beat a smaller model and pruning
+at the same number of stored values, across the compression range. Every arm here trains a
+Llama-architecture byte-level LM from a random init on the same batches of Wikipedia text, for the same
+number of steps with the same schedule, and is scored in bits per byte on held-out articles:
+
+* ``dense``: the full model;
+* hf-roast (``init="random"``) at c-fold compression of the projections, with any mapper;
+* a narrower model whose projections store the same number of values (width ~ 1/sqrt(c), the MLP
+  width solved so the count matches);
+* magnitude pruning at init with a fixed mask, keeping the same number of projection values.
+
+Each arm picks its learning rate from a small grid on a validation split of the training articles; the
+held-out articles score the chosen run once. Bytes, not tokens, make the metric tokenizer-free.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .arms import Arm, optimizer_groups
+from .measure import ResourceMeter
+
+BYTE_VOCAB = 257
+"""256 byte values and an end-of-article token."""
+EOS = 256
+
+
+@dataclass
+class ScratchSetup:
+    """The recipe every arm shares: model shape, token budget, schedule and evaluation."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_layers: int = 4
+    head_dim: int = 32
+    context: int = 128
+    batch_size: int = 8
+    steps: int = 300
+    warmup_fraction: float = 0.05
+    lr_grid: tuple[float, ...] = (3e-3, 1e-2)
+    weight_decay: float = 0.0
+    val_bytes: int = 65_536
+    eval_bytes: int = 131_072
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lr_grid"] = list(self.lr_grid)
+        d["tokens_per_arm"] = self.steps * self.batch_size * self.context
+        return d
+
+
+@dataclass
+class ScratchSource:
+    """Byte streams: training articles, a validation split of them (for the lr), held-out articles."""
+
+    name: str
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def bytes_of(texts: list[str]) -> torch.Tensor:
+    """UTF-8 bytes of each text followed by the end-of-article token."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(text.encode("utf-8"))
+        ids.append(EOS)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def split_bytes(train_articles: list[str], held_out: list[str], val_every: int = 10) -> tuple:
+    """(train, val, test) byte streams: every ``val_every``-th training article validates the lr."""
+    val = [a for i, a in enumerate(train_articles) if i % val_every == 0]
+    train = [a for i, a in enumerate(train_articles) if i % val_every != 0]
+    return bytes_of(train), bytes_of(val), bytes_of(held_out)
+
+
+def llama_config(setup: ScratchSetup, hidden: int | None = None, intermediate: int | None = None):
+    from transformers import LlamaConfig
+
+    hidden = hidden or setup.hidden_size
+    heads = max(1, hidden // setup.head_dim)
+    if hidden % heads:
+        raise ValueError(f"hidden size {hidden} is not a multiple of the head dim {setup.head_dim}.")
+    return LlamaConfig(
+        vocab_size=BYTE_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=intermediate or setup.intermediate_size,
+        num_hidden_layers=setup.num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=setup.context,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=EOS,
+        pad_token_id=None,
+    )
+
+
+def projection_values(hidden: int, intermediate: int, num_layers: int) -> int:
+    """Weights of the attention (q, k, v, o) and MLP (gate, up, down) projections of a Llama."""
+    return num_layers * (4 * hidden * hidden + 3 * hidden * intermediate)
+
+
+def narrower_shape(setup: ScratchSetup, budget: int) -> tuple[int, int]:
+    """(hidden, intermediate) of the narrower arm: width ~ dense / sqrt(c) in whole heads, then the MLP
+    width that brings the projection count as close as possible to ``budget``."""
+    dense = projection_values(setup.hidden_size, setup.intermediate_size, setup.num_layers)
+    width = setup.hidden_size / math.sqrt(dense / budget)
+    hidden = max(setup.head_dim, setup.head_dim * round(width / setup.head_dim))
+    per_layer = budget / setup.num_layers
+    intermediate = max(1, round((per_layer - 4 * hidden * hidden) / (3 * hidden)))
+    return hidden, intermediate
+
+
+def build_scratch_model(arm: Arm, setup: ScratchSetup) -> tuple[nn.Module, dict]:
+    """The arm's freshly initialised model (seeded) and its storage accounting."""
+    from transformers import LlamaForCausalLM, set_seed
+
+    from ..config import RoastConfig
+    from ..model import get_roast_model
+    from .baselines import magnitude_prune, parameter_bytes
+
+    dense_values = projection_values(setup.hidden_size, setup.intermediate_size, setup.num_layers)
+    set_seed(arm.seed)
+    roast_config = RoastConfig(
+        compression=max(arm.compression, 1.0),
+        target_modules="all-linear",
+        mapper=arm.mapper if arm.method == "roast" else "stable",
+        seed=arm.seed,
+        init="random",
+    )
+    storage: dict = {"dense_target_values": dense_values, "dense_target_bytes": 4 * dense_values}
+    if arm.method == "narrower":
+        budget = _roast_budget(setup, arm)
+        hidden, intermediate = narrower_shape(setup, budget)
+        model = LlamaForCausalLM(llama_config(setup, hidden, intermediate))
+        target = projection_values(hidden, intermediate, setup.num_layers)
+        storage.update(hidden_size=hidden, intermediate_size=intermediate)
+        values, nbytes = parameter_bytes(model)
+    else:
+        model = LlamaForCausalLM(llama_config(setup))
+        target = dense_values
+        values, nbytes = parameter_bytes(model)
+        if arm.method == "roast":
+            model = get_roast_model(model, roast_config)
+            target = model.compression_report()["target"]["stored_parameters"]
+            values, nbytes = parameter_bytes(model)
+        elif arm.method == "prune":
+            pruned = magnitude_prune(model, roast_config, _roast_budget(setup, arm))
+            target = pruned["kept_values"]
+            # the dense weight_orig stays a parameter while training; storage counts the kept values and
+            # the sparsity pattern in place of the dense projections
+            values += target - dense_values
+            nbytes += pruned["stored_bytes"] - 4 * dense_values
+            storage.update(
+                target_bytes_values_only=pruned["values_bytes"],
+                target_bytes_bitmask=pruned["values_bytes"] + pruned["bitmask_bytes"],
+                target_bytes_csr=pruned["values_bytes"] + pruned["csr_index_bytes"],
+                index_overhead_bytes=pruned["index_overhead_bytes"],
+                index_format=pruned["index_format"],
+            )
+    storage.update(
+        target_values=target,
+        target_bytes=storage.get("target_bytes_values_only", 4 * target)
+        + storage.get("index_overhead_bytes", 0),
+        model_values=values,
+        model_bytes=nbytes,
+        target_ratio=dense_values / target,
+    )
+    return model, storage
+
+
+def _roast_budget(setup: ScratchSetup, arm: Arm) -> int:
+    """The length of z hf-roast gets at the arm's compression: every compressed arm stores this many."""
+    from transformers import LlamaForCausalLM
+
+    from ..config import RoastConfig
+    from ..model import get_roast_model
+
+    with torch.device("meta"):
+        probe = LlamaForCausalLM(llama_config(setup))
+    cfg = RoastConfig(compression=arm.compression, target_modules="all-linear", init="random")
+    return get_roast_model(probe, cfg).compression_report()["target"]["stored_parameters"]
+
+
+def training_windows(stream: torch.Tensor, setup: ScratchSetup) -> Callable[[int], torch.Tensor]:
+    """Batch ``i`` of the shared schedule: the same random windows for every arm (seeded per step)."""
+    span = setup.context + 1
+    if len(stream) <= span:
+        raise ValueError(f"training text has {len(stream)} bytes, fewer than one window of {span}.")
+
+    def batch(step: int) -> torch.Tensor:
+        rng = random.Random(setup.seed * 1_000_003 + step)
+        starts = [rng.randrange(len(stream) - span) for _ in range(setup.batch_size)]
+        return torch.stack([stream[s : s + span] for s in starts])
+
+    return batch
+
+
+@torch.no_grad()
+def bits_per_byte(model: nn.Module, stream: torch.Tensor, context: int, max_bytes: int) -> float:
+    """Mean next-byte cross-entropy in bits over non-overlapping windows of the first ``max_bytes``."""
+    was_training = model.training
+    model.eval()
+    stream = stream[: max_bytes + 1]
+    windows = [stream[s : s + context + 1] for s in range(0, len(stream) - 1, context)]
+    windows = [w for w in windows if len(w) == context + 1]
+    total, count = 0.0, 0
+    for start in range(0, len(windows), 32):
+        chunk = torch.stack(windows[start : start + 32])
+        logits = model(input_ids=chunk[:, :-1]).logits.float()
+        nll = nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+        total += float(nll)
+        count += chunk[:, 1:].numel()
+    model.train(was_training)
+    return total / count / math.log(2)
+
+
+def train_from_scratch(
+    model: nn.Module, setup: ScratchSetup, lr: float, batches, recipe: tuple | None = None
+) -> list[float]:
+    """AdamW, linear warm-up then cosine decay to 10%; z gets ``lr`` in weight units (times the recipe's
+    z ratio when given, see :mod:`hf_roast.optim`); pruning masks stay fixed."""
+    if recipe:
+        from ..optim import RoastRecipe, roast_parameter_groups
+
+        groups = roast_parameter_groups(model, lr, recipe=RoastRecipe(*recipe))
+    else:
+        groups, _ = optimizer_groups(model, lr)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=setup.weight_decay, betas=(0.9, 0.95))
+    warmup = max(1, int(setup.warmup_fraction * setup.steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, setup.steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    model.train()
+    losses = []
+    for step in range(setup.steps):
+        batch = batches(step)
+        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+        if not torch.isfinite(loss):
+            losses.append(float("nan"))
+            break
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def run_scratch_arm(arm: Arm, source: ScratchSource, setup: ScratchSetup) -> tuple[dict, nn.Module]:
+    """Train the arm once per learning rate, keep the best on validation, score it on held-out text."""
+    setup = replace(setup, steps=arm.steps or setup.steps)
+    batches = training_windows(source.train, setup)
+    grid = arm.lrs or setup.lr_grid
+    runs, best, best_model, storage = [], None, None, None
+    with ResourceMeter() as whole:
+        for lr in grid:
+            model, storage = build_scratch_model(arm, setup)
+            with ResourceMeter() as meter:
+                losses = train_from_scratch(model, setup, lr, batches, arm.recipe)
+            diverged = not math.isfinite(losses[-1])
+            val = (
+                float("inf") if diverged else bits_per_byte(model, source.val, setup.context, setup.val_bytes)
+            )
+            run = {"lr": lr, "val_bits_per_byte": val, "final_train_loss": losses[-1], "diverged": diverged}
+            run["loss_curve"] = [round(x, 4) for x in losses[:: max(1, len(losses) // 50)]]
+            run.update(meter.as_dict())
+            runs.append(run)
+            if best is None or val < best["val_bits_per_byte"]:
+                best, best_model = run, model
+        test = bits_per_byte(best_model, source.test, setup.context, setup.eval_bytes)
+    if arm.method == "prune":
+        from .baselines import finalize_pruning
+
+        storage["kept_values_after_training"] = finalize_pruning(best_model)
+    result = {
+        "experiment": "scratch",
+        "arm": arm.to_dict(),
+        "source": source.name,
+        "data": source.description,
+        "setup": setup.to_dict(),
+        "lr_search": runs,
+        "selected_lr": best["lr"],
+        "val_bits_per_byte": best["val_bits_per_byte"],
+        "bits_per_byte": test,
+        "perplexity_per_byte": 2.0**test,
+        "storage": storage,
+        "train_wall_seconds": best["wall_seconds"],
+        "arm_wall_seconds": round(whole.seconds, 2),
+        "arm_peak_rss_mb": round(whole.peak_rss / 2**20, 1),
+    }
+    return result, best_model
+
+
+def wikipedia_bytes_source() -> ScratchSource:
+    from .data import PINNED, load_wikipedia_articles, split_articles
+
+    train, held_out = split_articles(load_wikipedia_articles())
+    tr, val, test = split_bytes(train, held_out)
+    description = (
+        f"enwiki test dump from {PINNED['enwiki']['package']}, UTF-8 bytes: {len(tr):,} training bytes, "
+        f"{len(val):,} validation bytes (every 10th training article), {len(test):,} held-out bytes "
+        "(every 5th article)"
+    )
+    return ScratchSource("byte-level Llama from scratch", tr, val, test, description)
+
+
+def tiny_bytes_source() -> ScratchSource:
+    from .sources import tiny_sentences
+
+    texts = [" ".join(t for t, _ in tiny_sentences(40, seed=s)) for s in range(12)]
+    tr, val, test = split_bytes(texts[3:], texts[:3], val_every=4)
+    return ScratchSource("tiny byte-level Llama", tr, val, test, "template text, bytes")

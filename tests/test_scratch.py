@@ -1,0 +1,80 @@
+"""The from-scratch experiment's pieces: byte data, equal budgets, shared batches and the metric."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from hf_roast.evaluation.arms import Arm
+from hf_roast.evaluation.scratch import (
+    EOS,
+    ScratchSetup,
+    bits_per_byte,
+    build_scratch_model,
+    bytes_of,
+    narrower_shape,
+    projection_values,
+    split_bytes,
+    training_windows,
+)
+
+TINY = ScratchSetup(
+    hidden_size=64, intermediate_size=160, num_layers=2, head_dim=16, context=16, batch_size=4
+)
+
+
+def test_bytes_round_trip_with_an_end_token_per_article():
+    stream = bytes_of(["ab", "é"])
+    assert stream.tolist() == [97, 98, EOS, 0xC3, 0xA9, EOS]
+    train, val, test = split_bytes(["a", "b", "c", "d"], ["z"], val_every=2)
+    assert val.tolist() == [97, EOS, 99, EOS] and train.tolist() == [98, EOS, 100, EOS]
+    assert test.tolist() == [122, EOS]
+
+
+@pytest.mark.parametrize("c", [4, 8, 16, 32])
+def test_narrower_model_stores_the_budget_in_whole_heads(c):
+    setup = ScratchSetup()
+    dense = projection_values(setup.hidden_size, setup.intermediate_size, setup.num_layers)
+    budget = dense // c
+    hidden, intermediate = narrower_shape(setup, budget)
+    assert hidden % setup.head_dim == 0 and intermediate >= 1
+    # the MLP width absorbs the rounding of the width to whole heads: within one MLP column of the budget
+    assert (
+        abs(projection_values(hidden, intermediate, setup.num_layers) - budget)
+        <= 3 * hidden * setup.num_layers
+    )
+
+
+@pytest.mark.parametrize("method", ["roast", "prune", "narrower"])
+def test_compressed_arms_store_the_same_values(method):
+    _, roast = build_scratch_model(Arm("r", "roast", 8.0), TINY)
+    model, storage = build_scratch_model(Arm("x", method, 8.0), TINY)
+    assert storage["dense_target_values"] == projection_values(64, 160, 2)
+    assert storage["target_values"] == pytest.approx(roast["target_values"], rel=0.1)
+    if method == "prune":
+        assert storage["target_values"] == roast["target_values"]
+        assert storage["target_bytes"] > 4 * storage["target_values"], "the sparsity pattern is paid for"
+    json.dumps(storage)  # results are written as JSON
+    assert model(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.shape == (1, 4, 257)
+
+
+def test_every_arm_sees_the_same_batches_in_the_same_order():
+    stream = torch.arange(1000) % 256
+    a, b = training_windows(stream, TINY), training_windows(stream, TINY)
+    assert all(torch.equal(a(i), b(i)) for i in range(5))
+    assert not torch.equal(a(0), a(1))
+    assert a(0).shape == (TINY.batch_size, TINY.context + 1)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        training_windows(torch.arange(10), TINY)
+
+
+def test_bits_per_byte_of_a_uniform_model_is_eight_point_something():
+    class Uniform(torch.nn.Module):
+        training = False
+
+        def forward(self, input_ids):
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 257)})()
+
+    stream = torch.arange(200) % 256
+    assert bits_per_byte(Uniform(), stream, context=16, max_bytes=160) == pytest.approx(math.log2(257))
