@@ -295,7 +295,7 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
     assert {"roast-stable-4x-kd", "roast-stable-16x-kd", "roast-stable-4x-sched3", "dense-sched3"} <= full
     scratch = [a for _, a in scratch_arms("default")]
     for c in (4, 8, 16, 32):  # every method at every compression of the issue, on the short budget
-        assert {a.method for a in scratch if a.compression == c and a.steps == 150} == {
+        assert {a.method for a in scratch if a.compression == c and a.steps == 300} == {
             "roast",
             "narrower",
             "prune",
