@@ -126,6 +126,7 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     arms += [(1, _scratch(m, c, short)) for c in (4, 16, 32) for m in methods]
     # does sharing want a higher rate on z than on the rest (each slot's gradient sums c weights')?
     arms += [(1, _scratch("roast", 8, short, recipe=(3.0, 1.0, 1.0), suffix="-zlr3"))]
+    arms += [(1, _scratch("roast", 8, short, recipe=(0.3, 1.0, 1.0), suffix="-zlr0.3"))]
     arms += [(2, _scratch("dense", 1, long))] + [(2, _scratch(m, 8, long)) for m in methods]
     if mode == "full":
         arms += [(3, _scratch(m, c, long)) for c in (4, 16, 32) for m in methods]
