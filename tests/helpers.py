@@ -6,9 +6,10 @@ import transformers as tf
 VOCAB = 96
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, **overrides):
+    """A 2-layer Llama; ``overrides`` change LlamaConfig fields (e.g. an even smaller one)."""
     torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(
+    fields = dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=96,
@@ -20,7 +21,8 @@ def tiny_llama(seed: int = 0):
         bos_token_id=1,
         eos_token_id=2,
     )
-    return tf.LlamaForCausalLM(cfg).eval()
+    fields.update(overrides)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**fields)).eval()
 
 
 def tiny_gpt2(seed: int = 0):

@@ -49,19 +49,13 @@ def test_column_weights_and_gram_are_normalised():
 
 
 def _small_llama():
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=VOCAB,
+    return tiny_llama(
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=32,
     )
-    return tf.LlamaForCausalLM(cfg).eval()
 
 
 def _mapping_matrix(model):
