@@ -23,7 +23,8 @@ SUBCOMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        lines = [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+        width = max(map(len, SUBCOMMANDS)) + 1
+        lines = [f"  {name:<{width}} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
         print("usage: hf-roast {" + ",".join(SUBCOMMANDS) + "} [args]\n\n" + "\n".join(lines))
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])

@@ -89,9 +89,11 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
     # the old way: plain least squares and one learning rate for every parameter
     arms += [(2, _roast(4, single_lr=True, lrs=(1e-4,), suffix="-onelr"))]
     arms += [(2, _recipe(16, calibrate=False, suffix="-lsinit"))]
+    # a second seed where hf-roast and pruning are closest (8x)
+    arms += [(2, _recipe(8, seed=1)), (2, _prune(8, seed=1, lrs=one))]
     if mode == "full":
         more = [_prune(c, lrs=BASELINE_LRS, suffix="-grid") for c in (4, 16)]
-        more += [_recipe(c, seed=1) for c in (4, 16)] + [_prune(c, seed=1, lrs=one) for c in (4, 16)]
+        more += [_recipe(c, seed=1) for c in (4, 16, 32)] + [_prune(c, seed=1, lrs=one) for c in (4, 16, 32)]
         more += [_recipe(c, mapper=m) for m in ("roast", "hashednet") for c in (8, 32)]
         more += [_recipe(c, distill=True, suffix="-kd") for c in (4, 16)]
         more += [_recipe(c, schedule=3.0, suffix="-sched3") for c in (4, 16)]
