@@ -290,6 +290,13 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
     assert {"dense", "smaller-1layers", "smaller-0layers"} <= set(default)
     assert {"roast-stable-4x-onelr", "roast-stable-4x-lsinit", "roast-stable-16x-lsinit"} <= set(default)
     assert {"prune-4x-grid", "prune-16x-grid"} <= full
+    assert {"roast-stable-8x-s1", "prune-8x-s1"} <= set(default), (
+        "a second seed where the methods are closest"
+    )
+    for c in (4, 16, 32):  # second seeds for both methods at the other budgets
+        assert {f"roast-stable-{c}x-s1", f"prune-{c}x-s1"} <= full
+    assert {"roast-stable-2x", "prune-2x", "smaller-2layers"} <= full
+    assert {"roast-stable-emb-10x", "roast-stable-emb-50x"} <= full
     for c in (8, 32):  # global-vs-local mapper comparison
         assert {f"roast-roast-{c}x", f"roast-hashednet-{c}x"} <= full
     assert {"roast-stable-4x-kd", "roast-stable-16x-kd", "roast-stable-4x-sched3", "dense-sched3"} <= full

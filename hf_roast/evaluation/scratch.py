@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -67,7 +67,6 @@ class ScratchSource:
     val: torch.Tensor
     test: torch.Tensor
     description: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def bytes_of(texts: list[str]) -> torch.Tensor:
