@@ -128,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         queue = experiments.run_order(args.experiments, mode, steps)
         if args.arms:
             queue = [(e, a) for e, a in queue if a.name in args.arms]
+        # a from-scratch arm's grid depends on its method's grid arm, so whether it is up to date is
+        # decided when it comes up (run_queue); the others are done once their file exists
         todo = [
             (e, a)
             for e, a in queue
-            if args.rerun or not results.arm_path(out, EXPERIMENT_DIRS[e], a.name).is_file()
+            if args.rerun or e == "scratch" or not results.arm_path(out, EXPERIMENT_DIRS[e], a.name).is_file()
         ]
         _run_queue(todo, mode, args, out, tqdm, results)
     results.write_summary(out, meta)
@@ -164,10 +166,14 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
                 _save_teacher(model, folder)
             metric = f"test acc {100 * result['test_accuracy']:.2f}% (lr {result['selected_lr']:g})"
         elif experiment == "scratch":
-            from hf_roast.evaluation.scratch import run_scratch_arm
+            from hf_roast.evaluation.scratch import run_scratch_arm, up_to_date
 
             arm = _reuse_method_lr(arm, folder, mode)
-            result, model = run_scratch_arm(arm, source, setup)
+            path = results.arm_path(out, EXPERIMENT_DIRS[experiment], arm.name)
+            previous = None if args.rerun or not path.is_file() else json.loads(path.read_text())
+            if up_to_date(previous, arm, setup):
+                continue
+            result, model = run_scratch_arm(arm, source, setup, previous)
             metric = f"{result['bits_per_byte']:.3f} bits/byte (lr {result['selected_lr']:g})"
         else:
             from hf_roast.evaluation.language_model import run_lm_arm

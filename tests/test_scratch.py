@@ -15,8 +15,11 @@ from hf_roast.evaluation.scratch import (
     bytes_of,
     narrower_shape,
     projection_values,
+    run_scratch_arm,
     split_bytes,
+    tiny_bytes_source,
     training_windows,
+    up_to_date,
 )
 
 TINY = ScratchSetup(
@@ -78,3 +81,31 @@ def test_bits_per_byte_of_a_uniform_model_is_eight_point_something():
 
     stream = torch.arange(200) % 256
     assert bits_per_byte(Uniform(), stream, context=16, max_bytes=160) == pytest.approx(math.log2(257))
+
+
+def test_a_wider_grid_trains_only_the_new_rates(monkeypatch):
+    """Resuming a sweep with a wider grid keeps earlier runs (same arm, same setup) and trains the rest."""
+    import hf_roast.evaluation.scratch as scratch
+
+    setup = ScratchSetup(
+        hidden_size=32, intermediate_size=64, num_layers=1, head_dim=16, context=16, batch_size=2,
+        steps=3, val_bytes=128, eval_bytes=128,
+    )  # fmt: skip
+    source = tiny_bytes_source()
+    first, _ = run_scratch_arm(Arm("r", "roast", 4.0, lrs=(1e-3,)), source, setup)
+    wider = Arm("r", "roast", 4.0, lrs=(1e-3, 3e-3))
+    assert up_to_date(first, Arm("r", "roast", 4.0, lrs=(1e-3,)), setup)
+    assert not up_to_date(first, wider, setup)
+    trained = []
+    real = scratch.train_from_scratch
+    monkeypatch.setattr(
+        scratch, "train_from_scratch", lambda m, s, lr, *a: trained.append(lr) or real(m, s, lr, *a)
+    )
+    second, _ = run_scratch_arm(wider, source, setup, previous=json.loads(json.dumps(first)))
+    assert trained == [3e-3]
+    assert second["lr_search"][0] == first["lr_search"][0]
+    best = min(second["lr_search"], key=lambda r: r["val_bits_per_byte"])
+    assert second["selected_lr"] == best["lr"] and second["bits_per_byte"] == best["test_bits_per_byte"]
+    # a different arm (here another scaler) or another budget never reuses runs
+    assert not up_to_date(first, Arm("r", "roast", 4.0, lrs=(1e-3,), scaler="none"), setup)
+    assert not up_to_date(first, Arm("r", "roast", 4.0, lrs=(1e-3,)), ScratchSetup(steps=4))

@@ -42,6 +42,8 @@ class Arm:
     recipe: tuple[float, float, float] | None = None
     single_lr: bool = False
     calibrate: bool = False
+    scaler: str = "v5"
+    tile: tuple[int, int] = (32, 32)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -75,6 +77,7 @@ class Arm:
         d["label"] = self.label
         d["lrs"] = list(self.lrs) if self.lrs else None
         d["recipe"] = list(self.recipe) if self.recipe else None
+        d["tile"] = list(self.tile)
         return d
 
 

@@ -105,22 +105,24 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
 
 
 SCRATCH_COMPRESSIONS = (4, 8, 16, 32)
-SCRATCH_LRS = (3e-3, 1e-2)
+SCRATCH_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+"""Each method's grid (a factor of about 3 apart): wide enough that no method's best rate sits at an edge."""
 SCRATCH_BUDGETS = (300, 1200)
 """Training steps of the two token budgets (4x apart)."""
 
 
-def _scratch(method: str, c: float, steps: int, mapper="stable", lrs=None, recipe=None, suffix="") -> Arm:
+def _scratch(method: str, c: float, steps: int, mapper="stable", lrs=None, suffix="", **kw) -> Arm:
     tags = {"roast": f"roast-{mapper}", "narrower": "narrower", "prune": "prune-init", "dense": "dense"}
     name = f"dense-{steps}steps" if method == "dense" else f"{tags[method]}-{c:g}x{suffix}-{steps}steps"
-    return Arm(name, method, float(c), mapper=mapper, steps=steps, lrs=lrs, recipe=recipe)
+    return Arm(name, method, float(c), mapper=mapper, steps=steps, lrs=lrs, **kw)
 
 
 def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     """From-scratch LM arms. The learning-rate grid runs once per method (at 8x, short budget, or dense);
     every other arm of that method reuses the chosen rate (``hf-roast evaluate`` fills it in)."""
     if mode == "tiny":
-        return [(1, _scratch(m, 4, 8, lrs=(3e-3,))) for m in ("dense", "roast", "narrower", "prune")]
+        arms = [(1, _scratch(m, 4, 8, lrs=(3e-3,))) for m in ("dense", "roast", "narrower", "prune")]
+        return arms + [(2, _scratch("roast", 4, 8, lrs=(3e-3,), scaler="none", tile=(8, 8), suffix="-v"))]
     short, long = SCRATCH_BUDGETS
     methods = ("roast", "narrower", "prune")
     arms = [(1, _scratch("dense", 1, short, lrs=SCRATCH_LRS))]
@@ -130,10 +132,14 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     arms += [(1, _scratch("roast", 8, short, recipe=(3.0, 1.0, 1.0), suffix="-zlr3"))]
     arms += [(1, _scratch("roast", 8, short, recipe=(0.3, 1.0, 1.0), suffix="-zlr0.3"))]
     arms += [(2, _scratch("dense", 1, long))] + [(2, _scratch(m, 8, long)) for m in methods]
+    # what the papers vary: the mapper, the gradient scaler, the tile
+    arms += [(2, _scratch("roast", 8, short, mapper=mp)) for mp in ("roast", "hashednet")]
+    arms += [(2, _scratch("roast", 8, short, scaler=sc, suffix=f"-{sc}scaler")) for sc in ("v1", "none")]
+    arms += [(2, _scratch("roast", 8, short, tile=(8, 8), suffix="-tile8"))]
     if mode == "full":
         arms += [(3, _scratch(m, c, long)) for c in (4, 16, 32) for m in methods]
         arms += [
-            (3, _scratch("roast", c, short, mapper=mp)) for mp in ("roast", "hashednet") for c in (8, 32)
+            (3, _scratch("roast", c, short, mapper=mp)) for mp in ("roast", "hashednet") for c in (4, 16, 32)
         ]
     return arms
 

@@ -45,7 +45,7 @@ class ScratchSetup:
     batch_size: int = 8
     steps: int = 300
     warmup_fraction: float = 0.05
-    lr_grid: tuple[float, ...] = (3e-3, 1e-2)
+    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
     weight_decay: float = 0.0
     val_bytes: int = 65_536
     eval_bytes: int = 131_072
@@ -139,6 +139,8 @@ def build_scratch_model(arm: Arm, setup: ScratchSetup) -> tuple[nn.Module, dict]
         mapper=arm.mapper if arm.method == "roast" else "stable",
         seed=arm.seed,
         init="random",
+        scaler=arm.scaler,
+        tile=arm.tile,
     )
     storage: dict = {"dense_target_values": dense_values, "dense_target_bytes": 4 * dense_values}
     if arm.method == "narrower":
@@ -265,29 +267,92 @@ def train_from_scratch(
     return losses
 
 
-def run_scratch_arm(arm: Arm, source: ScratchSource, setup: ScratchSetup) -> tuple[dict, nn.Module]:
-    """Train the arm once per learning rate, keep the best on validation, score it on held-out text."""
+def reusable_runs(previous: dict | None, arm: Arm, setup: ScratchSetup) -> dict[float, dict]:
+    """Learning-rate runs of an earlier result of this arm that the current grid can keep, by rate.
+
+    A run is kept only when the arm and the setup (but for the grid) are unchanged, and when its held-out
+    score is known: stored per run, or as the result's own score for the run it selected.
+    """
+    if not previous:
+        return {}
+    same_setup = {**previous.get("setup", {}), "lr_grid": None} == {**setup.to_dict(), "lr_grid": None}
+    defaults = Arm(arm.name, arm.method).to_dict()  # fields added since fill in at their defaults
+    old_arm = {k: v for k, v in {**defaults, **previous.get("arm", {})}.items() if k != "lrs"}
+    new_arm = {k: v for k, v in arm.to_dict().items() if k != "lrs"}
+    if not same_setup or old_arm != new_arm:
+        return {}
+    kept = {}
+    for run in previous.get("lr_search", []):
+        run = dict(run)
+        selected = run["lr"] == previous.get("selected_lr")
+        if "test_bits_per_byte" not in run and selected:
+            run["test_bits_per_byte"] = previous["bits_per_byte"]
+        # the storage accounting is the arm's, whatever the rate; what pruning kept after training was
+        # counted on the selected run only
+        run["storage"] = dict(previous["storage"])
+        if not selected:
+            run["storage"].pop("kept_values_after_training", None)
+        if "test_bits_per_byte" in run:
+            kept[run["lr"]] = run
+    return kept
+
+
+def arm_setup(arm: Arm, setup: ScratchSetup) -> ScratchSetup:
+    """The setup one arm trains with: its own budget and learning-rate grid."""
     setup = replace(setup, steps=arm.steps or setup.steps)
+    return replace(setup, lr_grid=tuple(arm.lrs or setup.lr_grid))
+
+
+def up_to_date(previous: dict | None, arm: Arm, setup: ScratchSetup) -> bool:
+    """Whether an earlier result already holds a run at every rate of the arm's grid."""
+    setup = arm_setup(arm, setup)
+    return set(setup.lr_grid) <= set(reusable_runs(previous, arm, setup))
+
+
+def run_scratch_arm(
+    arm: Arm, source: ScratchSource, setup: ScratchSetup, previous: dict | None = None
+) -> tuple[dict, nn.Module | None]:
+    """Train the arm once per learning rate, keep the best on validation, score it on held-out text.
+
+    Every run is scored on held-out text too (selection uses validation only), so that a later, wider
+    grid reuses the runs of ``previous`` (an earlier result of the same arm) and trains only new rates.
+    Returns the result and the selected model (None when the selected run was reused).
+    """
+    setup = arm_setup(arm, setup)
     batches = training_windows(source.train, setup)
-    grid = arm.lrs or setup.lr_grid
-    runs, best, best_model, storage = [], None, None, None
+    grid = setup.lr_grid
+    reused = reusable_runs(previous, arm, setup)
+    runs, best, best_model = [], None, None
     with ResourceMeter() as whole:
         for lr in grid:
-            model, storage = build_scratch_model(arm, setup)
-            with ResourceMeter() as meter:
-                losses = train_from_scratch(model, setup, lr, batches, arm.recipe)
-            diverged = not math.isfinite(losses[-1])
-            val = (
-                float("inf") if diverged else bits_per_byte(model, source.val, setup.context, setup.val_bytes)
-            )
-            run = {"lr": lr, "val_bits_per_byte": val, "final_train_loss": losses[-1], "diverged": diverged}
-            run["loss_curve"] = [round(x, 4) for x in losses[:: max(1, len(losses) // 50)]]
-            run.update(meter.as_dict())
+            if lr in reused:
+                run, model = reused[lr], None
+            else:
+                model, storage = build_scratch_model(arm, setup)
+                with ResourceMeter() as meter:
+                    losses = train_from_scratch(model, setup, lr, batches, arm.recipe)
+                diverged = not math.isfinite(losses[-1])
+                run = {"lr": lr, "final_train_loss": losses[-1], "diverged": diverged}
+                run["val_bits_per_byte"] = (
+                    float("inf")
+                    if diverged
+                    else bits_per_byte(model, source.val, setup.context, setup.val_bytes)
+                )
+                run["test_bits_per_byte"] = (
+                    float("inf")
+                    if diverged
+                    else bits_per_byte(model, source.test, setup.context, setup.eval_bytes)
+                )
+                run["loss_curve"] = [round(x, 4) for x in losses[:: max(1, len(losses) // 50)]]
+                run.update(meter.as_dict())
+                run["storage"] = storage
             runs.append(run)
-            if best is None or val < best["val_bits_per_byte"]:
+            if best is None or run["val_bits_per_byte"] < best["val_bits_per_byte"]:
                 best, best_model = run, model
-        test = bits_per_byte(best_model, source.test, setup.context, setup.eval_bytes)
-    if arm.method == "prune":
+    storage = best["storage"]
+    runs = [{k: v for k, v in r.items() if k != "storage"} for r in runs]
+    test = best["test_bits_per_byte"]
+    if arm.method == "prune" and best_model is not None:
         from .baselines import finalize_pruning
 
         storage["kept_values_after_training"] = finalize_pruning(best_model)
