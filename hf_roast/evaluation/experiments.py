@@ -105,7 +105,7 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
 
 
 SCRATCH_COMPRESSIONS = (4, 8, 16, 32)
-SCRATCH_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+SCRATCH_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 """Each method's grid (a factor of about 3 apart): wide enough that no method's best rate sits at an edge."""
 SCRATCH_BUDGETS = (300, 1200)
 """Training steps of the two token budgets (4x apart)."""

@@ -45,7 +45,7 @@ class ScratchSetup:
     batch_size: int = 8
     steps: int = 300
     warmup_fraction: float = 0.05
-    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
+    lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
     weight_decay: float = 0.0
     val_bytes: int = 65_536
     eval_bytes: int = 131_072
