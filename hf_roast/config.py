@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -15,6 +17,8 @@ INITS = ("auto", "pretrained", "random")
 SCALERS = ("v5", "v1", "none")
 BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("float32", "bfloat16", "float16")
+STORED_EXTRA_KEYS = {"plan", "plan_sha256", "quant_method", "format_version"}
+"""Keys a checkpoint stores beside the RoastConfig fields (see :mod:`hf_roast.serialization`)."""
 
 
 @dataclass
@@ -99,13 +103,18 @@ class RoastConfig:
     )
 
     def __post_init__(self) -> None:
+        """Validate every field; each error is a ValueError that names the field and the fix."""
         if self.compression is not None and self.num_parameters is not None:
             raise ValueError("Give either `compression` or `num_parameters`, not both.")
         if self.compression is None and self.num_parameters is None:
             self.compression = 16.0
         if self.compression is not None:
-            if not isinstance(self.compression, (int, float)) or self.compression != self.compression:
-                raise ValueError(f"compression must be a number >= 1.0, got {self.compression!r}.")
+            if (
+                isinstance(self.compression, bool)
+                or not isinstance(self.compression, (int, float))
+                or not math.isfinite(self.compression)
+            ):
+                raise ValueError(f"compression must be a finite number >= 1.0, got {self.compression!r}.")
             if self.compression < 1.0:
                 raise ValueError(
                     f"compression={self.compression} < 1.0 would store more weights than the dense model: "
@@ -113,23 +122,40 @@ class RoastConfig:
                 )
             self.compression = float(self.compression)
         if self.num_parameters is not None and (
-            not isinstance(self.num_parameters, int) or self.num_parameters < 1
+            isinstance(self.num_parameters, bool)
+            or not isinstance(self.num_parameters, int)
+            or self.num_parameters < 1
         ):
             raise ValueError(f"num_parameters must be a positive int, got {self.num_parameters!r}.")
-        if self.mapper not in MAPPERS:
-            raise ValueError(f"Unknown mapper {self.mapper!r}: choose one of {', '.join(MAPPERS)}.")
-        if self.sign not in SIGNS:
-            raise ValueError(f"Unknown sign {self.sign!r}: choose one of {', '.join(SIGNS)}.")
-        if self.init not in INITS:
-            raise ValueError(f"Unknown init {self.init!r}: choose one of {', '.join(INITS)}.")
-        if self.scaler not in SCALERS:
-            raise ValueError(f"Unknown scaler {self.scaler!r}: choose one of {', '.join(SCALERS)}.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}.")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"Unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}.")
+        if not isinstance(self.compress_embeddings, bool):
+            raise ValueError(f"compress_embeddings must be True or False, got {self.compress_embeddings!r}.")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if not (
+                value is None
+                or isinstance(value, str)
+                or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+            ):
+                raise ValueError(f"{name} must be a string (regex), a list of names or None, got {value!r}.")
+        for name, choices in (
+            ("mapper", MAPPERS),
+            ("sign", SIGNS),
+            ("init", INITS),
+            ("scaler", SCALERS),
+            ("dtype", DTYPES),
+            ("backend", BACKENDS),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in choices:
+                raise ValueError(f"Unknown {name} {value!r}: choose one of {', '.join(choices)}.")
         tile = tuple(self.tile) if isinstance(self.tile, (list, tuple)) else None
-        if tile is None or len(tile) != 2 or not all(isinstance(t, int) and t >= 1 for t in tile):
+        if (
+            tile is None
+            or len(tile) != 2
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in tile)
+        ):
             raise ValueError(f"tile must be two positive ints (rows, cols), got {self.tile!r}.")
         if tile[0] * tile[1] > 1 << 20:
             raise ValueError(f"tile {tile} holds over 2**20 weights: use a smaller tile such as (32, 32).")
@@ -145,9 +171,10 @@ class RoastConfig:
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, tuple):
             self.exclude_modules = list(self.exclude_modules)
-        if self.mapping_version != MAPPING_VERSION:
+        if isinstance(self.mapping_version, bool) or self.mapping_version != MAPPING_VERSION:
             raise ValueError(
-                f"This config uses ROAST mapping version {self.mapping_version}, but this hf_roast implements "
+                f"mapping_version={self.mapping_version!r}: this config uses ROAST mapping version "
+                f"{self.mapping_version}, but this hf_roast implements "
                 f"version {MAPPING_VERSION}: install the hf_roast release that wrote the checkpoint."
             )
 
@@ -162,10 +189,18 @@ class RoastConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RoastConfig:
+        """A config from a stored dict. Keys this release does not know (written by a newer minor format
+        version) are ignored with a warning; the format version itself is checked by the loader."""
+        if not isinstance(d, dict):
+            raise ValueError(f"A RoastConfig is stored as a JSON object, got {type(d).__name__}.")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"plan", "quant_method", "format_version"})
+        unknown = sorted(set(d) - known - STORED_EXTRA_KEYS)
         if unknown:
-            raise ValueError(f"Unknown RoastConfig keys {unknown}: was this written by a newer hf_roast?")
+            warnings.warn(
+                f"Ignoring RoastConfig keys {unknown}: they were written by a newer hf_roast. Upgrade hf_roast "
+                "to use them.",
+                stacklevel=2,
+            )
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_json_string(self) -> str:

@@ -103,6 +103,14 @@ class _RoastLayerMixin:
             )
         return z
 
+    def _check_input(self, x: torch.Tensor, z: torch.Tensor) -> None:
+        """Clear errors for inputs the ROAST ops would otherwise turn into a cryptic failure."""
+        if x.device != z.device and x.device.type != "meta":
+            raise ValueError(
+                f"{self.spec.name}: the input is on {x.device} but the model's shared array z is on {z.device}; "
+                f"move the inputs (or the model, with model.to(device)) to one device."
+            )
+
     @property
     def weight(self) -> torch.Tensor:
         """A read-only stand-in with the dense weight's shape, dtype and device, filled with NaN.
@@ -155,6 +163,17 @@ class RoastLinear(_RoastLayerMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self._check_ready()
+        self._check_input(x, z)
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{self.spec.name}: the input has dtype {x.dtype}; a linear layer takes floating-point "
+                "activations (float32, bfloat16 or float16)."
+            )
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self.spec.name}: the input's last dimension is {x.shape[-1]}, but this layer takes "
+                f"in_features={self.in_features}; check the input's shape."
+            )
         return roast_linear(x, z, self.bias, self.layer_mapping(), self._roast_store.backend)
 
     def extra_repr(self) -> str:
@@ -195,6 +214,14 @@ class RoastEmbedding(_RoastLayerMixin, nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         z = self._check_ready()
+        self._check_input(input_ids, z)
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"{self.spec.name}: token ids must be an integer tensor, got {input_ids.dtype}.")
+        # in-graph (no host sync, no graph break): ids outside the table would read other rows of z
+        torch._assert_async(
+            ((input_ids >= 0) & (input_ids < self.num_embeddings)).all(),
+            f"{self.spec.name}: token ids must lie in [0, {self.num_embeddings}) (the embedding's size)",
+        )
         out = roast_embedding(
             input_ids, z, self.layer_mapping(), self._dtype_probe.dtype, self._roast_store.backend
         )

@@ -28,6 +28,7 @@ Triton, for virtual indices far beyond 2**31.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,7 @@ MAPPING_VERSION = 1
 """Bump whenever any formula below changes: it is stored in every checkpoint and checked on load."""
 
 MAPPERS = ("stable", "roast", "hashednet")
+MODULE_KINDS = ("linear", "conv1d", "embedding")
 SIGNS = ("none", "tile", "element")
 
 P31 = 2147483647  # the Mersenne prime 2**31 - 1: products of two values below it stay below 2**62
@@ -113,7 +115,7 @@ class ModuleSpec:
     """One compressed module's place in the model-wide virtual index."""
 
     name: str
-    kind: str  # "linear" or "embedding"
+    kind: str  # one of MODULE_KINDS
     rows: int
     cols: int
     scale: float  # lambda_l
@@ -133,6 +135,13 @@ class ModuleSpec:
     @property
     def numel(self) -> int:
         return self.rows * self.cols
+
+
+def plan_digest(plan_dict: dict) -> str:
+    """SHA-256 of a stored plan's canonical JSON. Checkpoints store it beside the plan, so that an edited
+    scale or offset (which would load as a silently different model) is refused instead."""
+    canonical = json.dumps(plan_dict, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass
@@ -220,6 +229,36 @@ class MappingPlan:
         d = asdict(self)
         d["tile"] = list(self.tile)
         return d
+
+    def check(self) -> None:
+        """Refuse a plan whose layout is inconsistent (ValueError naming the part), before any index is built."""
+        t = self.tile_numel
+        if self.num_slots < t or self.num_slots % t:
+            raise ValueError(
+                f"plan.num_slots={self.num_slots} is not a positive multiple of the tile size {t}."
+            )
+        offset = 0
+        for spec in self.modules:
+            if spec.kind not in MODULE_KINDS or spec.rows < 1 or spec.cols < 1:
+                raise ValueError(
+                    f"plan module {spec.name!r}: bad kind or shape ({spec.kind}, {spec.rows}x{spec.cols})."
+                )
+            if not math.isfinite(spec.scale) or spec.scale <= 0:
+                raise ValueError(f"plan module {spec.name!r}: scale {spec.scale!r} is not a positive number.")
+            if spec.tile_offset != offset:
+                raise ValueError(f"plan module {spec.name!r}: tile_offset {spec.tile_offset} != {offset}.")
+            offset += spec.n_tiles(self.tile)
+            if self.mapper == "hashednet" and not (
+                0 <= spec.segment_start and spec.segment_size >= 1
+                and spec.segment_start + spec.segment_size <= self.num_slots
+            ):  # fmt: skip
+                raise ValueError(f"plan module {spec.name!r}: its hashednet segment lies outside z.")
+        if not self.modules:
+            raise ValueError("plan has no module.")
+
+    def digest(self) -> str:
+        """SHA-256 of the plan as stored (see :func:`plan_digest`)."""
+        return plan_digest(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict) -> MappingPlan:

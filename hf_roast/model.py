@@ -13,8 +13,13 @@ from .compress import compress_model
 from .config import RoastConfig
 from .layers import STORE_NAME, RoastEmbedding, RoastLinear, RoastStore
 
-FORMAT_VERSION = 1
-"""Version of the on-disk layout (file names and keys); independent of the mapping version."""
+FORMAT_VERSION = "1.1"
+"""Version of the on-disk layout (file names and keys), "major.minor"; independent of the mapping version.
+
+1.0 (stored as the integer 1): the first layout. 1.1: adds ``plan_sha256``. A reader loads any older
+version and a newer minor one (ignoring the keys it does not know, with a warning); it refuses a newer
+major one.
+"""
 
 
 def get_roast_model(
@@ -210,6 +215,7 @@ class RoastModel(nn.Module):
         d = self.roast_config.to_dict()
         d["format_version"] = FORMAT_VERSION
         d["plan"] = self.plan.to_dict()
+        d["plan_sha256"] = self.plan.digest()
         d["scaler"] = self.roast_store.scaler
         return d
 
@@ -267,7 +273,11 @@ class RoastModel(nn.Module):
 
 def _forget_roast(model: nn.Module) -> None:
     """Drop every trace of ROAST from a densified model, so that it saves and reloads as a plain one."""
-    for attr in ("roast_config", "hf_quantizer"):
+    for attr in (
+        "roast_config",
+        "hf_quantizer",
+        "save_pretrained",
+    ):  # see quantizer._save_as_roast_checkpoint
         model.__dict__.pop(attr, None)
     config = getattr(model, "config", None)
     if config is not None:

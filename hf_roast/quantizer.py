@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import types
 from typing import Any
 
 import torch
@@ -87,6 +88,8 @@ class RoastQuantizationConfig(QuantizationConfigMixin):
         """Adopt ``plan`` (the same mapping under other module names); saving then writes it."""
         self._plan = plan
         self._fields["plan"] = plan.to_dict()
+        if "plan_sha256" in self._fields:
+            self._fields["plan_sha256"] = plan.digest()
 
     def to_roast_dict(self) -> dict[str, Any]:
         """The ``roast_config.json`` content (no ``quant_method``)."""
@@ -143,6 +146,9 @@ class RoastHfQuantizer(HfQuantizer):
         store: RoastStore = getattr(model, STORE_NAME)
         _check_loaded(model, store)
         store.rebuild()  # the gradient scaler and layer tables need the loaded z's device
+        # transformers' own save_pretrained would write config.json and the weights but neither
+        # roast_config.json nor the card: route this model's saves through hf_roast's writer
+        model.save_pretrained = types.MethodType(_save_as_roast_checkpoint, model)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -177,6 +183,14 @@ class RoastHfQuantizer(HfQuantizer):
     @property
     def is_qat_trainable(self) -> bool:
         return True
+
+
+def _save_as_roast_checkpoint(model, save_directory, **kwargs):
+    """``save_pretrained`` of a model loaded by ``AutoModel*``: the whole hf_roast checkpoint, atomically."""
+    from .model import RoastModel
+
+    config = model.hf_quantizer.quantization_config.roast_config
+    return RoastModel(model, config).save_pretrained(save_directory, **kwargs)
 
 
 def _has_module(model, name: str) -> bool:
@@ -222,6 +236,13 @@ def _check_loaded(model, store: RoastStore) -> None:
         raise ValueError(
             f"The ROAST checkpoint lacks tensors {missing[:8]}: it is incomplete or was written for another "
             "module list. Download or save it again."
+        )
+    bad = int((~torch.isfinite(store.z.detach())).sum())
+    if bad:
+        raise ValueError(
+            f"The ROAST checkpoint's shared array {STORE_NAME}.z holds {bad} NaN or inf values (of "
+            f"{store.z.numel()}): every compressed weight reads from it, so the model would output NaN. The file "
+            "is damaged, or training diverged before it was saved; use an earlier checkpoint."
         )
 
 

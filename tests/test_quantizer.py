@@ -16,6 +16,7 @@ from transformers.quantizers import auto as quantizer_auto
 import hf_roast
 from hf_roast import RoastConfig, RoastModel, get_roast_model
 from hf_roast.mapping import gradient_scaler
+from hf_roast.mapping import plan_digest
 from hf_roast.quantizer import RoastHfQuantizer, RoastQuantizationConfig
 
 CFG = dict(compression=4.0, tile=(16, 16))
@@ -220,16 +221,13 @@ def test_checkpoint_missing_z_is_refused_by_auto_class(tmp_path):
 
 def test_module_list_for_other_architecture_is_refused(tmp_path):
     _, path = _save(tmp_path, tiny_llama)
-    _edit_json(
-        path,
-        "config.json",
-        lambda d: d["quantization_config"]["plan"]["modules"][0].update(name="model.layers.0.self_attn.nope"),
-    )
-    _edit_json(
-        path,
-        "roast_config.json",
-        lambda d: d["plan"]["modules"][0].update(name="model.layers.0.self_attn.nope"),
-    )
+
+    def rename(d):  # a plan written for another architecture carries its own, matching digest
+        d["plan"]["modules"][0].update(name="model.layers.0.self_attn.nope")
+        d["plan_sha256"] = plan_digest(d["plan"])
+
+    _edit_json(path, "config.json", lambda d: rename(d["quantization_config"]))
+    _edit_json(path, "roast_config.json", rename)
     with pytest.raises(ValueError, match="module list"):
         tf.AutoModelForCausalLM.from_pretrained(path)
     with pytest.raises(ValueError, match="module list"):
@@ -327,8 +325,10 @@ def test_auto_loaded_model_saves_with_transformers_and_loads_across_auto_classes
     assert type(base) is tf.LlamaModel
     with torch.no_grad():
         assert torch.equal(base(**inputs).last_hidden_state, hidden)
-    base.save_pretrained(tmp_path / "resaved")  # transformers' own save, through the quantizer
-    assert not (tmp_path / "resaved" / "roast_config.json").exists()
+    base.save_pretrained(tmp_path / "resaved")  # the user calls the transformers model's own method
+    # ...and still gets the whole checkpoint: roast_config.json and the card are not lost on a re-save
+    assert (tmp_path / "resaved" / "roast_config.json").is_file()
+    assert "hf_roast" in (tmp_path / "resaved" / "README.md").read_text()
     for model in (
         tf.AutoModel.from_pretrained(tmp_path / "resaved"),
         RoastModel.from_pretrained(tmp_path / "resaved"),

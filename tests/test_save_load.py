@@ -9,6 +9,7 @@ from helpers import inputs_for, tiny_bert_classifier, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 
 from hf_roast import RoastConfig, RoastModel, get_roast_model
+from hf_roast.mapping import plan_digest
 
 
 def logits(model, inputs):
@@ -93,11 +94,24 @@ def saved(tmp_path):
     return tmp_path
 
 
-def _edit_roast_config(path, edit):
+def _edit_roast_config(path, edit, redigest=True):
+    """Edit roast_config.json; ``redigest`` recomputes the plan digest, as a checkpoint written for
+    another architecture (rather than a tampered file) would carry."""
     p = os.path.join(path, "roast_config.json")
     d = json.load(open(p))
     edit(d)
+    if redigest:
+        d["plan_sha256"] = plan_digest(d["plan"])
     json.dump(d, open(p, "w"))
+
+
+def test_an_edited_plan_is_refused_by_its_digest(saved):
+    def rescale(d):
+        d["plan"]["modules"][0]["scale"] *= 1.5  # would load as a silently different model
+
+    _edit_roast_config(saved, rescale, redigest=False)
+    with pytest.raises(ValueError, match="plan_sha256"):
+        RoastModel.from_pretrained(saved)
 
 
 def test_mismatched_mapping_version_is_refused(saved):
@@ -116,8 +130,13 @@ def test_mismatched_module_list_is_refused(saved):
 
 
 def test_mismatched_module_shape_is_refused(saved):
-    def reshape(d):
+    def reshape(d):  # a self-consistent plan for a model whose first module has one more row
         d["plan"]["modules"][0]["rows"] += 1
+        tr, tc = d["plan"]["tile"]
+        offset = 0
+        for m in d["plan"]["modules"]:
+            m["tile_offset"] = offset
+            offset += -(-m["rows"] // tr) * -(-m["cols"] // tc)
 
     _edit_roast_config(saved, reshape)
     with pytest.raises(ValueError, match="module list"):

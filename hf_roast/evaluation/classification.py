@@ -10,14 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..optim import RoastRecipe, roast_trainer_class, z_weight_multiplier
 from .arms import Arm, build_arm_model, optimizer_groups
-from .data import TextClassificationData
+from .data import TextClassificationData, cache_dir
 from .measure import ResourceMeter
 
 
@@ -106,7 +105,7 @@ def train(
     from ..distill import DistillationTrainer
 
     args = TrainingArguments(
-        output_dir=str(Path.cwd() / ".cache" / "eval" / "trainer"),
+        output_dir=str(cache_dir() / "trainer"),
         per_device_train_batch_size=setup.batch_size,
         num_train_epochs=setup.epochs * arm.schedule,
         learning_rate=lr,

