@@ -1,4 +1,4 @@
-"""The ``hf-roast`` console command: ``hf-roast {demo,compress,evaluate,bench,recipe-probe} ...``.
+"""The ``hf-roast`` console command: ``hf-roast {demo,compress,evaluate,bench,memory,recipe-probe} ...``.
 
 Each subcommand lives in ``scripts/`` (installed as ``hf_roast.scripts``) and is imported lazily.
 """
@@ -13,6 +13,10 @@ SUBCOMMANDS = {
     "compress": ("hf_roast.scripts.compress", "Compress a local HF model folder into a ROAST checkpoint."),
     "evaluate": ("hf_roast.scripts.evaluate", "Run the memory-accuracy evaluation experiments."),
     "bench": ("hf_roast.scripts.bench_kernels", "Benchmark ROAST matmuls against dense and HashedNet."),
+    "memory": (
+        "hf_roast.scripts.memory",
+        "Train a 134M-parameter Llama dense and compressed; print memory and step time side by side.",
+    ),
     "recipe-probe": (
         "hf_roast.scripts.recipe_probe",
         "Fine-tune one recipe setting on a Rotten Tomatoes subset (how the defaults were chosen).",

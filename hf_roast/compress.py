@@ -6,8 +6,11 @@ One path per job: :func:`compress_model` (plan, initialise z, swap modules) for 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import math
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -146,6 +149,7 @@ def compress_model(
                 )
                 denominator += scatter_weight_grad(importance, lm_den, plan.num_slots)
         _swap(model, name, _roast_layer_like(module, kind, store, spec, copy_values=materialized))
+        release_free_heap()
     with torch.no_grad():
         if init == "pretrained":
             z = torch.where(
@@ -171,7 +175,33 @@ def compress_model(
         store.z.copy_(z.to(store.z.dtype))
     model.add_module(STORE_NAME, store)
     store.rebuild()
+    release_free_heap()
     return store
+
+
+def release_free_heap() -> None:
+    """Give memory that is already free back to the OS (glibc only; a no-op elsewhere).
+
+    Compressing frees each dense weight and a few module-sized temporaries per module. Once a large
+    block has been freed, glibc raises its mmap threshold (up to 32 MiB), so later module-sized blocks come
+    from the heap, and small long-lived allocations (the new layers' tables) pin it: without trimming,
+    compressing a 134M-parameter Llama left about 3.6 GiB of free but resident heap (RSS 4.1 GiB; 0.5 GiB
+    after ``malloc_trim``), which then counted against training memory.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # musl and other C libraries have no malloc_trim
+        return None
 
 
 def _init_mapping(plan: MappingPlan, spec: ModuleSpec, device) -> LayerMapping:

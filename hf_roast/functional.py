@@ -50,6 +50,18 @@ def clear_scratch() -> None:
     _scratch.buffers.clear()
 
 
+def _use_scratch() -> bool:
+    """Whether to write into the reused per-thread buffers.
+
+    Not while ``torch.compile`` traces: the buffers are global mutable state (dynamo would lift them into
+    graph inputs and guard on them), and functionalisation rewrites ``out=`` ops out-of-place, so an
+    ``out=`` written through a permuted input comes back with the input's strides and the following
+    ``view`` fails ("Cannot view a tensor with shape ... as a tensor with shape ..."). Inductor plans its
+    own buffers, so the compiled path uses plain out-of-place ops instead.
+    """
+    return not torch.compiler.is_compiling()
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Gradients of z accumulate in fp32 at least (fp64 stays fp64): half-precision sums lose slots' updates."""
     return torch.promote_types(dtype, torch.float32)
@@ -72,6 +84,18 @@ def materialize_weight(
     n_tr, tr, n_tc, tc = _padded_shape(lm)
     t = tr * tc
     n_tiles = n_tr * n_tc
+    if not _use_scratch():
+        tiles = z.view(-1, t).index_select(0, lm.tile_slot)
+        if plan.sign == "element":
+            tiles = tiles * plan.tile_element_signs(spec, z.device).to(z.dtype)
+        scale = lm.tile_scale.to(z.dtype).view(n_tr, n_tc, 1, 1)
+        w = (
+            (tiles.view(n_tr, n_tc, tr, tc) * scale)
+            .to(dtype)
+            .permute(0, 2, 1, 3)
+            .reshape(n_tr * tr, n_tc * tc)
+        )
+        return w[: spec.rows, : spec.cols] if w.shape != (spec.rows, spec.cols) else w
     get = _scratch.get if scratch else (lambda key, numel, dt, dev: torch.empty(numel, dtype=dt, device=dev))
     tiles = get("tiles", n_tiles * t, z.dtype, z.device).view(n_tiles, t)
     torch.index_select(z.view(-1, t), 0, lm.tile_slot, out=tiles)
@@ -120,6 +144,13 @@ def scatter_weight_grad(grad_w: torch.Tensor, lm: LayerMapping, num_slots: int) 
     scale = lm.tile_scale
     if lm.scaler_inv is not None:
         scale = scale * lm.scaler_inv[lm.tile_slot]
+    if not _use_scratch():
+        tiles = (grad_w.view(n_tr, tr, n_tc, tc).permute(0, 2, 1, 3) * scale.view(n_tr, n_tc, 1, 1)).reshape(
+            n_tr * n_tc, t
+        )
+        if plan.sign == "element":
+            tiles = tiles * plan.tile_element_signs(spec, grad_w.device)
+        return dz.view(-1, t).index_add(0, lm.tile_slot, tiles).view(-1)
     # One pass: scale and reorder into a contiguous tile-major buffer (a plain product would keep the
     # permuted layout and need a second, W-sized copy to flatten). In backward the "tiles" buffer is
     # free again once W has been used, so this reuses it rather than allocating.
@@ -137,7 +168,7 @@ def _weight_grad(gy: torch.Tensor, x2: torch.Tensor, lm: LayerMapping) -> torch.
     dX is done: a fresh W-sized tensor per backward costs page faults on every step."""
     n_tr, tr, n_tc, tc = _padded_shape(lm)
     rows, cols = lm.spec.rows, lm.spec.cols
-    if (rows, cols) != (n_tr * tr, n_tc * tc):
+    if (rows, cols) != (n_tr * tr, n_tc * tc) or not _use_scratch():
         return gy.t().mm(x2)
     return torch.mm(gy.t(), x2, out=_scratch.get("weight", rows * cols, gy.dtype, gy.device).view(rows, cols))
 

@@ -137,6 +137,9 @@ class RoastHfQuantizer(HfQuantizer):
         stored_names = [spec.name for spec in qc.plan.modules]
         qc.set_plan(_plan_for(model, qc.plan))
         apply_plan(model, qc.roast_config, qc.plan, device="meta")
+        # Every layer reads z directly (no accelerate hook ever runs on the store), so z must not be offloaded:
+        # as the first child, device_map="auto" places the store before any layer, on the main device.
+        model._modules = {STORE_NAME: model._modules.pop(STORE_NAME), **model._modules}
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
         names = stored_names + [spec.name for spec in qc.plan.modules]
         model._keys_to_ignore_on_load_unexpected = ignore | {_marker_pattern(names)}
@@ -144,7 +147,7 @@ class RoastHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         store: RoastStore = getattr(model, STORE_NAME)
-        _check_loaded(model, store)
+        _check_loaded(model, store, getattr(model, "hf_device_map", None))
         store.rebuild()  # the gradient scaler and layer tables need the loaded z's device
         # transformers' own save_pretrained would write config.json and the weights but neither
         # roast_config.json nor the card: route this model's saves through hf_roast's writer
@@ -223,15 +226,40 @@ def _plan_for(model, plan):
     return plan
 
 
-def _check_loaded(model, store: RoastStore) -> None:
-    """Every tensor hf_roast owns must come from the checkpoint: the loader would leave garbage otherwise."""
-    owned = [(f"{STORE_NAME}.z", store.z)]
+def _offloaded(name: str, device_map: dict | None) -> bool:
+    """Whether ``device_map`` offloads the module holding tensor ``name`` (to "cpu" or "disk"): accelerate
+    then leaves the tensor on the meta device and its hooks load it when the module runs."""
+    if not device_map:
+        return False
+    owners = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+    return bool(owners) and device_map[max(owners, key=len)] in ("cpu", "disk")
+
+
+def _check_loaded(model, store: RoastStore, device_map: dict | None = None) -> None:
+    """Every tensor hf_roast owns must come from the checkpoint: the loader would leave garbage otherwise.
+
+    Tensors of offloaded modules stay on the meta device by design and are not missing; z cannot be
+    offloaded, since the layers read it directly rather than through the store's forward.
+    """
+    z_name = f"{STORE_NAME}.z"
+    if store.z.device.type == "meta" and _offloaded(z_name, device_map):
+        raise ValueError(
+            f"device_map offloads {STORE_NAME!r} (the shared array z) to {device_map.get(STORE_NAME, 'cpu/disk')!r}, "
+            f"but every compressed layer reads z directly: place it on the execution device, e.g. "
+            f"device_map={{{STORE_NAME!r}: 0, ...}}, or give max_memory room for z ({store.z.numel() * store.z.element_size():,} bytes)."
+        )
+    owned = [(z_name, store.z)]
     for name, module in model.named_modules():
         if isinstance(module, (RoastLinear, RoastEmbedding)):
             owned += [(f"{name}.{n}", t) for n, t in module.named_parameters(recurse=False)]
             if getattr(module, "padding_row", None) is not None:
                 owned.append((f"{name}.padding_row", module.padding_row))
-    missing = [n for n, t in owned if t.device.type == "meta" or not getattr(t, "_is_hf_initialized", False)]
+    missing = [
+        n
+        for n, t in owned
+        if (t.device.type == "meta" or not getattr(t, "_is_hf_initialized", False))
+        and not (t.device.type == "meta" and _offloaded(n, device_map))
+    ]
     if missing:
         raise ValueError(
             f"The ROAST checkpoint lacks tensors {missing[:8]}: it is incomplete or was written for another "

@@ -338,3 +338,52 @@ def test_auto_loaded_model_saves_with_transformers_and_loads_across_auto_classes
     head = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")  # and back: the prefix is added
     with torch.no_grad():
         assert torch.equal(head.model(**inputs).last_hidden_state, hidden)
+
+
+# ---- device_map ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def biased_checkpoint(tmp_path_factory):
+    """A Llama whose compressed layers own biases: offloading a layer leaves hf_roast tensors on meta."""
+    rm = get_roast_model(tiny_llama(attention_bias=True, mlp_bias=True), RoastConfig(**CFG))
+    path = tmp_path_factory.mktemp("biased") / "ckpt"
+    rm.save_pretrained(path)
+    return _logits(rm, inputs_for("llama")), str(path)
+
+
+OFFLOAD_LAYER_1 = {
+    "roast_store": "cpu",
+    "model.embed_tokens": "cpu",
+    "model.rotary_emb": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "lm_head": "cpu",
+}
+
+
+@pytest.mark.parametrize(
+    "device_map, max_memory",
+    [("auto", None), ({"": "cpu"}, None), (OFFLOAD_LAYER_1, None), ("auto", {"cpu": 100_000})],
+    ids=["auto", "explicit", "explicit-disk-offload", "auto-disk-offload"],
+)
+def test_device_map_loads_identically(biased_checkpoint, tmp_path, device_map, max_memory):
+    expected, path = biased_checkpoint
+    loaded = tf.AutoModelForCausalLM.from_pretrained(
+        path, device_map=device_map, max_memory=max_memory, offload_folder=str(tmp_path)
+    )
+    offloaded = [n for n, p in loaded.named_parameters() if p.device.type == "meta"]
+    if device_map is OFFLOAD_LAYER_1:  # the offloaded layer's Roast biases wait on meta for their hook
+        assert "model.layers.1.self_attn.q_proj.bias" in offloaded
+    if max_memory is not None:  # the store is placed first, on the main device; the rest is offloaded
+        assert loaded.hf_device_map["roast_store"] == "cpu" and "disk" in loaded.hf_device_map.values()
+        assert offloaded
+    assert loaded.roast_store.z.device.type == "cpu"
+    assert torch.equal(_logits(loaded, inputs_for("llama")), expected)
+
+
+def test_offloading_z_is_refused_with_a_fix(biased_checkpoint, tmp_path):
+    _, path = biased_checkpoint
+    with pytest.raises(ValueError, match="offloads 'roast_store'.*every compressed layer reads z directly"):
+        tf.AutoModelForCausalLM.from_pretrained(
+            path, device_map={**OFFLOAD_LAYER_1, "roast_store": "disk"}, offload_folder=str(tmp_path)
+        )
