@@ -15,8 +15,7 @@ from transformers.quantizers import auto as quantizer_auto
 
 import hf_roast
 from hf_roast import RoastConfig, RoastModel, get_roast_model
-from hf_roast.mapping import gradient_scaler
-from hf_roast.mapping import plan_digest
+from hf_roast.mapping import gradient_scaler, plan_digest
 from hf_roast.quantizer import RoastHfQuantizer, RoastQuantizationConfig
 
 CFG = dict(compression=4.0, tile=(16, 16))
