@@ -8,7 +8,7 @@ and no W-sized index is ever built on the tile mappers (the tables are W/T entri
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -123,11 +123,15 @@ def element_scale(lm: LayerMapping, rows: torch.Tensor, sign: torch.Tensor | Non
     return scale
 
 
-def scatter_weight_grad(grad_w: torch.Tensor, lm: LayerMapping, num_slots: int) -> torch.Tensor:
-    """dz contribution of one module: ``dz[h(i)] += lambda * g(i) * dW[i] / s_h(i)``, accumulated in fp32."""
+def scatter_weight_grad(
+    grad_w: torch.Tensor, lm: LayerMapping, num_slots: int, dz: torch.Tensor | None = None
+) -> torch.Tensor:
+    """dz contribution of one module: ``dz[h(i)] += lambda * g(i) * dW[i] / s_h(i)``, accumulated in fp32
+    (into ``dz`` when given, e.g. over the row blocks of one module)."""
     spec, plan = lm.spec, lm.plan
     acc = accumulation_dtype(grad_w.dtype)
-    dz = torch.zeros(num_slots, dtype=acc, device=grad_w.device)
+    if dz is None:
+        dz = torch.zeros(num_slots, dtype=acc, device=grad_w.device)
     grad_w = grad_w.to(acc)
     if not plan.is_tiled:
         rows = torch.arange(spec.rows, device=grad_w.device)
@@ -173,13 +177,57 @@ def _weight_grad(gy: torch.Tensor, x2: torch.Tensor, lm: LayerMapping) -> torch.
     return torch.mm(gy.t(), x2, out=_scratch.get("weight", rows * cols, gy.dtype, gy.device).view(rows, cols))
 
 
+ROW_BLOCK_WEIGHTS = 1 << 22
+"""At most this many weights (16 MiB in fp32) of one W are materialised at a time: a large W (an output
+layer of 32k x 768, a 4096-wide MLP) is built and used in blocks of whole tile rows, so the reused
+buffers stay this small instead of growing to the largest W of the model."""
+
+
+def row_blocks(lm: LayerMapping) -> list[tuple[int, int, LayerMapping]]:
+    """``(first row, end row, mapping)`` of W's blocks of whole tile rows, each <= ROW_BLOCK_WEIGHTS.
+
+    A block's mapping is the module's own, restricted to its tiles: the same tables sliced, and a spec
+    whose tile offset starts at the block's first tile, so every formula (slots, signs, scales) reads
+    exactly what it reads for the whole W. One block when W is small, on hashednet, or while compiling.
+    """
+    spec = lm.spec
+    n_tr, tr, n_tc, tc = _padded_shape(lm)
+    step = max(1, ROW_BLOCK_WEIGHTS // (tr * n_tc * tc))
+    if not lm.plan.is_tiled or n_tr <= step or not _use_scratch():
+        return [(0, spec.rows, lm)]
+    blocks = []
+    for a in range(0, n_tr, step):
+        b = min(n_tr, a + step)
+        first, end = a * tr, min(spec.rows, b * tr)
+        sub = replace(spec, rows=end - first, tile_offset=spec.tile_offset + a * n_tc)
+        tables = slice(a * n_tc, b * n_tc)
+        blocks.append(
+            (
+                first,
+                end,
+                LayerMapping(lm.plan, sub, lm.tile_slot[tables], lm.tile_scale[tables], lm.scaler_inv),
+            )
+        )
+    return blocks
+
+
 class RoastLinearFunction(torch.autograd.Function):
-    """y = x W^T + b with W read from z; saves x only, rebuilds W in backward."""
+    """y = x W^T + b with W read from z; saves x only, rebuilds W in backward (by row blocks for a large W)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, lm: LayerMapping):
-        w = materialize_weight(z, lm, x.dtype)
-        y = F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+        blocks = row_blocks(lm)
+        b = bias.to(x.dtype) if bias is not None else None
+        if len(blocks) == 1:
+            y = F.linear(x, materialize_weight(z, lm, x.dtype), b)
+        else:
+            x2 = x.reshape(-1, x.shape[-1])
+            y = x2.new_empty(x2.shape[0], lm.spec.rows)
+            for first, end, sub in blocks:
+                y[:, first:end] = F.linear(
+                    x2, materialize_weight(z, sub, x.dtype), None if b is None else b[first:end]
+                )
+            y = y.view(*x.shape[:-1], lm.spec.rows)
         ctx.save_for_backward(x, z)
         ctx.lm = lm
         ctx.has_bias = bias is not None
@@ -192,14 +240,20 @@ class RoastLinearFunction(torch.autograd.Function):
         lm: LayerMapping = ctx.lm
         grad_x = grad_z = grad_b = None
         gy = grad_y.reshape(-1, grad_y.shape[-1])
+        blocks = row_blocks(lm)
         if ctx.needs_input_grad[0]:
-            w = materialize_weight(z, lm, grad_y.dtype)
-            grad_x = (gy @ w).view(*grad_y.shape[:-1], w.shape[1]).to(x.dtype)
+            for first, end, sub in blocks:
+                part = gy[:, first:end] @ materialize_weight(z, sub, grad_y.dtype)
+                grad_x = part if grad_x is None else grad_x.add_(part)
+            grad_x = grad_x.view(*grad_y.shape[:-1], lm.spec.cols).to(x.dtype)
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
             acc = accumulation_dtype(gy.dtype)
-            grad_w = _weight_grad(gy.to(acc), x2.to(acc), lm)
-            grad_z = scatter_weight_grad(grad_w, lm, z.numel()).to(z.dtype)
+            x2, gy_acc = x2.to(acc), gy.to(acc)
+            for first, end, sub in blocks:
+                grad_w = _weight_grad(gy_acc[:, first:end], x2, sub)
+                grad_z = scatter_weight_grad(grad_w, sub, z.numel(), grad_z)
+            grad_z = grad_z.to(z.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy.to(accumulation_dtype(gy.dtype)).sum(0).to(ctx.bias_dtype)
         return grad_x, grad_z, grad_b, None

@@ -48,6 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--dense-lm-head", action="store_true", help="keep the output layer dense in the hf-roast arm"
     )
+    p.add_argument(
+        "--mmap-threshold-kib",
+        type=int,
+        default=256,
+        help="glibc's fixed mmap threshold in each arm (MALLOC_MMAP_THRESHOLD_); 0 keeps glibc's dynamic "
+        "default, whose retained heap makes peak RSS vary by hundreds of MiB between identical runs",
+    )
     p.add_argument("--json", default=None, help="also write both arms' figures to this file")
     p.add_argument("--arm", choices=ARMS, default=None, help=argparse.SUPPRESS)  # one arm, in a subprocess
     return p.parse_args(argv)
@@ -154,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         forwarded = [a for a in forwarded if a != args.json]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if args.mmap_threshold_kib:
+        # glibc raises its mmap threshold dynamically (up to 32 MiB) after a large free, so buffers below it
+        # then come from the heap and stay resident after free: the peak RSS of identical runs varied by
+        # ~600 MiB here. A fixed threshold returns every large buffer to the OS; both arms get the same.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold_kib * 1024)
     results = {}
     for arm in ARMS:
         print(f"running the {arm} arm ...", file=sys.stderr, flush=True)
@@ -197,7 +209,8 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
     lines = [
         f"Llama {dense['dense_parameters'] / 1e6:.1f}M dense parameters (width {args.hidden}, {args.layers} layers, "
         f"MLP {args.intermediate}, vocabulary {args.vocab}); AdamW; batch {args.batch} x {args.seq} tokens; "
-        f"{args.threads} thread(s); median of {args.steps} steps after 1 warm-up.",
+        f"{args.threads} thread(s); median of {args.steps} steps after 1 warm-up; glibc mmap threshold "
+        f"{f'{args.mmap_threshold_kib} KiB' if args.mmap_threshold_kib else 'dynamic (default)'}.",
         f"hf-roast: {args.compression:g}x, projections + input embeddings compressed, output layer {lm_head}.",
         "",
         f"| {'':<32} | {'dense':>14} | {'hf-roast':>14} | {'dense / hf-roast':>16} |",
