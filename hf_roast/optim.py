@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import STORE_NAME
+from .checkpoint_format import STORE_NAME
 
 DEFAULT_Z_LR_RATIO = 4.0
 """z's learning rate over the dense one, in weight units."""

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from hf_roast import RoastConfig, RoastEmbedding, RoastLinear, get_roast_model
-from hf_roast.functional import LayerMapping, RoastEmbeddingFunction, RoastLinearFunction
-from hf_roast.mapping import MAPPERS, SIGNS, MappingPlan, ModuleSpec, gradient_scaler
+from hf_roast.mapping import MAPPERS, SIGNS, LayerMapping, MappingPlan, ModuleSpec, gradient_scaler
+from hf_roast.torch_path import RoastEmbeddingFunction, RoastLinearFunction
 
 
 def make_plan(mapper, sign, shapes, compression=2.0, tile=(8, 16)):
