@@ -124,7 +124,7 @@ def output_error_solve(
     materialisation, one ``rows x cols x cols`` product and one scatter per module. Returns z and the
     relative output error before and after.
     """
-    from .functional import materialize_weight, scatter_weight_grad
+    from .torch_path import materialize_weight, scatter_weight_grad
 
     def apply_g(w: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         return w if g is None else w @ g.to(w.device)

@@ -1,7 +1,9 @@
-"""Turning a dense HF model into a ROAST one in place, and rebuilding the skeleton of a saved one.
+"""Module conversion, both ways: dense -> ROAST in place, the skeleton of a saved one, and ROAST -> dense.
 
-One path per job: :func:`compress_model` (plan, initialise z, swap modules) for a dense model, and
-:func:`apply_plan` (swap modules only, z left to the loader) for a checkpoint.
+One path per job: :func:`compress_model` (plan, initialise z, swap modules) for a dense model,
+:func:`apply_plan` (swap modules only, z left to the loader) for a checkpoint, and :func:`merge_model`
+(materialise every layer into its dense module, drop the store) for ``merge_and_unload``. Every swap
+goes through :func:`replace_module`.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import column_weights, input_statistics, normalized_gram, output_error_solve
+from .checkpoint_format import STORE_NAME
 from .config import RoastConfig
-from .functional import LayerMapping, scatter_weight_grad
-from .layers import STORE_NAME, RoastEmbedding, RoastLinear, RoastStore, default_init_std
-from .mapping import MappingPlan, ModuleSpec
+from .layers import RoastEmbedding, RoastLinear, RoastStore, default_init_std, roast_layers
+from .mapping import LayerMapping, MappingPlan, ModuleSpec
 from .targets import find_targets, module_kind
-
-CALIBRATIONS = ("output", "diagonal")
+from .torch_path import scatter_weight_grad
+from .vocab import CALIBRATIONS
 
 
 def dense_weight(module: nn.Module, kind: str) -> torch.Tensor:
@@ -142,13 +144,13 @@ def compress_model(
                 importance = torch.ones_like(w)
                 if name in moments:
                     importance *= column_weights(moments[name].to(w.device))[None, :]
-                lm = _init_mapping(plan, spec, device)
-                numerator += scatter_weight_grad(w * importance, lm, plan.num_slots)
-                lm_den = LayerMapping(
-                    unsigned_plan, spec, lm.tile_slot, lm.tile_scale.abs() * spec.scale, None
+                layer_map = LayerMapping.build(plan, spec, device)
+                numerator += scatter_weight_grad(w * importance, layer_map, plan.num_slots)
+                unsigned_map = LayerMapping(
+                    unsigned_plan, spec, layer_map.tile_slot, layer_map.tile_scale.abs() * spec.scale, None
                 )
-                denominator += scatter_weight_grad(importance, lm_den, plan.num_slots)
-        _swap(model, name, _roast_layer_like(module, kind, store, spec, copy_values=materialized))
+                denominator += scatter_weight_grad(importance, unsigned_map, plan.num_slots)
+        replace_module(model, name, _roast_layer_like(module, kind, store, spec, copy_values=materialized))
         release_free_heap()
     with torch.no_grad():
         if init == "pretrained":
@@ -163,7 +165,7 @@ def compress_model(
         if init == "pretrained" and calibration == "output" and stats:
             solve_modules = [
                 (
-                    _init_mapping(plan, spec, device),
+                    LayerMapping.build(plan, spec, device),
                     dense_weight(module, kind).detach().float(),
                     normalized_gram(stats[name], calibration_damping).to(device) if name in stats else None,
                 )
@@ -204,11 +206,6 @@ def _glibc():
         return None
 
 
-def _init_mapping(plan: MappingPlan, spec: ModuleSpec, device) -> LayerMapping:
-    slots = plan.tile_slots(spec, device) if plan.is_tiled else None
-    return LayerMapping(plan, spec, slots, plan.tile_scales(spec, device), None)
-
-
 def _roast_layer_like(module: nn.Module, kind: str, store: RoastStore, spec: ModuleSpec, copy_values: bool):
     """A Roast layer standing in for ``module``; copies the dense bias / padding row when they are real."""
     w = module.weight
@@ -238,7 +235,8 @@ def _roast_layer_like(module: nn.Module, kind: str, store: RoastStore, spec: Mod
     return layer
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of ``model``'s submodule with dotted name ``name``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -263,6 +261,55 @@ def apply_plan(model: nn.Module, config: RoastConfig, plan: MappingPlan, device=
                 f"The checkpoint's module {spec.name!r} is a {spec.kind} of shape {(spec.rows, spec.cols)}, but the "
                 f"model has {kind or type(module).__name__} of shape {shape}: the module list does not match."
             )
-        _swap(model, spec.name, _roast_layer_like(module, kind, store, spec, copy_values=False))
+        replace_module(model, spec.name, _roast_layer_like(module, kind, store, spec, copy_values=False))
     model.add_module(STORE_NAME, store)
     return store
+
+
+def _dense_layer_like(layer: RoastLinear | RoastEmbedding) -> nn.Module:
+    """The plain module ``layer`` stands for, with the weight it computes with and its owned tensors."""
+    from transformers.pytorch_utils import Conv1D
+
+    w = layer.materialize_weight()  # an embedding's padding row is written into it
+    owned = layer.owned_tensors()
+    if isinstance(layer, RoastEmbedding):
+        dense = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, device=w.device)
+    elif layer.spec.kind == "conv1d":
+        dense = Conv1D(layer.out_features, layer.in_features)
+    else:
+        dense = nn.Linear(layer.in_features, layer.out_features, bias="bias" in owned, device="meta")
+    dense.weight = nn.Parameter(w)
+    if "bias" in owned:
+        dense.bias = nn.Parameter(owned["bias"].detach().clone())
+    dense.train(layer.training)
+    return dense
+
+
+@torch.no_grad()
+def merge_model(model: nn.Module) -> nn.Module:
+    """ROAST -> dense in place: every compressed layer becomes the plain module it stands for, with equal
+    outputs, and the store is removed. Returns ``model``."""
+    for name, layer in roast_layers(model):
+        replace_module(model, name, _dense_layer_like(layer))
+    delattr(model, STORE_NAME)
+    return model
+
+
+@torch.no_grad()
+def rescale_to_dense_norm(model: nn.Module, dense_sq: float) -> float:
+    """Multiply z so the compressed target weights keep the dense weights' total Frobenius norm.
+
+    The least-squares projection at c-fold sharing keeps about 1/c of each weight and adds the other
+    c-1 weights of its slot as noise, so ||W'|| is about ||W||/sqrt(c): attention logits (Q K^T) shrink
+    about c-fold, attention turns uniform and the token representations collapse. This variant
+    trades the L2-optimal start for the dense model's scale. One global factor suffices because the
+    stable mapper shares evenly across modules. ``model`` is the compressed HF model; ``dense_sq`` the sum of
+    its dense target weights' squares before compression. Returns the factor (an init variant of the
+    evaluation).
+    """
+    roast_sq = float(
+        sum(layer.materialize_weight().double().pow(2).sum() for _, layer in roast_layers(model))
+    )
+    factor = (dense_sq / roast_sq) ** 0.5
+    getattr(model, STORE_NAME).z.mul_(factor)
+    return factor

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from .mapping import MAPPERS, MAPPING_VERSION, SIGNS
+from .vocab import BACKENDS, DTYPES, INITS, MAPPERS, MAPPING_VERSION, SCALERS, SIGNS, check_choice
 
-CONFIG_NAME = "roast_config.json"
-INITS = ("auto", "pretrained", "random")
-SCALERS = ("v5", "v1", "none")
-BACKENDS = ("auto", "torch", "triton")
-DTYPES = ("float32", "bfloat16", "float16")
 STORED_EXTRA_KEYS = {"plan", "plan_sha256", "quant_method", "format_version"}
-"""Keys a checkpoint stores beside the RoastConfig fields (see :mod:`hf_roast.serialization`)."""
+"""Keys a checkpoint stores beside the RoastConfig fields (see :mod:`hf_roast.checkpoint_format`)."""
 
 
 @dataclass
@@ -147,9 +140,7 @@ class RoastConfig:
             ("dtype", DTYPES),
             ("backend", BACKENDS),
         ):
-            value = getattr(self, name)
-            if not isinstance(value, str) or value not in choices:
-                raise ValueError(f"Unknown {name} {value!r}: choose one of {', '.join(choices)}.")
+            check_choice(name, getattr(self, name), choices)
         tile = tuple(self.tile) if isinstance(self.tile, (list, tuple)) else None
         if (
             tile is None
@@ -202,11 +193,3 @@ class RoastConfig:
                 stacklevel=2,
             )
         return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> RoastConfig:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))

@@ -12,10 +12,11 @@ import os
 
 import torch
 
-from .functional import LayerMapping, RoastEmbeddingFunction, RoastLinearFunction
+from .mapping import LayerMapping
+from .torch_path import RoastEmbeddingFunction, RoastLinearFunction
+from .vocab import BACKENDS
 
 ENV_BACKEND = "HF_ROAST_BACKEND"
-BACKENDS = ("auto", "torch", "triton")
 
 
 def requested_backend(requested: str) -> str:
@@ -23,7 +24,7 @@ def requested_backend(requested: str) -> str:
     backend = os.environ.get(ENV_BACKEND) or requested or "auto"
     if backend not in BACKENDS:
         source = f"{ENV_BACKEND}={backend!r}" if os.environ.get(ENV_BACKEND) else f"backend={backend!r}"
-        raise ValueError(f"{source}: use 'auto', 'torch' or 'triton'.")
+        raise ValueError(f"{source}: use {', '.join(map(repr, BACKENDS[:-1]))} or {BACKENDS[-1]!r}.")
     return backend
 
 

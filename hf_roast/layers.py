@@ -14,10 +14,8 @@ import torch
 from torch import nn
 
 from .dispatch import roast_embedding, roast_linear
-from .functional import LayerMapping, materialize_weight
-from .mapping import MappingPlan, ModuleSpec, gradient_scaler
-
-STORE_NAME = "roast_store"
+from .mapping import LayerMapping, MappingPlan, ModuleSpec, gradient_scaler
+from .torch_path import materialize_weight
 
 
 class RoastStore(nn.Module):
@@ -49,10 +47,24 @@ class RoastStore(nn.Module):
         return f"num_slots={p.num_slots}, mapper={p.mapper!r}, tile={p.tile}, sign={p.sign!r}, scaler={self.scaler!r}"
 
 
-class _RoastLayerMixin:
-    """Shared plumbing: the store reference, the spec, the small per-layer tables."""
+class RoastLayer(nn.Module):
+    """Base of every layer that reads its weight from z: the store reference, the spec, the small tables.
 
+    A layer declares what it owns, and everything that walks layers (the compression report, the
+    quantizer's load check, merge and save) reads that declaration instead of guessing by name:
+
+    * :attr:`owned_tensor_names`: the dense tensors it owns and a checkpoint stores (parameters or
+      persistent buffers; an entry may be None on an instance, e.g. a linear layer without bias);
+    * :attr:`table_names`: the per-layer mapping tables, derived from the plan, never stored.
+    """
+
+    owned_tensor_names: tuple[str, ...] = ()
+    table_names: tuple[str, ...] = ("tile_slot", "tile_scale")
     spec: ModuleSpec
+
+    def owned_tensors(self) -> dict[str, torch.Tensor]:
+        """The owned tensors that exist on this instance, by name (see :attr:`owned_tensor_names`)."""
+        return {n: t for n in self.owned_tensor_names if (t := getattr(self, n, None)) is not None}
 
     def _attach(self, store: RoastStore, spec: ModuleSpec, dtype: torch.dtype, device) -> None:
         object.__setattr__(self, "_roast_store", store)  # deliberately not registered as a submodule
@@ -137,8 +149,10 @@ class _RoastLayerMixin:
         return w.t().contiguous() if self.spec.kind == "conv1d" else w
 
 
-class RoastLinear(_RoastLayerMixin, nn.Module):
+class RoastLinear(RoastLayer):
     """Replaces ``nn.Linear`` (and GPT-2's ``Conv1D``): ``y = x W^T + b`` with W read from z. Bias stays dense."""
+
+    owned_tensor_names = ("bias",)
 
     def __init__(
         self,
@@ -180,12 +194,14 @@ class RoastLinear(_RoastLayerMixin, nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, roast={self.spec.name!r}"
 
 
-class RoastEmbedding(_RoastLayerMixin, nn.Module):
+class RoastEmbedding(RoastLayer):
     """Replaces ``nn.Embedding``: gathers only the looked-up rows from z.
 
     ``padding_idx`` is honoured exactly: the padding row is kept densely (``dim`` values) and receives
     no gradient, as in ``nn.Embedding``.
     """
+
+    owned_tensor_names = ("padding_row",)
 
     def __init__(
         self,
@@ -239,6 +255,11 @@ class RoastEmbedding(_RoastLayerMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, roast={self.spec.name!r}"
+
+
+def roast_layers(model: nn.Module) -> list[tuple[str, RoastLayer]]:
+    """(name, layer) of every compressed layer of ``model``, in ``named_modules`` order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, RoastLayer)]
 
 
 def default_init_std(module: nn.Module) -> float:

@@ -35,12 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-MAPPING_VERSION = 1
-"""Bump whenever any formula below changes: it is stored in every checkpoint and checked on load."""
-
-MAPPERS = ("stable", "roast", "hashednet")
-MODULE_KINDS = ("linear", "conv1d", "embedding")
-SIGNS = ("none", "tile", "element")
+from .vocab import MAPPERS, MAPPING_VERSION, MODULE_KINDS, SCALERS, SIGNS, check_choice
 
 P31 = 2147483647  # the Mersenne prime 2**31 - 1: products of two values below it stay below 2**62
 MIX_A = 1103515245
@@ -115,7 +110,7 @@ class ModuleSpec:
     """One compressed module's place in the model-wide virtual index."""
 
     name: str
-    kind: str  # one of MODULE_KINDS
+    kind: str  # one of MODULE_KINDS: what the module was, and so how its dense weight is laid out
     rows: int
     cols: int
     scale: float  # lambda_l
@@ -170,10 +165,8 @@ class MappingPlan:
         num_parameters: int | None = None,
     ) -> MappingPlan:
         """Lay the modules out tile-major and size z from a compression ratio or an explicit budget."""
-        if mapper not in MAPPERS:
-            raise ValueError(f"Unknown mapper {mapper!r}: choose one of {MAPPERS}.")
-        if sign not in SIGNS:
-            raise ValueError(f"Unknown sign {sign!r}: choose one of {SIGNS}.")
+        check_choice("mapper", mapper, MAPPERS)
+        check_choice("sign", sign, SIGNS)
         tile = (int(tile[0]), int(tile[1]))
         if not modules:
             raise ValueError("No module to compress: check target_modules / exclude_modules.")
@@ -383,6 +376,7 @@ def gradient_scaler(plan: MappingPlan, mode: str, device=None) -> torch.Tensor |
 
     v5: s_j = sum_l c_lj lambda_l^2;  v1: s_j = (sum_l c_lj lambda_l)^2 / sum_l c_lj. Unused units get 1.
     """
+    check_choice("scaler", mode, SCALERS)
     if mode == "none":
         return None
     n_units = plan.num_slots // plan.scaler_unit()
@@ -396,8 +390,26 @@ def gradient_scaler(plan: MappingPlan, mode: str, device=None) -> torch.Tensor |
         s_cl2 += c * spec.scale**2
     if mode == "v5":
         s = s_cl2
-    elif mode == "v1":
+    else:  # v1
         s = torch.where(s_c > 0, s_cl**2 / s_c.clamp_min(1), torch.zeros_like(s_c))
-    else:
-        raise ValueError(f"Unknown scaler {mode!r}: choose 'v5', 'v1' or 'none'.")
     return torch.where(s > 0, 1.0 / s.clamp_min(1e-300), torch.ones_like(s)).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-layer tables: what every execution path (PyTorch, Triton) needs to read one layer's weights.
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class LayerMapping:
+    """What one layer's execution paths need: the plan, its spec, and its small cached tables."""
+
+    plan: MappingPlan
+    spec: ModuleSpec
+    tile_slot: torch.Tensor | None  # int64 [n_tiles] (tile mappers)
+    tile_scale: torch.Tensor  # fp32 [n_tiles]: lambda * tile sign
+    scaler_inv: torch.Tensor | None  # fp32 [m / unit]: 1 / s_j, the STABLE-RPS gradient scaler
+
+    @classmethod
+    def build(cls, plan: MappingPlan, spec: ModuleSpec, device=None) -> LayerMapping:
+        """Fresh tables for ``spec`` on ``device``, without a gradient scaler (initialisation, calibration)."""
+        slots = plan.tile_slots(spec, device) if plan.is_tiled else None
+        return cls(plan, spec, slots, plan.tile_scales(spec, device), None)

@@ -6,20 +6,16 @@ import functools
 import inspect
 import os
 
-import torch
 from torch import nn
 
-from .compress import compress_model
+from .checkpoint_format import STORE_NAME, roast_config_dict
+from .compress import compress_model, merge_model
 from .config import RoastConfig
-from .layers import STORE_NAME, RoastEmbedding, RoastLinear, RoastStore
-
-FORMAT_VERSION = "1.1"
-"""Version of the on-disk layout (file names and keys), "major.minor"; independent of the mapping version.
-
-1.0 (stored as the integer 1): the first layout. 1.1: adds ``plan_sha256``. A reader loads any older
-version and a newer minor one (ignoring the keys it does not know, with a warning); it refuses a newer
-major one.
-"""
+from .hub import push_checkpoint
+from .layers import RoastLayer, RoastStore, roast_layers
+from .quantizer import save_roast_model
+from .report import compression_report, unique_parameters
+from .serialization import drop_quantization_state, load_checkpoint
 
 
 def get_roast_model(
@@ -110,21 +106,12 @@ class RoastModel(nn.Module):
     def plan(self):
         return self.roast_store.plan
 
-    def roast_layers(self) -> list[tuple[str, nn.Module]]:
-        return [
-            (n, m) for n, m in self.base_model.named_modules() if isinstance(m, (RoastLinear, RoastEmbedding))
-        ]
-
-    def _unique_parameters(self):
-        seen = set()
-        for p in self.base_model.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                yield p
+    def roast_layers(self) -> list[tuple[str, RoastLayer]]:
+        return roast_layers(self.base_model)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self._unique_parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self._unique_parameters())
+        trainable = sum(p.numel() for p in unique_parameters(self.base_model) if p.requires_grad)
+        total = sum(p.numel() for p in unique_parameters(self.base_model))
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -137,87 +124,19 @@ class RoastModel(nn.Module):
 
     def compression_report(self) -> dict:
         """Dense vs stored parameter counts and bytes, over the target modules and the whole model."""
-        store = self.roast_store
-        layers = self.roast_layers()
-        dense_target = sum(m.spec.numel for _, m in layers)
-        dense_target_bytes = sum(m.spec.numel * m._dtype_probe.element_size() for _, m in layers)
-        z = store.z
-        stored_target, stored_target_bytes = z.numel(), z.numel() * z.element_size()
-        other = [p for p in self._unique_parameters() if p is not z]
-        other_buffers = [b for n, b in self.base_model.named_buffers() if n.endswith("padding_row")]
-        other_n = sum(p.numel() for p in other) + sum(b.numel() for b in other_buffers)
-        other_bytes = sum(p.numel() * p.element_size() for p in other) + sum(
-            b.numel() * b.element_size() for b in other_buffers
-        )
-
-        def block(dense_n, dense_b, stored_n, stored_b):
-            return {
-                "dense_parameters": dense_n,
-                "stored_parameters": stored_n,
-                "dense_bytes": dense_b,
-                "stored_bytes": stored_b,
-                "ratio": dense_n / stored_n,
-                "bytes_ratio": dense_b / stored_b,
-            }
-
-        plan = store.plan
-        return {
-            "target": block(dense_target, dense_target_bytes, stored_target, stored_target_bytes),
-            "model": block(
-                dense_target + other_n,
-                dense_target_bytes + other_bytes,
-                stored_target + other_n,
-                stored_target_bytes + other_bytes,
-            ),
-            "num_modules": len(layers),
-            "mapper": plan.mapper,
-            "tile": list(plan.tile),
-            "sign": plan.sign,
-            "seed": plan.seed,
-            "scaler": store.scaler,
-            "mapping_version": plan.mapping_version,
-        }
+        return compression_report(self.base_model)
 
     # ---- conversion ---------------------------------------------------------------------------------
-    @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
         """A plain dense HF model whose outputs equal the compressed one's; the wrapper is left unusable."""
-        from transformers.pytorch_utils import Conv1D
-
-        model = self.base_model
-        for name, layer in self.roast_layers():
-            w = layer.materialize_weight()
-            if isinstance(layer, RoastEmbedding):
-                dense = nn.Embedding(
-                    layer.num_embeddings, layer.embedding_dim, layer.padding_idx, device=w.device
-                )
-                dense.weight = nn.Parameter(w)
-            elif layer.spec.kind == "conv1d":
-                dense = Conv1D(layer.out_features, layer.in_features)
-                dense.weight = nn.Parameter(w)
-                dense.bias = nn.Parameter(layer.bias.detach().clone())
-            else:
-                dense = nn.Linear(
-                    layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
-                )
-                dense.weight = nn.Parameter(w)
-                if layer.bias is not None:
-                    dense.bias = nn.Parameter(layer.bias.detach().clone())
-            dense.train(layer.training)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
-        delattr(model, STORE_NAME)
-        _forget_roast(model)
+        model = merge_model(self.base_model)
+        drop_quantization_state(model)
         return model
 
     # ---- persistence --------------------------------------------------------------------------------
     def roast_config_dict(self) -> dict:
-        d = self.roast_config.to_dict()
-        d["format_version"] = FORMAT_VERSION
-        d["plan"] = self.plan.to_dict()
-        d["plan_sha256"] = self.plan.digest()
-        d["scaler"] = self.roast_store.scaler
-        return d
+        """The content of ``roast_config.json`` for this model (see :mod:`hf_roast.checkpoint_format`)."""
+        return roast_config_dict(self.roast_config, self.plan, self.roast_store.scaler)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> list[str]:
         """Write the checkpoint folder; returns the names of the files written.
@@ -227,9 +146,7 @@ class RoastModel(nn.Module):
         ``README.md`` model card. Card options: ``base_model``, ``license``, ``repo_id``, ``model_card=False``.
         Other keyword arguments go to transformers' ``save_pretrained`` (e.g. ``max_shard_size``).
         """
-        from .serialization import save_roast_model
-
-        return save_roast_model(self, save_directory, **kwargs)
+        return save_roast_model(self.base_model, self.roast_config, save_directory, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> RoastModel:
@@ -239,9 +156,8 @@ class RoastModel(nn.Module):
         huggingface_hub; other keyword arguments (``dtype``, ``device_map``...) to transformers'
         ``from_pretrained``, whose quantizer path (the one ``AutoModel*`` takes) builds the model.
         """
-        from .serialization import load_roast_model
-
-        return load_roast_model(pretrained_model_name_or_path, **kwargs)
+        model, config = load_checkpoint(pretrained_model_name_or_path, **kwargs)
+        return RoastModel(model, config)
 
     def push_to_hub(
         self,
@@ -257,8 +173,6 @@ class RoastModel(nn.Module):
 
         Goes through ``huggingface_hub`` (``create_repo`` + ``upload_folder``); returns its ``CommitInfo``.
         """
-        from .hub import push_checkpoint
-
         return push_checkpoint(
             self,
             repo_id,
@@ -269,21 +183,6 @@ class RoastModel(nn.Module):
             create_pr=create_pr,
             **save_kwargs,
         )
-
-
-def _forget_roast(model: nn.Module) -> None:
-    """Drop every trace of ROAST from a densified model, so that it saves and reloads as a plain one."""
-    for attr in (
-        "roast_config",
-        "hf_quantizer",
-        "save_pretrained",
-    ):  # see quantizer._save_as_roast_checkpoint
-        model.__dict__.pop(attr, None)
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.__dict__.pop("quantization_config", None)
-    for flag in ("is_quantized", "quantization_method"):
-        model.__dict__.pop(flag, None)
 
 
 __all__ = ["RoastModel", "get_roast_model"]

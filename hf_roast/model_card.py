@@ -66,16 +66,19 @@ def guess_base_model(base) -> str | None:
 
 
 def render_model_card(
-    roast_model,
+    model,
     repo_id: str | None = None,
     base_model: str | None = None,
     license: str | None = None,
     model_name: str | None = None,
 ) -> ModelCard:
-    """The card of ``roast_model`` (a RoastModel); ``base_model`` is guessed from the config when not given."""
-    base = roast_model.base_model
+    """The card of the compressed HF ``model`` (a RoastModel's ``base_model``); ``base_model`` is guessed from
+    the config when not given."""
+    from .report import compression_report
+
+    base = model
     base_model = base_model or guess_base_model(base)
-    report = roast_model.compression_report()
+    report = compression_report(base)
     architecture = (getattr(base.config, "architectures", None) or [type(base).__name__])[0]
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
@@ -103,11 +106,9 @@ def render_model_card(
     )
 
 
-def write_model_card(
-    roast_model, save_directory: str | os.PathLike, repo_id: str | None = None, **kwargs
-) -> str:
+def write_model_card(model, save_directory: str | os.PathLike, repo_id: str | None = None, **kwargs) -> str:
     """Write ``README.md`` into ``save_directory``; returns its path."""
-    card = render_model_card(roast_model, repo_id=repo_id or os.fspath(save_directory), **kwargs)
+    card = render_model_card(model, repo_id=repo_id or os.fspath(save_directory), **kwargs)
     path = os.path.join(save_directory, "README.md")
     card.save(path)
     return path

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import STORE_NAME
+from .checkpoint_format import STORE_NAME
 
 DEFAULT_Z_LR_RATIO = 4.0
 """z's learning rate over the dense one, in weight units."""
@@ -71,6 +71,21 @@ def z_weight_multiplier(model: nn.Module) -> float:
     weights = sum(m.rows * m.cols for m in modules)
     rms = (sum(m.rows * m.cols * m.scale**2 for m in modules) / weights) ** 0.5
     return 1.0 / rms
+
+
+def single_rate_groups(model: nn.Module, lr: float) -> tuple[list[dict], float]:
+    """One learning rate for every parameter, in weight units: z gets ``lr * z_weight_multiplier``.
+
+    The baselines' recipe (and hf-roast's before the per-group recipe above), kept so that the
+    evaluation's arms reproduce. Returns the groups and z's multiplier (1.0 for an uncompressed model).
+    """
+    store = getattr(model, STORE_NAME, None)
+    if store is None:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}], 1.0
+    multiplier = z_weight_multiplier(model)
+    z = store.z
+    others = [p for p in model.parameters() if p.requires_grad and p is not z]
+    return [{"params": [z], "lr": lr * multiplier}, {"params": others, "lr": lr}], multiplier
 
 
 def _store_of(model: nn.Module):

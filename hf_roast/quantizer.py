@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 import types
 from typing import Any
@@ -32,11 +33,11 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .layers import STORE_NAME, RoastEmbedding, RoastLinear, RoastStore
-
-QUANT_METHOD = "roast"
-MARKER_SUFFIX = ".weight"
-"""Each compressed module ``m`` stores an empty ``m.weight``: the tensor a dense model cannot load."""
+from .checkpoint_format import MARKER_SUFFIX, QUANT_METHOD, STORE_NAME, parse_roast_config, roast_config_dict
+from .compress import apply_plan
+from .config import RoastConfig
+from .layers import RoastStore, roast_layers
+from .serialization import write_checkpoint
 
 
 def marker_state_dict(plan) -> dict[str, torch.Tensor]:
@@ -63,18 +64,12 @@ class RoastQuantizationConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"RoastQuantizationConfig needs quant_method={QUANT_METHOD!r}, got {quant_method!r}."
             )
-        from .serialization import parse_roast_config
-
         self.quant_method = QUANT_METHOD
         self._fields = copy.deepcopy(roast_fields)
         # Raises on a wrong mapping version / missing plan; cached because every hook needs them.
         self._roast_config, self._plan = parse_roast_config(
             self._fields, "quantization_config (quant_method='roast')"
         )
-
-    @classmethod
-    def from_roast_model(cls, roast_model) -> RoastQuantizationConfig:
-        return cls(**roast_model.roast_config_dict())
 
     @property
     def roast_config(self):
@@ -90,10 +85,6 @@ class RoastQuantizationConfig(QuantizationConfigMixin):
         self._fields["plan"] = plan.to_dict()
         if "plan_sha256" in self._fields:
             self._fields["plan_sha256"] = plan.digest()
-
-    def to_roast_dict(self) -> dict[str, Any]:
-        """The ``roast_config.json`` content (no ``quant_method``)."""
-        return copy.deepcopy(self._fields)
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, **copy.deepcopy(self._fields)}
@@ -131,8 +122,6 @@ class RoastHfQuantizer(HfQuantizer):
 
     # ---- loading --------------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from .compress import apply_plan
-
         qc = self.quantization_config
         stored_names = [spec.name for spec in qc.plan.modules]
         qc.set_plan(_plan_for(model, qc.plan))
@@ -188,12 +177,24 @@ class RoastHfQuantizer(HfQuantizer):
         return True
 
 
+def save_roast_model(model, config: RoastConfig, save_directory: str | os.PathLike, **kwargs) -> list[str]:
+    """Write the whole hf_roast checkpoint of the compressed HF ``model`` (see
+    :func:`hf_roast.serialization.write_checkpoint`, which gets the keyword arguments); returns the file names.
+
+    The one save: ``RoastModel.save_pretrained`` and the ``save_pretrained`` of a model loaded by
+    ``AutoModel*`` both come here. The quantizer is attached only while transformers writes.
+    """
+    store = getattr(model, STORE_NAME)
+    roast_dict = roast_config_dict(config, store.plan, store.scaler)
+    hf_quantizer = RoastHfQuantizer(RoastQuantizationConfig(**roast_dict), pre_quantized=True)
+    return write_checkpoint(model, roast_dict, hf_quantizer, save_directory, **kwargs)
+
+
 def _save_as_roast_checkpoint(model, save_directory, **kwargs):
     """``save_pretrained`` of a model loaded by ``AutoModel*``: the whole hf_roast checkpoint, atomically."""
-    from .model import RoastModel
-
-    config = model.hf_quantizer.quantization_config.roast_config
-    return RoastModel(model, config).save_pretrained(save_directory, **kwargs)
+    return save_roast_model(
+        model, model.hf_quantizer.quantization_config.roast_config, save_directory, **kwargs
+    )
 
 
 def _has_module(model, name: str) -> bool:
@@ -249,11 +250,8 @@ def _check_loaded(model, store: RoastStore, device_map: dict | None = None) -> N
             f"device_map={{{STORE_NAME!r}: 0, ...}}, or give max_memory room for z ({store.z.numel() * store.z.element_size():,} bytes)."
         )
     owned = [(z_name, store.z)]
-    for name, module in model.named_modules():
-        if isinstance(module, (RoastLinear, RoastEmbedding)):
-            owned += [(f"{name}.{n}", t) for n, t in module.named_parameters(recurse=False)]
-            if getattr(module, "padding_row", None) is not None:
-                owned.append((f"{name}.padding_row", module.padding_row))
+    for name, layer in roast_layers(model):
+        owned += [(f"{name}.{n}", t) for n, t in layer.owned_tensors().items()]
     missing = [
         n
         for n, t in owned
@@ -286,4 +284,11 @@ def register() -> None:
 
 register()
 
-__all__ = ["RoastHfQuantizer", "RoastQuantizationConfig", "marker_state_dict", "register", "QUANT_METHOD"]
+__all__ = [
+    "QUANT_METHOD",
+    "RoastHfQuantizer",
+    "RoastQuantizationConfig",
+    "marker_state_dict",
+    "register",
+    "save_roast_model",
+]

@@ -16,8 +16,8 @@ module name), so a second import can never fail or shadow the first.
 
 import torch
 
-from hf_roast.functional import LayerMapping
 from hf_roast.kernels_available import triton_unavailable_reason
+from hf_roast.mapping import LayerMapping
 
 from . import roast_matmul as rm
 from .roast_matmul import Geometry

@@ -21,12 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_roast.mapping import SIGNS, MappingPlan, ModuleSpec, seed_constants
+from hf_roast.mapping import MappingPlan, ModuleSpec, seed_constants
+from hf_roast.vocab import MAPPER_IDS, SIGN_IDS
 
 from .mapping_jit import hash_sign, hashednet_slot, tile_coordinates, virtual_index
 
-MAPPER_IDS = {"stable": 0, "roast": 1, "hashednet": 2}
-SIGN_IDS = {name: i for i, name in enumerate(SIGNS)}  # none=0, tile=1, element=2
 HASHEDNET = tl.constexpr(MAPPER_IDS["hashednet"])
 ELEMENT_SIGN = tl.constexpr(SIGN_IDS["element"])
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from hf_roast.dispatch import resolve_backend, roast_linear
-from hf_roast.functional import LayerMapping, clear_scratch, materialize_weight
-from hf_roast.mapping import MappingPlan, ModuleSpec, gradient_scaler
+from hf_roast.mapping import LayerMapping, MappingPlan, ModuleSpec, gradient_scaler
+from hf_roast.torch_path import clear_scratch, materialize_weight
 
 QUICK_ROWS = (1, 16, 512)
 QUICK_SHAPES = ((4096, 4096),)
@@ -153,7 +153,7 @@ def describe(device: torch.device, backend: str, dtype: torch.dtype) -> str:
     else:
         name = f"CPU, {torch.get_num_threads()} threads"
     path = (
-        "Triton kernels (hf_roast.kernels)" if backend == "triton" else "PyTorch path (hf_roast.functional)"
+        "Triton kernels (hf_roast.kernels)" if backend == "triton" else "PyTorch path (hf_roast.torch_path)"
     )
     return (
         f"device: {name}; ROAST/HashedNet run on the {path}; activations {str(dtype).removeprefix('torch.')}"

@@ -30,6 +30,10 @@ NOT_COPIED_NAMES = {"config.json", "generation_config.json", "roast_config.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hf_roast.config import RoastConfig
+    from hf_roast.vocab import DTYPES, INITS, MAPPERS, SIGNS
+
+    defaults = RoastConfig()
     p = argparse.ArgumentParser(
         prog="hf-roast compress",
         description="Compress a local Hugging Face model folder into a ROAST / STABLE-RPS checkpoint.",
@@ -51,14 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--exclude-modules", nargs="+", default=None, help="Names/suffixes never to compress.")
     p.add_argument("--compress-embeddings", action="store_true", help="Also compress nn.Embedding tables.")
-    p.add_argument("--mapper", default="stable", choices=["stable", "roast", "hashednet"])
-    p.add_argument("--tile", type=int, nargs=2, default=[32, 32], metavar=("ROWS", "COLS"))
-    p.add_argument("--sign", default="tile", choices=["none", "tile", "element"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init", default="auto", choices=["auto", "pretrained", "random"])
-    p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="Storage dtype of z."
-    )
+    p.add_argument("--mapper", default=defaults.mapper, choices=list(MAPPERS))
+    p.add_argument("--tile", type=int, nargs=2, default=list(defaults.tile), metavar=("ROWS", "COLS"))
+    p.add_argument("--sign", default=defaults.sign, choices=list(SIGNS))
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--init", default=defaults.init, choices=list(INITS))
+    p.add_argument("--dtype", default=defaults.dtype, choices=list(DTYPES), help="Storage dtype of z.")
     p.add_argument("--base-model", default=None, help="Hub repo id of the dense model, for the model card.")
     p.add_argument("--license", default=None, help="License for the card (default: the source README's).")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
@@ -90,19 +92,20 @@ def _copy_side_files(model_dir: str, out_dir: str) -> list[str]:
 
 
 def load_dense(model_dir: str):
-    import transformers
+    from hf_roast.checkpoint_format import QUANT_METHOD
+    from hf_roast.serialization import model_class_for
 
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
         raise SystemExit(f"error: {model_dir} has no config.json: pass a folder written by save_pretrained.")
     with open(config_path) as f:
         raw = json.load(f)
-    if (raw.get("quantization_config") or {}).get("quant_method") == "roast":
+    if (raw.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
         raise SystemExit(
             f"error: {model_dir} is already a ROAST checkpoint; compress the dense model instead."
         )
     archs = raw.get("architectures") or []
-    model_cls = getattr(transformers, archs[0], None) if archs else None
+    model_cls = model_class_for(archs)
     if model_cls is None:
         raise SystemExit(
             f"error: {config_path} names no transformers architecture ({archs}); set `architectures`."

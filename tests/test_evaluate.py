@@ -19,11 +19,11 @@ from hf_roast.evaluation.baselines import (
     kept_per_module,
     magnitude_prune,
     pruning_storage,
-    target_modules_of,
     truncate_layers,
 )
 from hf_roast.evaluation.data import split_classification
 from hf_roast.evaluation.results import check_targets
+from hf_roast.targets import find_targets
 
 
 def tiny_bert():
@@ -46,7 +46,7 @@ def test_kept_per_module_sums_exactly_and_is_proportional():
 def test_pruning_keeps_largest_weights_and_mask_stays_fixed_while_training():
     model = tiny_bert()
     config = RoastConfig(compression=4, exclude_modules=["classifier"])
-    targets = target_modules_of(model, config)
+    targets = find_targets(model, config)
     n = sum(m.weight.numel() for _, m, _ in targets)
     first = targets[0][1]
     threshold_input = first.weight.detach().abs().clone()
@@ -256,7 +256,7 @@ def test_cli_dispatches_evaluate(tmp_path):
 
 def test_optimizer_groups_give_z_the_learning_rate_in_weight_units():
     from hf_roast import get_roast_model
-    from hf_roast.evaluation.arms import optimizer_groups
+    from hf_roast.optim import single_rate_groups as optimizer_groups
 
     dense_groups, one = optimizer_groups(tiny_bert(), 1e-4)
     assert one == 1.0 and len(dense_groups) == 1

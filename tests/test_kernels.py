@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from hf_roast import dispatch
-from hf_roast.functional import LayerMapping, RoastEmbeddingFunction, RoastLinearFunction, materialize_weight
 from hf_roast.kernels_available import interpreter_active
 from hf_roast.layers import RoastLinear, RoastStore
 from hf_roast.mapping import (
     MAPPERS,
     SIGNS,
+    LayerMapping,
     MappingPlan,
     ModuleSpec,
     gradient_scaler,
@@ -30,6 +30,7 @@ from hf_roast.mapping import (
     seed_constants,
     stable_slot,
 )
+from hf_roast.torch_path import RoastEmbeddingFunction, RoastLinearFunction, materialize_weight
 
 triton = pytest.importorskip("triton")
 from hf_roast.kernels import ops  # noqa: E402  (after TRITON_INTERPRET)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from hf_roast import RoastConfig, RoastEmbedding, RoastLinear, functional, get_roast_model
-from hf_roast.functional import LayerMapping, RoastEmbeddingFunction, RoastLinearFunction
-from hf_roast.mapping import MAPPERS, SIGNS, MappingPlan, ModuleSpec, gradient_scaler
+from hf_roast import RoastConfig, RoastEmbedding, RoastLinear, get_roast_model, torch_path
+from hf_roast.mapping import MAPPERS, SIGNS, LayerMapping, MappingPlan, ModuleSpec, gradient_scaler
+from hf_roast.torch_path import RoastEmbeddingFunction, RoastLinearFunction
 
 
 def make_plan(mapper, sign, shapes, compression=2.0, tile=(8, 16)):
@@ -39,12 +39,12 @@ def reference_weight(plan, spec, z):
 def test_linear_forward_and_gradients_match_dense_reference(mapper, sign, rows, row_block, monkeypatch):
     """Also with W built and used in blocks of tile rows (as a large W is): the same numbers."""
     if row_block is not None:
-        monkeypatch.setattr(functional, "ROW_BLOCK_WEIGHTS", row_block)
+        monkeypatch.setattr(torch_path, "ROW_BLOCK_WEIGHTS", row_block)
     shapes = [(37, 19), (5, 37)]  # neither dim a multiple of the 8x16 tile; a 5-row layer is all edge
     plan = make_plan(mapper, sign, shapes)
     if row_block is not None and plan.is_tiled:
         expected_blocks = {1: 5, 600: 3}[row_block]  # 37 rows = 5 tile rows of 8; 2 tile rows are 512 weights
-        assert len(functional.row_blocks(layer_mapping(plan, plan.modules[0]))) == expected_blocks
+        assert len(torch_path.row_blocks(layer_mapping(plan, plan.modules[0]))) == expected_blocks
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(plan.num_slots, generator=gen, dtype=torch.float64, requires_grad=True)
     z_ref = z.detach().clone().requires_grad_(True)

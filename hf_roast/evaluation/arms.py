@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..compress import dense_weight
+from ..compress import dense_weight, rescale_to_dense_norm
 from ..config import RoastConfig
 from ..model import get_roast_model
-from ..optim import z_weight_multiplier
-from .baselines import magnitude_prune, parameter_bytes, target_modules_of, truncate_layers
+from ..targets import find_targets
+from .baselines import magnitude_prune, parameter_bytes, truncate_layers
 
 METHODS = ("dense", "roast", "prune", "smaller", "narrower")
 
@@ -95,7 +95,7 @@ def roast_config_for(arm: Arm, init: str = "pretrained") -> RoastConfig:
 
 def dense_target_values(model: nn.Module, arm: Arm) -> tuple[int, int]:
     """(values, bytes) of the modules hf-roast would compress in the *full* dense model."""
-    targets = target_modules_of(model, roast_config_for(arm))
+    targets = find_targets(model, roast_config_for(arm))
     n = sum(m.weight.numel() for _, m, _ in targets)
     b = sum(m.weight.numel() * m.weight.element_size() for _, m, _ in targets)
     return n, b
@@ -135,7 +135,7 @@ def build_arm_model(model: nn.Module, arm: Arm, calibration_data=None) -> tuple[
         )
         if arm.norm_init:
             dense_sq = sum(float(w.double().pow(2).sum()) for w in dense_weights.values())
-            storage["norm_init_factor"] = _rescale_to_dense_norm(model, dense_sq)
+            storage["norm_init_factor"] = rescale_to_dense_norm(model.base_model, dense_sq)
         storage["init_relative_error"] = relative_error(
             dense_weights, {n: layer.materialize_weight() for n, layer in model.roast_layers()}
         )
@@ -184,7 +184,7 @@ def _target_weights(model: nn.Module, arm: Arm) -> dict[str, torch.Tensor]:
     """The target modules' weights (``out x in``), copied, keyed by module name."""
     return {
         name: dense_weight(module, kind).detach().float().clone()
-        for name, module, kind in target_modules_of(model, roast_config_for(arm))
+        for name, module, kind in find_targets(model, roast_config_for(arm))
     }
 
 
@@ -201,36 +201,3 @@ def relative_error(dense: dict[str, torch.Tensor], compressed: dict[str, torch.T
     err = sum(float((compressed[n].double() - w.double()).pow(2).sum()) for n, w in dense.items())
     ref = sum(float(w.double().pow(2).sum()) for w in dense.values())
     return (err / ref) ** 0.5
-
-
-def optimizer_groups(model: nn.Module, lr: float) -> tuple[list[dict], float]:
-    """One learning rate for every parameter, in weight units: z gets ``lr * z_weight_multiplier``.
-
-    The baselines' recipe (and hf-roast's before the fine-tuning recipe of :mod:`hf_roast.optim`), kept
-    so that older arms reproduce. Returns the groups and z's multiplier (1.0 for an uncompressed model).
-    """
-    store = getattr(model, "roast_store", None)
-    if store is None:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}], 1.0
-    multiplier = z_weight_multiplier(model)
-    z = store.z
-    others = [p for p in model.parameters() if p.requires_grad and p is not z]
-    return [{"params": [z], "lr": lr * multiplier}, {"params": others, "lr": lr}], multiplier
-
-
-@torch.no_grad()
-def _rescale_to_dense_norm(model, dense_sq: float) -> float:
-    """Multiply z so the compressed target weights keep the dense weights' total Frobenius norm.
-
-    The least-squares projection at c-fold sharing keeps about 1/c of each weight and adds the other
-    c-1 weights of its slot as noise, so ||W'|| is about ||W||/sqrt(c): attention logits (Q K^T) shrink
-    about c-fold, attention turns uniform and the token representations collapse. This variant
-    trades the L2-optimal start for the dense model's scale. One global factor suffices because the
-    stable mapper shares evenly across modules. Returns the factor.
-    """
-    roast_sq = float(
-        sum(layer.materialize_weight().double().pow(2).sum() for _, layer in model.roast_layers())
-    )
-    factor = (dense_sq / roast_sq) ** 0.5
-    model.roast_store.z.mul_(factor)
-    return factor

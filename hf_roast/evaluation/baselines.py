@@ -18,11 +18,6 @@ from ..config import RoastConfig
 from ..targets import find_targets
 
 
-def target_modules_of(model: nn.Module, config: RoastConfig) -> list[tuple[str, nn.Module, str]]:
-    """The (name, module, kind) hf-roast would compress under ``config``: pruning acts on the same ones."""
-    return find_targets(model, config)
-
-
 def kept_per_module(numels: list[int], keep_total: int) -> list[int]:
     """Split ``keep_total`` over modules in proportion to their size (uniform sparsity), summing exactly."""
     total = sum(numels)
@@ -45,7 +40,7 @@ def magnitude_prune(model: nn.Module, config: RoastConfig, keep_total: int) -> d
     ``weight_orig * weight_mask``, so pruned weights get zero gradient and stay zero while fine-tuning.
     Call :func:`finalize_pruning` before counting or saving. Returns the storage accounting.
     """
-    targets = target_modules_of(model, config)
+    targets = find_targets(model, config)  # pruning acts on the modules hf-roast would compress
     weights = [module.weight for _, module, _ in targets]
     kept = kept_per_module([w.numel() for w in weights], keep_total)
     rows_total = 0

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..optim import RoastRecipe, roast_trainer_class, z_weight_multiplier
-from .arms import Arm, build_arm_model, optimizer_groups
+from ..optim import RoastRecipe, roast_trainer_class, single_rate_groups, z_weight_multiplier
+from .arms import Arm, build_arm_model
 from .data import TextClassificationData, cache_dir
 from .measure import ResourceMeter
 
@@ -135,7 +135,7 @@ def train(
         trainer_cls = roast_trainer_class(base)
         kwargs["roast_recipe"] = recipe
     else:
-        groups, multiplier = optimizer_groups(model, lr)
+        groups, multiplier = single_rate_groups(model, lr)
         optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=setup.weight_decay)
         kwargs["optimizers"] = (optimizer, None)
         trainer_cls = DistillationTrainer if arm.distill else Trainer

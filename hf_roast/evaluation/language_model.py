@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .arms import Arm, build_arm_model, optimizer_groups
+from ..optim import single_rate_groups
+from .arms import Arm, build_arm_model
 from .measure import ResourceMeter
 
 
@@ -84,9 +85,9 @@ def recovery_batches(
 
 
 def recover(model: nn.Module, batches: list[torch.Tensor], lr: float) -> list[float]:
-    """A short AdamW fine-tune with constant learning rate (z's in weight units, see ``optimizer_groups``);
+    """A short AdamW fine-tune with constant learning rate (z's in weight units, see ``hf_roast.optim.single_rate_groups``);
     pruned masks stay fixed (their hooks)."""
-    groups, _ = optimizer_groups(model, lr)
+    groups, _ = single_rate_groups(model, lr)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     model.train()
     losses = []

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from .arms import Arm, optimizer_groups
+from ..optim import single_rate_groups
+from .arms import Arm
 from .measure import ResourceMeter
 
 BYTE_VOCAB = 257
@@ -239,7 +240,7 @@ def train_from_scratch(
 
         groups = roast_parameter_groups(model, lr, recipe=RoastRecipe(*recipe))
     else:
-        groups, _ = optimizer_groups(model, lr)
+        groups, _ = single_rate_groups(model, lr)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=setup.weight_decay, betas=(0.9, 0.95))
     warmup = max(1, int(setup.warmup_fraction * setup.steps))
 

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from helpers import tiny_gpt2, tiny_llama  # noqa: E402
 
 from hf_roast import RoastConfig, get_roast_model  # noqa: E402
-from hf_roast.model import FORMAT_VERSION  # noqa: E402
+from hf_roast.checkpoint_format import FORMAT_VERSION  # noqa: E402
 
 FIXTURES = {
     "llama-stable-8x": (tiny_llama, RoastConfig(compression=8.0, tile=(16, 16))),

@@ -8,23 +8,12 @@ and no W-sized index is ever built on the tile mappers (the tables are W/T entri
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from .mapping import MappingPlan, ModuleSpec
-
-
-@dataclass
-class LayerMapping:
-    """What one layer's kernels need: the plan, its spec, and its small cached tables."""
-
-    plan: MappingPlan
-    spec: ModuleSpec
-    tile_slot: torch.Tensor | None  # int64 [n_tiles] (tile mappers)
-    tile_scale: torch.Tensor  # fp32 [n_tiles]: lambda * tile sign
-    scaler_inv: torch.Tensor | None  # fp32 [m / unit]: 1 / s_j, the STABLE-RPS gradient scaler
+from .mapping import LayerMapping
 
 
 class _Scratch(threading.local):

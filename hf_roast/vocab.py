@@ -1,0 +1,40 @@
+"""Every vocabulary of hf_roast, defined once: the names a user, a file or a kernel can spell.
+
+The config validates against these tuples, the CLI offers them as choices, the mapping checks its
+inputs with :func:`check_choice`, and the Triton kernels derive their integer ids from their order
+(:data:`MAPPER_IDS`, :data:`SIGN_IDS`). Nothing else in hf_roast spells a list of them.
+"""
+
+from __future__ import annotations
+
+MAPPING_VERSION = 1
+"""Version of the mapping formulas in :mod:`hf_roast.mapping`. Bump it whenever any of them changes: it is
+stored in every checkpoint and checked on load."""
+
+MAPPERS = ("stable", "roast", "hashednet")
+"""Where a weight lives in z: STABLE-RPS RandomFold, ICML-2023 ROAST tile hashing, per-element HashedNet."""
+SIGNS = ("none", "tile", "element")
+"""The random sign g(i): none, one per mapping tile, or one per element."""
+SCALERS = ("v5", "v1", "none")
+"""The STABLE-RPS gradient scaler on dz."""
+BACKENDS = ("auto", "torch", "triton")
+"""The execution path (see :mod:`hf_roast.dispatch`)."""
+INITS = ("auto", "pretrained", "random")
+"""How z is initialised."""
+DTYPES = ("float32", "bfloat16", "float16")
+"""Storage dtypes of z."""
+MODULE_KINDS = ("linear", "conv1d", "embedding")
+"""What a compressed module was: ``nn.Linear``, GPT-2's ``Conv1D`` (weight stored transposed), ``nn.Embedding``."""
+CALIBRATIONS = ("output", "diagonal")
+"""How calibration data weights the pretrained projection (see :mod:`hf_roast.calibration`)."""
+
+MAPPER_IDS = {name: i for i, name in enumerate(MAPPERS)}  # stable=0, roast=1, hashednet=2
+"""The mappers as the integers the kernels take."""
+SIGN_IDS = {name: i for i, name in enumerate(SIGNS)}  # none=0, tile=1, element=2
+"""The sign modes as the integers the kernels take."""
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    """The one validation of a vocabulary value: a ValueError naming the field and the choices."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}: choose one of {', '.join(choices)}.")

@@ -1,0 +1,154 @@
+"""The import structure of hf_roast, checked from the source (see docs/architecture.md).
+
+Every ``import`` of ``hf_roast/``, ``kernels/`` (installed as ``hf_roast.kernels``) and ``scripts/``
+(``hf_roast.scripts``) is parsed with ``ast``, module-level and lazy (inside functions) alike, with
+relative imports resolved. The test fails on any import circle, on an import that goes up the layers,
+on a module that no layer lists, and on any import from ``kernels/`` into hf_roast other than the
+vocabularies, the mapping layer and the availability probe.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIRS = {
+    "hf_roast": ROOT / "hf_roast",
+    "hf_roast.kernels": ROOT / "kernels",
+    "hf_roast.scripts": ROOT / "scripts",
+}
+
+LAYERS = {
+    1: ["vocab", "config", "atomic"],
+    2: ["mapping", "checkpoint_format"],
+    3: ["torch_path", "kernels_available", "kernels", "kernels.*"],
+    4: ["dispatch"],
+    5: ["layers"],
+    6: ["targets", "calibration", "compress", "report"],
+    7: ["model_card", "hub", "serialization", "quantizer"],
+    8: ["model", "optim", "distill"],
+    9: ["", "cli", "scripts", "scripts.*", "evaluation", "evaluation.*"],
+}
+"""Layer of each module (names relative to ``hf_roast``; ``""`` is the package itself). A module may import
+from its own layer (without a circle) and from the layers below it, never from above."""
+
+KERNELS_MAY_IMPORT = {"hf_roast.vocab", "hf_roast.mapping", "hf_roast.kernels_available"}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package, directory in PACKAGE_DIRS.items():
+        for path in sorted(directory.rglob("*.py")):
+            parts = list(path.relative_to(directory).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def _imports(name: str) -> set[str]:
+    """The hf_roast modules ``name`` imports, anywhere in its body."""
+    tree = ast.parse(MODULES[name].read_text(), filename=str(MODULES[name]))
+    package = name if _is_package(name) else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def add(target: str) -> None:
+        while target and target not in MODULES:  # `import hf_roast.x.y` of a name, not a module: its module
+            target = target.rpartition(".")[0]
+        if target:
+            found.add(target)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            if not (source == "hf_roast" or source.startswith("hf_roast.")):
+                continue
+            for alias in node.names:
+                submodule = f"{source}.{alias.name}"
+                add(submodule if submodule in MODULES else source)
+    found.discard(name)
+    return found
+
+
+GRAPH = {name: _imports(name) for name in MODULES}
+
+
+def _layer(name: str) -> int | None:
+    relative = "" if name == "hf_roast" else name.removeprefix("hf_roast.")
+    for layer, patterns in LAYERS.items():
+        for pattern in patterns:
+            if relative == pattern or (pattern.endswith(".*") and relative.startswith(pattern[:-1])):
+                return layer
+    return None
+
+
+def test_the_parser_sees_lazy_and_relative_imports():
+    assert "hf_roast.kernels.ops" in GRAPH["hf_roast.dispatch"]  # lazy, relative, into kernels/
+    assert "hf_roast.kernels_available" in GRAPH["hf_roast.dispatch"]
+    assert "hf_roast.kernels.roast_matmul" in GRAPH["hf_roast.kernels.ops"]  # `from . import roast_matmul`
+    assert "hf_roast.mapping" in GRAPH["hf_roast.kernels.roast_matmul"]  # absolute into hf_roast
+    assert "hf_roast.torch_path" in GRAPH["hf_roast.calibration"]  # inside a function
+    assert "hf_roast" in GRAPH["hf_roast.scripts.compress"]  # scripts/ is hf_roast.scripts
+
+
+def test_no_import_circle():
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(name: str) -> None:
+        state[name] = 1
+        path.append(name)
+        for target in sorted(GRAPH[name]):
+            if state.get(target) == 1:
+                circle = path[path.index(target) :] + [target]
+                raise AssertionError("import circle: " + " -> ".join(circle))
+            if target not in state:
+                visit(target)
+        path.pop()
+        state[name] = 2
+
+    for name in sorted(GRAPH):
+        if name not in state:
+            visit(name)
+
+
+def test_every_module_has_a_layer_and_imports_only_downward():
+    unplaced = sorted(name for name in MODULES if _layer(name) is None)
+    assert not unplaced, f"modules with no layer in tests/test_architecture.py LAYERS: {unplaced}"
+    upward = sorted(
+        f"{name} (layer {_layer(name)}) imports {target} (layer {_layer(target)})"
+        for name, targets in GRAPH.items()
+        for target in targets
+        if _layer(target) > _layer(name)
+    )
+    assert not upward, "imports that go up the layers:\n" + "\n".join(upward)
+
+
+def test_kernels_import_only_the_mapping_layer_and_the_probe():
+    outside = sorted(
+        f"{name} imports {target}"
+        for name, targets in GRAPH.items()
+        if name == "hf_roast.kernels" or name.startswith("hf_roast.kernels.")
+        for target in targets
+        if not (target == "hf_roast.kernels" or target.startswith("hf_roast.kernels."))
+        and target not in KERNELS_MAY_IMPORT
+    )
+    assert not outside, (
+        "kernels/ reaches into hf_roast beyond the mapping layer and the probe:\n" + "\n".join(outside)
+    )
