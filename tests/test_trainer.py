@@ -179,3 +179,24 @@ def test_load_best_model_at_end_loads_the_best_checkpoint(checkpointed_run):
     # The layers read the loaded z (not a stale copy): the reloaded model evaluates as checkpoint-3 did.
     step3 = next(h["eval_loss"] for h in trainer.state.log_history if h.get("step") == 3 and "eval_loss" in h)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(step3, rel=1e-6)
+
+
+def test_trainer_bf16_runs_the_model_in_bf16_with_an_fp32_master_z(tmp_path):
+    """``TrainingArguments(bf16=True)`` on CPU: autocast runs the ROAST matmuls in bf16, z stays fp32."""
+    from hf_roast import RoastTrainer
+
+    rm = get_roast_model(tiny_llama(), RoastConfig(compression=4.0, tile=(16, 16)))
+    seen = []
+    layer = dict(rm.roast_layers())["model.layers.0.mlp.up_proj"]
+    layer.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+        logging_steps=1, report_to=[], use_cpu=True, bf16=True, save_strategy="no",
+    )  # fmt: skip
+    trainer = RoastTrainer(model=rm, args=args, train_dataset=lm_data(32, 0))
+    trainer.train()
+    assert torch.bfloat16 in seen
+    z = rm.roast_store.z
+    assert z.dtype == torch.float32 and torch.isfinite(z).all()
+    assert trainer.optimizer.state[z]["exp_avg"].dtype == torch.float32
+    assert all(np.isfinite(loss) for loss in train_losses(trainer))
