@@ -25,7 +25,8 @@ import warnings
 from safetensors import SafetensorError, safe_open
 
 from .config import RoastConfig
-from .mapping import MAPPING_VERSION, MappingPlan, plan_digest
+from .mapping import MappingPlan, plan_digest
+from .vocab import check_mapping_version
 
 FORMAT_VERSION = "1.1"
 """Version of the on-disk layout (file names and keys), "major.minor"; independent of the mapping version.
@@ -167,13 +168,7 @@ def parse_roast_config(raw: dict, source: str) -> tuple[RoastConfig, MappingPlan
     version = raw.get(
         "mapping_version", plan_raw.get("mapping_version") if isinstance(plan_raw, dict) else None
     )
-    if version != MAPPING_VERSION or isinstance(version, bool):
-        raise ValueError(
-            f"{source}: mapping_version={version!r}: it was written with ROAST mapping version {version}, but "
-            f"this hf_roast implements version "
-            f"{MAPPING_VERSION}; the weights would be read from the wrong slots. Install the hf_roast release "
-            "that wrote it."
-        )
+    check_mapping_version(version, source)
     fmt = format_version(raw, source)
     ours = tuple(int(p) for p in FORMAT_VERSION.split("."))
     if fmt[0] > ours[0]:
@@ -190,8 +185,7 @@ def parse_roast_config(raw: dict, source: str) -> tuple[RoastConfig, MappingPlan
         plan.check()
     except (TypeError, KeyError, AttributeError, ValueError) as e:
         raise ValueError(f"{source}: the plan is malformed ({e}).") from e
-    if plan.mapping_version != MAPPING_VERSION:
-        raise ValueError(f"{source}: the plan's mapping version {plan.mapping_version} != {MAPPING_VERSION}.")
+    check_mapping_version(plan.mapping_version, f"{source} (plan)")
     mismatched = [
         name
         for name in ("mapper", "sign", "seed", "tile")

@@ -10,7 +10,10 @@ import sys
 
 SUBCOMMANDS = {
     "demo": ("hf_roast.scripts.demo", "Compress a small model, train a few steps, save, reload, report."),
-    "compress": ("hf_roast.scripts.compress", "Compress a local HF model folder into a ROAST checkpoint."),
+    "compress": (
+        "hf_roast.scripts.compress_folder",
+        "Compress a local HF model folder into a ROAST checkpoint.",
+    ),
     "evaluate": ("hf_roast.scripts.evaluate", "Run the memory-accuracy evaluation experiments."),
     "bench": ("hf_roast.scripts.bench_kernels", "Benchmark ROAST matmuls against dense and HashedNet."),
     "memory": (

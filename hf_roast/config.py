@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from .vocab import BACKENDS, DTYPES, INITS, MAPPERS, MAPPING_VERSION, SCALERS, SIGNS, check_choice
+from .vocab import (
+    BACKENDS,
+    DTYPES,
+    INITS,
+    MAPPERS,
+    MAPPING_VERSION,
+    SCALERS,
+    SIGNS,
+    check_choice,
+    check_mapping_version,
+)
 
 STORED_EXTRA_KEYS = {"plan", "plan_sha256", "quant_method", "format_version"}
 """Keys a checkpoint stores beside the RoastConfig fields (see :mod:`hf_roast.checkpoint_format`)."""
@@ -132,6 +143,11 @@ class RoastConfig:
                 or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
             ):
                 raise ValueError(f"{name} must be a string (regex), a list of names or None, got {value!r}.")
+            if isinstance(value, str) and value != "all-linear":
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise ValueError(f"{name}={value!r} is not a valid regular expression: {e}.") from e
         for name, choices in (
             ("mapper", MAPPERS),
             ("sign", SIGNS),
@@ -162,12 +178,7 @@ class RoastConfig:
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, tuple):
             self.exclude_modules = list(self.exclude_modules)
-        if isinstance(self.mapping_version, bool) or self.mapping_version != MAPPING_VERSION:
-            raise ValueError(
-                f"mapping_version={self.mapping_version!r}: this config uses ROAST mapping version "
-                f"{self.mapping_version}, but this hf_roast implements "
-                f"version {MAPPING_VERSION}: install the hf_roast release that wrote the checkpoint."
-            )
+        check_mapping_version(self.mapping_version)
 
     @property
     def torch_dtype(self) -> torch.dtype:

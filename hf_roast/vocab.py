@@ -38,3 +38,14 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
     """The one validation of a vocabulary value: a ValueError naming the field and the choices."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"Unknown {name} {value!r}: choose one of {', '.join(choices)}.")
+
+
+def check_mapping_version(version, source: str = "") -> None:
+    """The one check of a stored or configured mapping version: other formulas would read other slots."""
+    if isinstance(version, bool) or version != MAPPING_VERSION:
+        where = f"{source}: " if source else ""
+        raise ValueError(
+            f"{where}mapping_version={version!r}: written with ROAST mapping version {version}, but this hf_roast "
+            f"implements version {MAPPING_VERSION}; the weights would be read from the wrong slots. Install the "
+            "hf_roast release that wrote it."
+        )

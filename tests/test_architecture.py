@@ -104,7 +104,7 @@ def test_the_parser_sees_lazy_and_relative_imports():
     assert "hf_roast.kernels.roast_matmul" in GRAPH["hf_roast.kernels.ops"]  # `from . import roast_matmul`
     assert "hf_roast.mapping" in GRAPH["hf_roast.kernels.roast_matmul"]  # absolute into hf_roast
     assert "hf_roast.torch_path" in GRAPH["hf_roast.calibration"]  # inside a function
-    assert "hf_roast" in GRAPH["hf_roast.scripts.compress"]  # scripts/ is hf_roast.scripts
+    assert "hf_roast" in GRAPH["hf_roast.scripts.compress_folder"]  # scripts/ is hf_roast.scripts
 
 
 def test_no_import_circle():

@@ -7,7 +7,7 @@ import torch
 import transformers as tf
 import yaml
 from helpers import inputs_for, tiny_llama
-from hf_roast.scripts.compress import main as compress_main
+from hf_roast.scripts.compress_folder import main as compress_main
 
 from hf_roast import RoastConfig, RoastModel, get_roast_model
 from hf_roast.cli import main as cli_main

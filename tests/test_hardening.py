@@ -222,3 +222,9 @@ def test_a_dtype_the_kernels_do_not_support_says_why(monkeypatch):
     rm = get_roast_model(tiny_llama(), RoastConfig(compression=4.0, tile=(16, 16))).to(torch.float64)
     with pytest.raises(RuntimeError, match="cannot run.*float64"):
         rm(**inputs_for("llama"))
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_an_invalid_regex_is_a_config_error_naming_the_field(field):
+    with pytest.raises(ValueError, match=f"{field}='\\(' is not a valid regular expression"):
+        RoastConfig(**{field: "("})
