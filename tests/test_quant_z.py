@@ -242,3 +242,76 @@ def test_compressing_with_z_bits_packs_z():
     assert torch.equal(model.roast_store.z_codes, reference.roast_store.z_codes)
     assert torch.equal(model(IDS).logits, reference(IDS).logits)
     assert [n for n, _ in roast_layers(model.base_model)] == [n for n, _ in reference.roast_layers()]
+
+
+# ---- training: quantisation-aware (fp32 master, straight-through) and post-training ------------------
+def _train(model, steps, lr=3e-3):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@pytest.mark.parametrize("mapper", ["stable", "hashednet"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qat_forward_reads_the_grid_and_gradients_reach_the_master(mapper, bits):
+    qat = compressed(bits=bits, qat=True, mapper=mapper)
+    master = qat.roast_store.z
+    assert isinstance(master, torch.nn.Parameter) and master.dtype == torch.float32
+    packed = compressed(mapper=mapper).quantize_z(bits)
+    assert torch.equal(qat(IDS).logits, packed(IDS).logits)  # the forward sees exactly the packed values
+    # straight-through: dz equals the gradient of a float model holding the dequantised values
+    float_model = compressed(mapper=mapper)
+    with torch.no_grad():
+        float_model.roast_store.z.copy_(packed.roast_store.read_z().dequantize())
+    for m in (qat, float_model):
+        m.zero_grad()
+        m(input_ids=IDS, labels=IDS).loss.backward()
+    assert master.grad is not None and master.grad.abs().sum() > 0
+    assert torch.allclose(master.grad, float_model.roast_store.z.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_qat_trains_and_serves_what_it_trained(tmp_path):
+    model = get_roast_model(
+        tiny_llama(), RoastConfig(compression=4, tile=TILE, z_bits=4, z_qat=True, compress_embeddings=True)
+    )
+    start = model.roast_store.z.detach().clone()
+    losses = _train(model, 12)
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert not torch.equal(model.roast_store.z, start)  # the master moved
+    logits = model(IDS).logits
+    model.save_pretrained(tmp_path / "qat")  # the fp32 master, to resume training
+    resumed = RoastModel.from_pretrained(tmp_path / "qat")
+    assert resumed.roast_config.z_qat and torch.equal(resumed.roast_store.z, model.roast_store.z)
+    assert torch.equal(resumed(IDS).logits, logits)
+    model.quantize_z()  # bits from the config: serving gives exactly the trained forward
+    assert model.roast_config.z_bits == 4 and model.roast_store.packed
+    assert torch.equal(model(IDS).logits, logits)
+
+
+def test_ptq_after_fp32_training_keeps_the_trained_loss():
+    model = compressed()
+    losses = _train(model, 12)
+    assert losses[-1] < losses[0] - 0.5, losses
+    with torch.no_grad():
+        trained = model(input_ids=IDS, labels=IDS).loss.item()
+        model.quantize_z(8)
+        assert abs(model(input_ids=IDS, labels=IDS).loss.item() - trained) < 0.05
+    # a packed z does not train, the other parameters still do
+    assert all(p is not model.roast_store.z for p in model.parameters())
+    _train(model, 1)
+
+
+def test_forced_triton_refuses_qat(monkeypatch):
+    monkeypatch.setenv("HF_ROAST_BACKEND", "triton")
+    model = compressed(bits=8, qat=True)
+    with pytest.raises(RuntimeError, match="quantisation-aware training .* PyTorch path only"):
+        model(IDS)
