@@ -163,6 +163,11 @@ class QuantizedZ:
     def codes_numel(numel: int, bits: int) -> int:
         return numel if check_bits(bits) == 8 else numel // 2
 
+    @staticmethod
+    def packed_nbytes(numel: int, bits: int, group_size: int) -> int:
+        """Bytes of ``numel`` values packed at ``bits`` with one fp32 scale per group (a last group may be partial)."""
+        return -(-numel * check_bits(bits) // 8) + 4 * -(-numel // group_size)
+
     @classmethod
     def quantize(
         cls, z: torch.Tensor, bits: int, group_size: int, tile_numel: int | None = None
