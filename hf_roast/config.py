@@ -249,6 +249,8 @@ class RoastConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["tile"] = list(self.tile)
+        if self.z_bits not in Z_INT_BITS:  # float z: its width is dtype's, stored once (as dtype)
+            d["z_bits"] = None
         return d
 
     @classmethod
