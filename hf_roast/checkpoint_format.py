@@ -26,14 +26,16 @@ from safetensors import SafetensorError, safe_open
 
 from .config import RoastConfig
 from .mapping import MappingPlan, plan_digest
+from .quant import QuantizedZ
 from .vocab import check_mapping_version
 
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 """Version of the on-disk layout (file names and keys), "major.minor"; independent of the mapping version.
 
-1.0 (stored as the integer 1): the first layout. 1.1: adds ``plan_sha256``. A reader loads any older
-version and a newer minor one (ignoring the keys it does not know, with a warning); it refuses a newer
-major one.
+1.0 (stored as the integer 1): the first layout. 1.1: adds ``plan_sha256``. 1.2: adds ``z_bits``,
+``z_group_size`` and ``z_qat`` (absent: float z as before), and a packed z stored as ``roast_store.z_codes``
+and ``roast_store.z_scales`` instead of ``roast_store.z``. A reader loads any older version and a newer
+minor one (ignoring the keys it does not know, with a warning); it refuses a newer major one.
 """
 
 CONFIG_NAME = "roast_config.json"
@@ -46,6 +48,24 @@ MARKER_SUFFIX = ".weight"
 """Each compressed module ``m`` stores an empty ``m.weight``: the tensor a dense model cannot load."""
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 """RoastConfig.dtype -> the safetensors header dtype of z."""
+Z_KEY, Z_CODES_KEY, Z_SCALES_KEY = "z", "z_codes", "z_scales"
+"""The store's tensors: float z (or the QAT master), or a packed z's integer codes and fp32 group scales."""
+PACKED_DTYPES = {8: "I8", 4: "U8"}
+"""z_bits -> the safetensors header dtype of ``z_codes`` (4 bits: two codes per byte)."""
+
+
+def z_tensor_headers(config: RoastConfig, plan: MappingPlan) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The (shape, safetensors dtype) of every stored tensor of z, by full key, as ``config`` says."""
+    n = plan.num_slots
+    if config.z_packed:
+        return {
+            f"{STORE_NAME}.{Z_CODES_KEY}": (
+                (QuantizedZ.codes_numel(n, config.z_bits),),
+                PACKED_DTYPES[config.z_bits],
+            ),
+            f"{STORE_NAME}.{Z_SCALES_KEY}": ((n // config.z_group_size,), "F32"),
+        }
+    return {f"{STORE_NAME}.{Z_KEY}": ((n,), SAFETENSORS_DTYPES[config.dtype])}
 
 
 def roast_config_dict(config: RoastConfig, plan: MappingPlan, scaler: str) -> dict:

@@ -127,7 +127,11 @@ def compress_model(
         num_parameters=config.num_parameters,
     )
     device = targets[0][1].weight.device
-    store = RoastStore(plan, scaler=config.scaler, dtype=config.torch_dtype, device=device)
+    # float z (or the QAT master) while it is fitted; packed at the end when config.z_bits asks for it
+    store = RoastStore(
+        plan, scaler=config.scaler, dtype=config.torch_dtype, device=device, z_bits=config.z_bits if config.z_qat
+        else None, z_group_size=config.z_group_size, z_qat=config.z_qat,
+    )  # fmt: skip
     store.backend = config.backend
     if show_progress is None:
         show_progress = plan.num_compressed >= 20_000_000
@@ -177,6 +181,8 @@ def compress_model(
         store.z.copy_(z.to(store.z.dtype))
     model.add_module(STORE_NAME, store)
     store.rebuild()
+    if config.z_packed:  # post-training quantisation of the fitted z
+        store.quantize_(config.z_bits, config.z_group_size)
     release_free_heap()
     return store
 
@@ -244,7 +250,10 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def apply_plan(model: nn.Module, config: RoastConfig, plan: MappingPlan, device="meta") -> RoastStore:
     """Swap the plan's modules into a freshly built skeleton; z is left empty on ``device`` for a loader."""
-    store = RoastStore(plan, scaler=config.scaler, dtype=config.torch_dtype, device=device)
+    store = RoastStore(
+        plan, scaler=config.scaler, dtype=config.torch_dtype, device=device, z_bits=config.z_bits,
+        z_group_size=config.z_group_size, z_qat=config.z_qat,
+    )  # fmt: skip
     store.backend = config.backend
     for spec in plan.modules:
         try:

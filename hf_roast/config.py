@@ -17,6 +17,8 @@ from .vocab import (
     MAPPING_VERSION,
     SCALERS,
     SIGNS,
+    Z_BITS,
+    Z_INT_BITS,
     check_choice,
     check_mapping_version,
 )
@@ -99,6 +101,27 @@ class RoastConfig:
             "'torch' or 'triton'. The HF_ROAST_BACKEND environment variable overrides it."
         },
     )
+    z_bits: int | None = field(
+        default=None,
+        metadata={
+            "help": "Bits per stored value of z: 32 (float32), 16 (dtype bfloat16/float16), 8 or 4 (integers with "
+            "one fp32 scale per group of z_group_size contiguous values). None: from `dtype` (32 or 16)."
+        },
+    )
+    z_group_size: int = field(
+        default=128,
+        metadata={
+            "help": "Values of z per quantisation scale (z_bits 8 and 4): an even number that divides the tile's "
+            "size, so every group lies inside one slot tile."
+        },
+    )
+    z_qat: bool = field(
+        default=False,
+        metadata={
+            "help": "With z_bits 8 or 4: keep an fp32 master z and quantise it in every forward pass "
+            "(quantisation-aware training, straight-through gradients). False: z is stored packed (inference)."
+        },
+    )
     mapping_version: int = field(
         default=MAPPING_VERSION,
         metadata={
@@ -178,7 +201,48 @@ class RoastConfig:
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, tuple):
             self.exclude_modules = list(self.exclude_modules)
+        self._check_z_bits()
         check_mapping_version(self.mapping_version)
+
+    def _check_z_bits(self) -> None:
+        """z_bits (resolved from dtype when None), z_group_size and z_qat; ValueErrors name the fix."""
+        float_bits = 32 if self.dtype == "float32" else 16
+        if self.z_bits is None:
+            self.z_bits = float_bits
+        if isinstance(self.z_bits, bool) or self.z_bits not in Z_BITS:
+            raise ValueError(f"z_bits must be one of {', '.join(map(str, Z_BITS))}, got {self.z_bits!r}.")
+        if self.z_bits in Z_INT_BITS:
+            if self.dtype != "float32":
+                raise ValueError(
+                    f"z_bits={self.z_bits} stores integers with fp32 scales (and trains an fp32 master with "
+                    f"z_qat): leave dtype='float32' (got {self.dtype!r})."
+                )
+        elif self.z_bits != float_bits:
+            raise ValueError(
+                f"z_bits={self.z_bits} disagrees with dtype={self.dtype!r} ({float_bits} bits): use "
+                + ("dtype='bfloat16' or 'float16'" if self.z_bits == 16 else "dtype='float32'")
+                + ", or z_bits=8 / 4 for integer storage."
+            )
+        g = self.z_group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2 or g > 1 << 16:
+            raise ValueError(f"z_group_size must be an even int in [2, 65536] (e.g. 128), got {g!r}.")
+        if self.z_bits in Z_INT_BITS and (self.tile[0] * self.tile[1]) % g:
+            raise ValueError(
+                f"z_group_size={g} does not divide the {self.tile[0]}x{self.tile[1]} tile "
+                f"({self.tile[0] * self.tile[1]} values): every group must lie inside one slot tile. Use a "
+                "divisor of the tile size, such as 128 for a 32x32 tile."
+            )
+        if not isinstance(self.z_qat, bool):
+            raise ValueError(f"z_qat must be True or False, got {self.z_qat!r}.")
+        if self.z_qat and self.z_bits not in Z_INT_BITS:
+            raise ValueError(
+                f"z_qat=True trains against an integer grid: set z_bits=8 or 4 (got z_bits={self.z_bits})."
+            )
+
+    @property
+    def z_packed(self) -> bool:
+        """Whether z is stored as packed integers and scales (z_bits 8/4 without QAT)."""
+        return self.z_bits in Z_INT_BITS and not self.z_qat
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -187,6 +251,8 @@ class RoastConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["tile"] = list(self.tile)
+        if self.z_bits not in Z_INT_BITS:  # float z: its width is dtype's, stored once (as dtype)
+            d["z_bits"] = None
         return d
 
     @classmethod

@@ -13,7 +13,8 @@ import os
 import torch
 
 from .mapping import LayerMapping
-from .torch_path import RoastEmbeddingFunction, RoastLinearFunction
+from .quant import QuantizedZ
+from .torch_path import RoastEmbeddingFunction, RoastLinearFunction, read_dtype
 from .vocab import BACKENDS
 
 ENV_BACKEND = "HF_ROAST_BACKEND"
@@ -47,16 +48,34 @@ def resolve_backend(requested: str, device: torch.device, dtypes: tuple[torch.dt
     return "triton" if reason is None and device.type == "cuda" else "torch"
 
 
-def roast_linear(x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, lm: LayerMapping, backend: str):
-    if resolve_backend(backend, x.device, (x.dtype, z.dtype)) == "triton":
+def _path(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...], lm: LayerMapping) -> str:
+    """As :func:`resolve_backend`; quantisation-aware training (an fp32 master read through its grid) runs on
+    the PyTorch path only: ``auto`` takes it, a forced ``triton`` raises."""
+    path = resolve_backend(backend, device, dtypes)
+    if path == "triton" and lm.fake_quant is not None:
+        if requested_backend(backend) == "triton":
+            raise RuntimeError(
+                f"{lm.spec.name}: quantisation-aware training (z_qat=True) runs on the PyTorch path only; the "
+                "Triton kernels read packed z (model.quantize_z) or float z. Use backend='torch' (or 'auto')."
+            )
+        return "torch"
+    return path
+
+
+def roast_linear(
+    x: torch.Tensor, z: torch.Tensor | QuantizedZ, bias: torch.Tensor | None, lm: LayerMapping, backend: str
+):
+    if _path(backend, x.device, (x.dtype, read_dtype(z)), lm) == "triton":
         from .kernels.ops import triton_roast_linear
 
         return triton_roast_linear(x, z, bias, lm)
     return RoastLinearFunction.apply(x, z, bias, lm)
 
 
-def roast_embedding(ids: torch.Tensor, z: torch.Tensor, lm: LayerMapping, dtype: torch.dtype, backend: str):
-    if resolve_backend(backend, ids.device, (dtype, z.dtype)) == "triton":
+def roast_embedding(
+    ids: torch.Tensor, z: torch.Tensor | QuantizedZ, lm: LayerMapping, dtype: torch.dtype, backend: str
+):
+    if _path(backend, ids.device, (dtype, read_dtype(z)), lm) == "triton":
         from .kernels.ops import triton_roast_embedding
 
         return triton_roast_embedding(ids, z, lm, dtype)

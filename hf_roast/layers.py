@@ -15,26 +15,112 @@ from torch import nn
 
 from .dispatch import roast_embedding, roast_linear
 from .mapping import LayerMapping, MappingPlan, ModuleSpec, gradient_scaler
+from .quant import QuantizedZ, check_bits, check_group
 from .torch_path import materialize_weight
+from .vocab import Z_INT_BITS
 
 
 class RoastStore(nn.Module):
-    """Holds z, the mapping plan and the gradient scaler shared by every compressed layer."""
+    """Holds z, the mapping plan and the gradient scaler shared by every compressed layer.
+
+    z is stored in one of three ways (``RoastConfig.z_bits`` / ``z_qat``):
+
+    * floats (z_bits 32 or 16): the parameter ``z``;
+    * quantisation-aware training (z_bits 8 or 4, ``z_qat``): the fp32 master parameter ``z``, read through
+      its integer grid in every forward pass (:attr:`fake_quant`);
+    * packed (z_bits 8 or 4): no parameter (``z`` is None) but the buffers ``z_codes`` and ``z_scales``
+      (:class:`~hf_roast.quant.QuantizedZ`), read and dequantised tile by tile.
+
+    Layers read :meth:`read_z`, never an attribute.
+    """
 
     def __init__(
-        self, plan: MappingPlan, scaler: str = "v5", dtype: torch.dtype = torch.float32, device=None
+        self,
+        plan: MappingPlan,
+        scaler: str = "v5",
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        z_bits: int | None = None,
+        z_group_size: int = 128,
+        z_qat: bool = False,
     ):
         super().__init__()
         self.plan = plan
         self.scaler = scaler
         self.backend = "auto"
-        self.z = nn.Parameter(torch.zeros(plan.num_slots, dtype=dtype, device=device))
+        self.z_bits = z_bits or torch.finfo(dtype).bits
+        self.z_group_size = z_group_size
+        self.z_qat = z_qat
+        if self.z_bits in Z_INT_BITS:
+            check_group(plan.num_slots, z_group_size, plan.tile_numel)
+        if self.packed:
+            self.register_parameter("z", None)
+            n = plan.num_slots
+            codes = torch.zeros(
+                QuantizedZ.codes_numel(n, self.z_bits), dtype=QuantizedZ.codes_dtype(self.z_bits)
+            )
+            self.register_buffer("z_codes", codes.to(device))
+            self.register_buffer(
+                "z_scales", torch.zeros(n // z_group_size, dtype=torch.float32, device=device)
+            )
+        else:
+            self.z = nn.Parameter(torch.zeros(plan.num_slots, dtype=dtype, device=device))
         self.register_buffer("scaler_inv", torch.empty(0), persistent=False)
         self._layers: list[nn.Module] = []
 
+    @property
+    def packed(self) -> bool:
+        """Whether z is stored as packed integer codes and scales (inference; no trainable z)."""
+        return self.z_bits in Z_INT_BITS and not self.z_qat
+
+    @property
+    def fake_quant(self) -> tuple[int, int] | None:
+        """(bits, group size) while training against an integer grid (QAT), else None."""
+        return (self.z_bits, self.z_group_size) if self.z_qat else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.z_codes.device if self.packed else self.z.device
+
+    def read_z(self) -> torch.Tensor | QuantizedZ:
+        """What the execution paths read: the parameter z (float or QAT master), or the packed codes."""
+        if self.packed:
+            return QuantizedZ(self.z_codes, self.z_scales, self.z_bits, self.z_group_size)
+        return self.z
+
+    def z_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors of z by state-dict name (relative to the store)."""
+        if self.packed:
+            return {"z_codes": self.z_codes, "z_scales": self.z_scales}
+        return {"z": self.z}
+
+    @property
+    def z_nbytes(self) -> int:
+        """Bytes z takes in memory and on disk (codes and scales when packed)."""
+        return sum(t.numel() * t.element_size() for t in self.z_tensors().values())
+
+    @torch.no_grad()
+    def quantize_(self, bits: int, group_size: int = 128) -> None:
+        """Post-training quantisation: replace the float (or QAT master) z by packed ``bits``-bit codes and
+        one fp32 scale per ``group_size`` values. z is then no longer a parameter (inference)."""
+        bits = check_bits(bits)
+        if self.packed:
+            raise ValueError(
+                f"z is already packed to {self.z_bits} bits: quantise the float model (or reload it) instead."
+            )
+        if self.z.device.type == "meta":
+            raise ValueError("z is on the meta device (not loaded): load the checkpoint before quantising.")
+        q = QuantizedZ.quantize(self.z.detach(), bits, group_size, self.plan.tile_numel)
+        del self.z
+        self.register_parameter("z", None)
+        self.register_buffer("z_codes", q.codes)
+        self.register_buffer("z_scales", q.scales)
+        self.z_bits, self.z_group_size, self.z_qat = bits, group_size, False
+        self.rebuild()
+
     def rebuild(self) -> None:
         """(Re)build derived buffers: the scaler and every layer's tables. Call after weights load."""
-        device = self.z.device
+        device = self.device
         if device.type == "meta":
             return
         inv = gradient_scaler(self.plan, self.scaler, device=device)
@@ -44,7 +130,10 @@ class RoastStore(nn.Module):
 
     def extra_repr(self) -> str:
         p = self.plan
-        return f"num_slots={p.num_slots}, mapper={p.mapper!r}, tile={p.tile}, sign={p.sign!r}, scaler={self.scaler!r}"
+        return (
+            f"num_slots={p.num_slots}, mapper={p.mapper!r}, tile={p.tile}, sign={p.sign!r}, scaler={self.scaler!r}, "
+            f"z_bits={self.z_bits}" + (" (qat)" if self.z_qat else "")
+        )
 
 
 class RoastLayer(nn.Module):
@@ -86,7 +175,7 @@ class RoastLayer(nn.Module):
 
     def rebuild_tables(self) -> None:
         plan = self._roast_store.plan
-        device = self._roast_store.z.device
+        device = self._roast_store.device
         if plan.is_tiled:
             self.tile_slot = plan.tile_slots(self.spec, device)
         self.tile_scale = plan.tile_scales(self.spec, device)
@@ -97,11 +186,12 @@ class RoastLayer(nn.Module):
         store = self._roast_store
         inv = store.scaler_inv if store.scaler_inv.numel() else None
         return LayerMapping(
-            store.plan, self.spec, self.tile_slot if store.plan.is_tiled else None, self.tile_scale, inv
-        )
+            store.plan, self.spec, self.tile_slot if store.plan.is_tiled else None, self.tile_scale, inv,
+            store.fake_quant,
+        )  # fmt: skip
 
-    def _check_ready(self) -> torch.Tensor:
-        z = self._roast_store.z
+    def _check_ready(self) -> torch.Tensor | QuantizedZ:
+        z = self._roast_store.read_z()
         if z.device.type == "meta":
             raise RuntimeError(
                 f"{self.spec.name}: the shared ROAST array z is still on the meta device; the checkpoint did "

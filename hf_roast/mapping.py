@@ -407,6 +407,9 @@ class LayerMapping:
     tile_slot: torch.Tensor | None  # int64 [n_tiles] (tile mappers)
     tile_scale: torch.Tensor  # fp32 [n_tiles]: lambda * tile sign
     scaler_inv: torch.Tensor | None  # fp32 [m / unit]: 1 / s_j, the STABLE-RPS gradient scaler
+    fake_quant: tuple[int, int] | None = (
+        None  # (bits, group_size): z is an fp32 master read through its grid (QAT)
+    )
 
     @classmethod
     def build(cls, plan: MappingPlan, spec: ModuleSpec, device=None) -> LayerMapping:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -127,6 +128,27 @@ class RoastModel(nn.Module):
         return compression_report(self.base_model)
 
     # ---- conversion ---------------------------------------------------------------------------------
+    def quantize_z(self, bits: int | None = None, group_size: int | None = None) -> RoastModel:
+        """Post-training quantisation of z to ``bits`` (8 or 4) with one fp32 scale per ``group_size`` values.
+
+        z is then stored packed (``z_bits`` in the config; checkpoints hold the codes and scales) and read,
+        dequantised, tile by tile; it no longer trains. ``bits`` defaults to the config's integer ``z_bits``
+        (a QAT model keeps its grid), ``group_size`` to its ``z_group_size``. Returns ``self``.
+        """
+        config = self.roast_config
+        if bits is None:
+            if not config.z_qat:
+                raise ValueError("quantize_z needs bits=8 or bits=4 (z is stored as floats now).")
+            bits = config.z_bits
+        group_size = config.z_group_size if group_size is None else group_size
+        # validate the whole config first: a bad bits / group size is refused before z changes
+        new_config = dataclasses.replace(
+            config, dtype="float32", z_bits=bits, z_group_size=group_size, z_qat=False
+        )
+        self.roast_store.quantize_(bits, group_size)
+        self.roast_config = new_config
+        return self
+
     def merge_and_unload(self) -> nn.Module:
         """A plain dense HF model whose outputs equal the compressed one's; the wrapper is left unusable."""
         model = merge_model(self.base_model)

@@ -83,9 +83,10 @@ def single_rate_groups(model: nn.Module, lr: float) -> tuple[list[dict], float]:
     if store is None:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}], 1.0
     multiplier = z_weight_multiplier(model)
-    z = store.z
+    z = store.z  # None when z is packed (model.quantize_z): nothing of it trains
     others = [p for p in model.parameters() if p.requires_grad and p is not z]
-    return [{"params": [z], "lr": lr * multiplier}, {"params": others, "lr": lr}], multiplier
+    z_groups = [{"params": [z], "lr": lr * multiplier}] if z is not None else []
+    return [*z_groups, {"params": others, "lr": lr}], multiplier
 
 
 def _store_of(model: nn.Module):

@@ -242,14 +242,14 @@ def _check_loaded(model, store: RoastStore, device_map: dict | None = None) -> N
     Tensors of offloaded modules stay on the meta device by design and are not missing; z cannot be
     offloaded, since the layers read it directly rather than through the store's forward.
     """
-    z_name = f"{STORE_NAME}.z"
-    if store.z.device.type == "meta" and _offloaded(z_name, device_map):
+    z_tensors = {f"{STORE_NAME}.{k}": t for k, t in store.z_tensors().items()}
+    if store.device.type == "meta" and any(_offloaded(n, device_map) for n in z_tensors):
         raise ValueError(
             f"device_map offloads {STORE_NAME!r} (the shared array z) to {device_map.get(STORE_NAME, 'cpu/disk')!r}, "
             f"but every compressed layer reads z directly: place it on the execution device, e.g. "
-            f"device_map={{{STORE_NAME!r}: 0, ...}}, or give max_memory room for z ({store.z.numel() * store.z.element_size():,} bytes)."
+            f"device_map={{{STORE_NAME!r}: 0, ...}}, or give max_memory room for z ({store.z_nbytes:,} bytes)."
         )
-    owned = [(z_name, store.z)]
+    owned = list(z_tensors.items())
     for name, layer in roast_layers(model):
         owned += [(f"{name}.{n}", t) for n, t in layer.owned_tensors().items()]
     missing = [
@@ -263,13 +263,14 @@ def _check_loaded(model, store: RoastStore, device_map: dict | None = None) -> N
             f"The ROAST checkpoint lacks tensors {missing[:8]}: it is incomplete or was written for another "
             "module list. Download or save it again."
         )
-    bad = int((~torch.isfinite(store.z.detach())).sum())
-    if bad:
-        raise ValueError(
-            f"The ROAST checkpoint's shared array {STORE_NAME}.z holds {bad} NaN or inf values (of "
-            f"{store.z.numel()}): every compressed weight reads from it, so the model would output NaN. The file "
-            "is damaged, or training diverged before it was saved; use an earlier checkpoint."
-        )
+    for name, t in z_tensors.items():
+        bad = int((~torch.isfinite(t.detach())).sum()) if t.is_floating_point() else 0
+        if bad:
+            raise ValueError(
+                f"The ROAST checkpoint's shared array {name} holds {bad} NaN or inf values (of "
+                f"{t.numel()}): every compressed weight reads from it, so the model would output NaN. The file "
+                "is damaged, or training diverged before it was saved; use an earlier checkpoint."
+            )
 
 
 def register() -> None:

@@ -36,8 +36,8 @@ def compression_report(model: nn.Module) -> dict:
     layers = roast_layers(model)
     dense_target = sum(m.spec.numel for _, m in layers)
     dense_target_bytes = sum(m.spec.numel * m._dtype_probe.element_size() for _, m in layers)
-    z = store.z
-    stored_target, stored_target_bytes = z.numel(), z.numel() * z.element_size()
+    z = store.z  # None when packed
+    stored_target, stored_target_bytes = store.plan.num_slots, store.z_nbytes
     other = [p for p in unique_parameters(model) if p is not z]
     other_buffers = [
         t for _, m in layers for t in m.owned_tensors().values() if not isinstance(t, nn.Parameter)
@@ -62,4 +62,8 @@ def compression_report(model: nn.Module) -> dict:
         "seed": plan.seed,
         "scaler": store.scaler,
         "mapping_version": plan.mapping_version,
+        "z_bits": store.z_bits,
+        "z_group_size": store.z_group_size if store.z_bits < 16 else None,
+        "z_qat": store.z_qat,
+        "z_bytes": store.z_nbytes,
     }

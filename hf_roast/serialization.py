@@ -32,12 +32,11 @@ from .checkpoint_format import (
     CONFIG_NAME,
     MARKER_SUFFIX,
     QUANT_METHOD,
-    SAFETENSORS_DTYPES,
-    STORE_NAME,
     check_no_pickle,
     parse_roast_config,
     read_roast_dict,
     tensor_headers,
+    z_tensor_headers,
 )
 from .hub import download_checkpoint
 
@@ -171,16 +170,19 @@ def load_checkpoint(path: str | os.PathLike, **kwargs) -> tuple:
     raw, source = read_roast_dict(directory)
     config, plan = parse_roast_config(raw, source)
     headers = tensor_headers(directory)
-    z_shape, z_dtype = headers.get(f"{STORE_NAME}.z", (None, None))
-    if z_shape != (plan.num_slots,):
-        raise ValueError(
-            f"{directory}: {STORE_NAME}.z has shape {z_shape}, the plan needs ({plan.num_slots},)."
-        )
-    if z_dtype != SAFETENSORS_DTYPES[config.dtype]:
-        raise ValueError(
-            f"{directory}: {STORE_NAME}.z is stored as {z_dtype} but {source} says dtype={config.dtype!r}: the "
-            "config was edited. Save the checkpoint again."
-        )
+    for key, (shape, dtype) in z_tensor_headers(config, plan).items():
+        stored_shape, stored_dtype = headers.get(key, (None, None))
+        if stored_shape != shape:
+            raise ValueError(
+                f"{directory}: {key} has shape {stored_shape}, but {source} (z_bits={config.z_bits}, "
+                f"z_group_size={config.z_group_size}, z_qat={config.z_qat}) and the plan need {shape}: the config "
+                "was edited or the file is incomplete. Save the checkpoint again."
+            )
+        if stored_dtype != dtype:
+            raise ValueError(
+                f"{directory}: {key} is stored as {stored_dtype} but {source} says dtype={config.dtype!r}, "
+                f"z_bits={config.z_bits} ({dtype}): the config was edited. Save the checkpoint again."
+            )
 
     hf_config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False)
     hf_config.quantization_config = {"quant_method": QUANT_METHOD, **raw}

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .mapping import LayerMapping
+from .quant import QuantizedZ, fake_quantize_at, fake_quantize_groups, group_scales
 
 
 class _Scratch(threading.local):
@@ -61,23 +62,55 @@ def _padded_shape(lm: LayerMapping) -> tuple[int, int, int, int]:
     return lm.spec.n_tile_rows(lm.plan.tile), tr, lm.spec.n_tile_cols(lm.plan.tile), tc
 
 
+def values_at(z: torch.Tensor | QuantizedZ, lm: LayerMapping, index: torch.Tensor) -> torch.Tensor:
+    """z[index] as the layer reads it: dequantised (packed z), through the grid (QAT master), or as stored."""
+    if isinstance(z, QuantizedZ):
+        return z.values_at(index)
+    if lm.fake_quant is not None:
+        bits, group = lm.fake_quant
+        return fake_quantize_at(z, index, group_scales(z, bits, group), bits, group).to(z.dtype)
+    return z[index]
+
+
+def gather_tiles(
+    z: torch.Tensor | QuantizedZ, lm: LayerMapping, tile_numel: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The layer's slot tiles ``(n_tiles, T)``, in z's dtype (fp32 for a packed z), dequantised while read:
+    only this layer's tiles are ever built, never a dequantised copy of z."""
+    if isinstance(z, QuantizedZ):
+        return z.tiles(lm.tile_slot, tile_numel)
+    if out is None:
+        tiles = z.view(-1, tile_numel).index_select(0, lm.tile_slot)
+    else:
+        tiles = torch.index_select(z.view(-1, tile_numel), 0, lm.tile_slot, out=out)
+    if lm.fake_quant is not None:
+        tiles = fake_quantize_groups(tiles, *lm.fake_quant).to(z.dtype)
+    return tiles
+
+
+def read_dtype(z: torch.Tensor | QuantizedZ) -> torch.dtype:
+    """The dtype the paths read z's values in: its own, or fp32 for packed integers."""
+    return torch.float32 if isinstance(z, QuantizedZ) else z.dtype
+
+
 def materialize_weight(
-    z: torch.Tensor, lm: LayerMapping, dtype: torch.dtype, *, scratch: bool = True
+    z: torch.Tensor | QuantizedZ, lm: LayerMapping, dtype: torch.dtype, *, scratch: bool = True
 ) -> torch.Tensor:
     """The module's dense ``rows x cols`` weight in ``dtype``. With ``scratch`` it lives in a reused buffer."""
     spec, plan = lm.spec, lm.plan
+    zdt = read_dtype(z)
     if not plan.is_tiled:
         rows = torch.arange(spec.rows, device=z.device)
         index, sign = plan.element_index(spec, rows)
-        return (z[index] * element_scale(lm, rows, sign).to(z.dtype)).to(dtype)
+        return (values_at(z, lm, index) * element_scale(lm, rows, sign).to(zdt)).to(dtype)
     n_tr, tr, n_tc, tc = _padded_shape(lm)
     t = tr * tc
     n_tiles = n_tr * n_tc
     if not _use_scratch():
-        tiles = z.view(-1, t).index_select(0, lm.tile_slot)
+        tiles = gather_tiles(z, lm, t)
         if plan.sign == "element":
-            tiles = tiles * plan.tile_element_signs(spec, z.device).to(z.dtype)
-        scale = lm.tile_scale.to(z.dtype).view(n_tr, n_tc, 1, 1)
+            tiles = tiles * plan.tile_element_signs(spec, z.device).to(zdt)
+        scale = lm.tile_scale.to(zdt).view(n_tr, n_tc, 1, 1)
         w = (
             (tiles.view(n_tr, n_tc, tr, tc) * scale)
             .to(dtype)
@@ -86,15 +119,17 @@ def materialize_weight(
         )
         return w[: spec.rows, : spec.cols] if w.shape != (spec.rows, spec.cols) else w
     get = _scratch.get if scratch else (lambda key, numel, dt, dev: torch.empty(numel, dtype=dt, device=dev))
-    tiles = get("tiles", n_tiles * t, z.dtype, z.device).view(n_tiles, t)
-    torch.index_select(z.view(-1, t), 0, lm.tile_slot, out=tiles)
+    if isinstance(z, QuantizedZ):
+        tiles = gather_tiles(z, lm, t)
+    else:
+        tiles = gather_tiles(z, lm, t, out=get("tiles", n_tiles * t, zdt, z.device).view(n_tiles, t))
     if plan.sign == "element":
-        tiles.mul_(plan.tile_element_signs(spec, z.device).to(z.dtype))
+        tiles.mul_(plan.tile_element_signs(spec, z.device).to(zdt))
     w = get("weight", n_tiles * t, dtype, z.device).view(n_tr, tr, n_tc, tc)
     # One pass: scale by lambda * tile sign, move tiles into row-major W, cast to the activation dtype.
     torch.mul(
         tiles.view(n_tr, n_tc, tr, tc).permute(0, 2, 1, 3),
-        lm.tile_scale.to(z.dtype).view(n_tr, 1, n_tc, 1),
+        lm.tile_scale.to(zdt).view(n_tr, 1, n_tc, 1),
         out=w,
     )
     w = w.view(n_tr * tr, n_tc * tc)
@@ -194,10 +229,25 @@ def row_blocks(lm: LayerMapping) -> list[tuple[int, int, LayerMapping]]:
             (
                 first,
                 end,
-                LayerMapping(lm.plan, sub, lm.tile_slot[tables], lm.tile_scale[tables], lm.scaler_inv),
+                replace(lm, spec=sub, tile_slot=lm.tile_slot[tables], tile_scale=lm.tile_scale[tables]),
             )
         )
     return blocks
+
+
+def _save_x_and_z(ctx, x: torch.Tensor, z: torch.Tensor | QuantizedZ) -> None:
+    """A packed z is no autograd input (it gets no gradient): it is kept on ctx, not saved as a tensor."""
+    if isinstance(z, QuantizedZ):
+        ctx.save_for_backward(x)
+        ctx.packed_z = z
+    else:
+        ctx.save_for_backward(x, z)
+        ctx.packed_z = None
+
+
+def _saved_x_and_z(ctx):
+    saved = ctx.saved_tensors
+    return (saved[0], ctx.packed_z) if ctx.packed_z is not None else saved
 
 
 class RoastLinearFunction(torch.autograd.Function):
@@ -217,7 +267,7 @@ class RoastLinearFunction(torch.autograd.Function):
                     x2, materialize_weight(z, sub, x.dtype), None if b is None else b[first:end]
                 )
             y = y.view(*x.shape[:-1], lm.spec.rows)
-        ctx.save_for_backward(x, z)
+        _save_x_and_z(ctx, x, z)
         ctx.lm = lm
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -225,7 +275,7 @@ class RoastLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, z = ctx.saved_tensors
+        x, z = _saved_x_and_z(ctx)
         lm: LayerMapping = ctx.lm
         grad_x = grad_z = grad_b = None
         gy = grad_y.reshape(-1, grad_y.shape[-1])
@@ -255,14 +305,14 @@ class RoastEmbeddingFunction(torch.autograd.Function):
     def forward(ctx, ids: torch.Tensor, z: torch.Tensor, lm: LayerMapping, dtype: torch.dtype):
         index, sign = lm.plan.element_index(lm.spec, ids, lm.tile_slot)
         scale = element_scale(lm, ids.to(torch.int64), sign)
-        out = (z[index] * scale).to(dtype)
-        ctx.save_for_backward(ids, z)
+        out = (values_at(z, lm, index) * scale).to(dtype)
+        _save_x_and_z(ctx, ids, z)
         ctx.lm = lm
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        ids, z = ctx.saved_tensors
+        ids, z = _saved_x_and_z(ctx)
         lm: LayerMapping = ctx.lm
         if not ctx.needs_input_grad[1]:
             return None, None, None, None

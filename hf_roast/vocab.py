@@ -25,6 +25,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 """Storage dtypes of z."""
 MODULE_KINDS = ("linear", "conv1d", "embedding")
 """What a compressed module was: ``nn.Linear``, GPT-2's ``Conv1D`` (weight stored transposed), ``nn.Embedding``."""
+Z_BITS = (32, 16, 8, 4)
+"""Bits per stored value of z: 32 and 16 are floats (``dtype``); 8 and 4 are integers with a scale per group."""
+Z_INT_BITS = (8, 4)
+"""The integer grids of z (see :mod:`hf_roast.quant`)."""
 CALIBRATIONS = ("output", "diagonal")
 """How calibration data weights the pretrained projection (see :mod:`hf_roast.calibration`)."""
 

@@ -1,4 +1,5 @@
-"""The mapping formulas of :mod:`hf_roast.mapping`, recompiled with ``triton.jit``.
+"""The mapping formulas of :mod:`hf_roast.mapping` and the dequantisation formulas of :mod:`hf_roast.quant`,
+recompiled with ``triton.jit``.
 
 The kernels must compute exactly the same slots and signs as the PyTorch path, bit for bit, so they
 never get a formula of their own: each Python function from :func:`hf_roast.mapping.formula_functions`
@@ -14,13 +15,14 @@ import types
 import triton
 import triton.language as tl
 
+from hf_roast import quant
 from hf_roast.mapping import formula_constants, formula_functions
 
 
-def _compile_formulas() -> dict[str, object]:
+def _compile_formulas(functions=formula_functions, constants=formula_constants) -> dict[str, object]:
     namespace: dict[str, object] = {"tl": tl}
-    namespace.update({name: tl.constexpr(value) for name, value in formula_constants().items()})
-    for fn in formula_functions():  # dependency order: later formulas call the earlier jitted ones
+    namespace.update({name: tl.constexpr(value) for name, value in constants().items()})
+    for fn in functions():  # dependency order: later formulas call the earlier jitted ones
         rebound = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
         rebound.__doc__ = fn.__doc__
         rebound.__module__ = __name__
@@ -37,3 +39,9 @@ stable_slot = _JIT["stable_slot"]
 roast_slot = _JIT["roast_slot"]
 hashednet_slot = _JIT["hashednet_slot"]
 hash_sign = _JIT["hash_sign"]
+
+_QUANT_JIT = _compile_formulas(quant.formula_functions, quant.formula_constants)
+storage_index = _QUANT_JIT["storage_index"]
+group_of = _QUANT_JIT["group_of"]
+code_of = _QUANT_JIT["code_of"]
+dequantize_value = _QUANT_JIT["dequantize_value"]

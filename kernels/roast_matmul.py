@@ -24,7 +24,16 @@ import triton.language as tl
 from hf_roast.mapping import MappingPlan, ModuleSpec, seed_constants
 from hf_roast.vocab import MAPPER_IDS, SIGN_IDS
 
-from .mapping_jit import hash_sign, hashednet_slot, tile_coordinates, virtual_index
+from .mapping_jit import (
+    code_of,
+    dequantize_value,
+    group_of,
+    hash_sign,
+    hashednet_slot,
+    storage_index,
+    tile_coordinates,
+    virtual_index,
+)
 
 HASHEDNET = tl.constexpr(MAPPER_IDS["hashednet"])
 ELEMENT_SIGN = tl.constexpr(SIGN_IDS["element"])
@@ -206,9 +215,24 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _load_weight(z_ptr, index, scale, mask, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """lambda * sign * z[index] rounded like the PyTorch path: the product in z's dtype, then a cast."""
-    zval = tl.load(z_ptr + index, mask=mask, other=0.0)
+def _load_packed(z_ptr, zs_ptr, index, mask, ZBITS: tl.constexpr, ZGROUP: tl.constexpr):
+    """z[index] of a packed z, dequantised in registers (fp32): its code times its group's scale."""
+    raw = tl.load(z_ptr + storage_index(index, ZBITS), mask=mask, other=0).to(tl.int64)
+    code = code_of(raw, index, ZBITS).to(tl.float32)
+    return dequantize_value(code, tl.load(zs_ptr + group_of(index, ZGROUP), mask=mask, other=0.0))
+
+
+@triton.jit
+def _load_weight(
+    z_ptr, zs_ptr, index, scale, mask, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+    ZBITS: tl.constexpr, ZGROUP: tl.constexpr,
+):  # fmt: skip
+    """lambda * sign * z[index] rounded like the PyTorch path: the product in z's dtype, then a cast.
+    ``ZBITS`` 8 or 4: z is packed codes (``zs_ptr`` its group scales), read as fp32; 0: z is floats."""
+    if ZBITS != 0:
+        zval = _load_packed(z_ptr, zs_ptr, index, mask, ZBITS, ZGROUP)
+    else:
+        zval = tl.load(z_ptr + index, mask=mask, other=0.0)
     if zval.dtype == tl.float32:
         w = zval * scale
     else:  # torch multiplies two half tensors in fp32 and rounds the product to the half dtype
@@ -222,10 +246,11 @@ def _load_weight(z_ptr, index, scale, mask, OUT_DTYPE: tl.constexpr, EMULATE: tl
 # --------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _linear_fwd_kernel(
-    x_ptr, z_ptr, slot_ptr, scale_ptr, bias_ptr, y_ptr, M, stride_xm, stride_ym,
+    x_ptr, z_ptr, zs_ptr, slot_ptr, scale_ptr, bias_ptr, y_ptr, M, stride_xm, stride_ym,
     n_rows, n_cols, n_tile_cols, tile_offset, seg_start, seg_size, slot_a, slot_b, sign_a, sign_b,
     TR: tl.constexpr, TC: tl.constexpr, MAPPER: tl.constexpr, SIGN: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+    ZBITS: tl.constexpr, ZGROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """y[M, N] = x[M, K] @ W^T (+ b); W is ``n_rows (=N) x n_cols (=K)``, read from z block by block."""
@@ -246,7 +271,7 @@ def _linear_fwd_kernel(
             offs_n[None, :], offs_k[:, None], n_rows, n_cols, slot_ptr, scale_ptr, n_tile_cols, tile_offset,
             seg_start, seg_size, slot_a, slot_b, sign_a, sign_b, TR, TC, MAPPER, SIGN,
         )  # fmt: skip
-        w_t = _load_weight(z_ptr, index, scale, mask, x.dtype, EMULATE)
+        w_t = _load_weight(z_ptr, zs_ptr, index, scale, mask, x.dtype, EMULATE, ZBITS, ZGROUP)
         acc = _dot(x, w_t, acc, DOT_PRECISION, EMULATE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < n_rows, other=0.0).to(tl.float32)[None, :]
@@ -259,10 +284,10 @@ def _linear_fwd_kernel(
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _linear_grad_input_kernel(
-    dy_ptr, z_ptr, slot_ptr, scale_ptr, dx_ptr, M, stride_dym, stride_dxm,
+    dy_ptr, z_ptr, zs_ptr, slot_ptr, scale_ptr, dx_ptr, M, stride_dym, stride_dxm,
     n_rows, n_cols, n_tile_cols, tile_offset, seg_start, seg_size, slot_a, slot_b, sign_a, sign_b,
     TR: tl.constexpr, TC: tl.constexpr, MAPPER: tl.constexpr, SIGN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr, ZBITS: tl.constexpr, ZGROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dX[M, K] = dY[M, N] @ W[N, K], with the same tile reads as the forward."""
@@ -282,7 +307,7 @@ def _linear_grad_input_kernel(
             offs_n[:, None], offs_k[None, :], n_rows, n_cols, slot_ptr, scale_ptr, n_tile_cols, tile_offset,
             seg_start, seg_size, slot_a, slot_b, sign_a, sign_b, TR, TC, MAPPER, SIGN,
         )  # fmt: skip
-        w = _load_weight(z_ptr, index, scale, mask, dy.dtype, EMULATE)
+        w = _load_weight(z_ptr, zs_ptr, index, scale, mask, dy.dtype, EMULATE, ZBITS, ZGROUP)
         acc = _dot(dy, w, acc, DOT_PRECISION, EMULATE)
     tl.store(
         dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :],
@@ -335,10 +360,10 @@ def _linear_grad_z_kernel(
 # --------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _embedding_fwd_kernel(
-    ids_ptr, z_ptr, slot_ptr, scale_ptr, out_ptr, n_ids,
+    ids_ptr, z_ptr, zs_ptr, slot_ptr, scale_ptr, out_ptr, n_ids,
     n_rows, n_cols, n_tile_cols, tile_offset, seg_start, seg_size, slot_a, slot_b, sign_a, sign_b,
     TR: tl.constexpr, TC: tl.constexpr, MAPPER: tl.constexpr, SIGN: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ZBITS: tl.constexpr, ZGROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -349,7 +374,10 @@ def _embedding_fwd_kernel(
         ids[:, None], offs_c[None, :], n_rows, n_cols, slot_ptr, scale_ptr, n_tile_cols, tile_offset,
         seg_start, seg_size, slot_a, slot_b, sign_a, sign_b, TR, TC, MAPPER, SIGN,
     )  # fmt: skip
-    zval = tl.load(z_ptr + index, mask=mask, other=0.0).to(tl.float32)
+    if ZBITS != 0:
+        zval = _load_packed(z_ptr, zs_ptr, index, mask, ZBITS, ZGROUP)
+    else:
+        zval = tl.load(z_ptr + index, mask=mask, other=0.0).to(tl.float32)
     tl.store(
         out_ptr + offs_i[:, None] * n_cols + offs_c[None, :],
         _round_to(zval * scale, out_ptr.dtype.element_ty, EMULATE),
@@ -398,11 +426,19 @@ def _table(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return t if t is not None else like
 
 
+def _z_args(z: torch.Tensor, packed: tuple[torch.Tensor, int, int] | None) -> dict:
+    """z's pointers and format: ``packed`` is (group scales, bits, group size) when z holds packed codes."""
+    if packed is None:
+        return dict(z_ptr=z, zs_ptr=z, ZBITS=0, ZGROUP=1)
+    scales, bits, group = packed
+    return dict(z_ptr=z, zs_ptr=scales, ZBITS=bits, ZGROUP=group)
+
+
 def linear_forward(
     x2: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, tile_slot: torch.Tensor | None,
-    tile_scale: torch.Tensor, geo: Geometry,
+    tile_scale: torch.Tensor, geo: Geometry, packed: tuple[torch.Tensor, int, int] | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """y = x2 @ W^T (+ b) for a 2-D, row-contiguous x2."""
+    """y = x2 @ W^T (+ b) for a 2-D, row-contiguous x2 (``packed``: z is codes, see :func:`_z_args`)."""
     m = x2.shape[0]
     y = torch.empty((m, geo.rows), dtype=x2.dtype, device=x2.device)
     if m == 0:
@@ -410,7 +446,8 @@ def linear_forward(
     b = pick_blocks(m, x2.dtype)
     grid = (triton.cdiv(m, b.m), triton.cdiv(geo.rows, b.n))
     _linear_fwd_kernel[grid](
-        x2, z, _table(tile_slot, tile_scale), tile_scale, _table(bias, tile_scale), y, m, x2.stride(0), y.stride(0),
+        x_ptr=x2, slot_ptr=_table(tile_slot, tile_scale), scale_ptr=tile_scale, bias_ptr=_table(bias, tile_scale),
+        y_ptr=y, M=m, stride_xm=x2.stride(0), stride_ym=y.stride(0), **_z_args(z, packed),
         **geo.kernel_args(), HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x2.dtype), EMULATE=INTERPRETED,
         BLOCK_M=b.m, BLOCK_N=b.n, BLOCK_K=b.k, num_warps=b.num_warps,
     )  # fmt: skip
@@ -419,7 +456,7 @@ def linear_forward(
 
 def linear_grad_input(
     dy2: torch.Tensor, z: torch.Tensor, tile_slot: torch.Tensor | None, tile_scale: torch.Tensor,
-    geo: Geometry, out_dtype: torch.dtype,
+    geo: Geometry, out_dtype: torch.dtype, packed: tuple[torch.Tensor, int, int] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """dX = dY @ W for a 2-D, row-contiguous dY."""
     m = dy2.shape[0]
@@ -429,8 +466,8 @@ def linear_grad_input(
     b = pick_blocks(m, dy2.dtype)
     grid = (triton.cdiv(m, b.m), triton.cdiv(geo.cols, b.k))
     _linear_grad_input_kernel[grid](
-        dy2, z, _table(tile_slot, tile_scale), tile_scale, dx, m, dy2.stride(0), dx.stride(0),
-        **geo.kernel_args(), DOT_PRECISION=_dot_precision(dy2.dtype), EMULATE=INTERPRETED,
+        dy_ptr=dy2, slot_ptr=_table(tile_slot, tile_scale), scale_ptr=tile_scale, dx_ptr=dx, M=m,
+        stride_dym=dy2.stride(0), stride_dxm=dx.stride(0), **_z_args(z, packed), **geo.kernel_args(), DOT_PRECISION=_dot_precision(dy2.dtype), EMULATE=INTERPRETED,
         BLOCK_M=b.m, BLOCK_N=b.n, BLOCK_K=b.k, num_warps=b.num_warps,
     )  # fmt: skip
     return dx
@@ -466,7 +503,7 @@ def _embedding_blocks(n_cols: int) -> tuple[int, int]:
 
 def embedding_forward(
     ids: torch.Tensor, z: torch.Tensor, tile_slot: torch.Tensor | None, tile_scale: torch.Tensor,
-    geo: Geometry, dtype: torch.dtype,
+    geo: Geometry, dtype: torch.dtype, packed: tuple[torch.Tensor, int, int] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     flat = ids.reshape(-1).contiguous()
     out = torch.empty((flat.numel(), geo.cols), dtype=dtype, device=z.device)
@@ -475,8 +512,8 @@ def embedding_forward(
     block_r, block_c = _embedding_blocks(geo.cols)
     grid = (triton.cdiv(flat.numel(), block_r), triton.cdiv(geo.cols, block_c))
     _embedding_fwd_kernel[grid](
-        flat, z, _table(tile_slot, tile_scale), tile_scale, out, flat.numel(), **geo.kernel_args(),
-        EMULATE=INTERPRETED, BLOCK_R=block_r, BLOCK_C=block_c,
+        ids_ptr=flat, slot_ptr=_table(tile_slot, tile_scale), scale_ptr=tile_scale, out_ptr=out, n_ids=flat.numel(),
+        **_z_args(z, packed), **geo.kernel_args(), EMULATE=INTERPRETED, BLOCK_R=block_r, BLOCK_C=block_c,
     )  # fmt: skip
     return out.view(*ids.shape, geo.cols)
 

@@ -31,7 +31,7 @@ NOT_COPIED_NAMES = {"config.json", "generation_config.json", "roast_config.json"
 
 def build_parser() -> argparse.ArgumentParser:
     from hf_roast.config import RoastConfig
-    from hf_roast.vocab import DTYPES, INITS, MAPPERS, SIGNS
+    from hf_roast.vocab import DTYPES, INITS, MAPPERS, SIGNS, Z_BITS
 
     defaults = RoastConfig()
     p = argparse.ArgumentParser(
@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--init", default=defaults.init, choices=list(INITS))
     p.add_argument("--dtype", default=defaults.dtype, choices=list(DTYPES), help="Storage dtype of z.")
+    p.add_argument(
+        "--z-bits",
+        type=int,
+        default=None,
+        choices=list(Z_BITS),
+        help="Bits per stored value of z: 8 or 4 quantise it (one fp32 scale per --z-group-size values); "
+        "default: from --dtype (32 or 16).",
+    )
+    p.add_argument("--z-group-size", type=int, default=defaults.z_group_size, help="Values of z per scale.")
     p.add_argument("--base-model", default=None, help="Hub repo id of the dense model, for the model card.")
     p.add_argument("--license", default=None, help="License for the card (default: the source README's).")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
@@ -135,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             init=args.init,
             dtype=args.dtype,
+            z_bits=args.z_bits,
+            z_group_size=args.z_group_size,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -148,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"compressed {report['num_modules']} modules: {report['target']['dense_parameters']:,d} -> "
         f"{report['target']['stored_parameters']:,d} parameters ({report['target']['ratio']:.2f}x); whole model "
-        f"{report['model']['dense_bytes'] / 2**20:.1f} MiB -> {report['model']['stored_bytes'] / 2**20:.1f} MiB"
+        f"{report['model']['dense_bytes'] / 2**20:.1f} MiB -> {report['model']['stored_bytes'] / 2**20:.1f} MiB; "
+        f"z {report['z_bits']}-bit, {report['z_bytes']:,d} bytes"
     )
     print(f"wrote {args.out_dir}: {', '.join(sorted(set(files) | set(copied)))}")
     return 0

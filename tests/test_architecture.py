@@ -21,7 +21,7 @@ PACKAGE_DIRS = {
 
 LAYERS = {
     1: ["vocab", "config", "atomic"],
-    2: ["mapping", "checkpoint_format"],
+    2: ["mapping", "quant", "checkpoint_format"],
     3: ["torch_path", "kernels_available", "kernels", "kernels.*"],
     4: ["dispatch"],
     5: ["layers"],
@@ -33,7 +33,7 @@ LAYERS = {
 """Layer of each module (names relative to ``hf_roast``; ``""`` is the package itself). A module may import
 from its own layer (without a circle) and from the layers below it, never from above."""
 
-KERNELS_MAY_IMPORT = {"hf_roast.vocab", "hf_roast.mapping", "hf_roast.kernels_available"}
+KERNELS_MAY_IMPORT = {"hf_roast.vocab", "hf_roast.mapping", "hf_roast.quant", "hf_roast.kernels_available"}
 
 
 def _modules() -> dict[str, Path]:

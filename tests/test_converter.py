@@ -98,3 +98,22 @@ def test_converter_refuses_bad_input(dense_dir, tmp_path):
     compress_main([str(dense_dir), str(tmp_path / "roast"), "--quiet"])
     with pytest.raises(SystemExit, match="already a ROAST checkpoint"):
         compress_main([str(tmp_path / "roast"), str(tmp_path / "o3")])
+
+
+def test_converter_z_bits_writes_packed_z(dense_dir, tmp_path, capsys):
+    out = tmp_path / "out4"
+    args = [str(dense_dir), str(out), "--compression", "4", "--tile", "8", "16", "--z-bits", "4", "--quiet"]
+    assert compress_main(args + ["--z-group-size", "64"]) == 0
+    assert "z 4-bit" in capsys.readouterr().out
+    cfg = json.loads((out / "roast_config.json").read_text())
+    assert cfg["z_bits"] == 4 and cfg["z_group_size"] == 64 and cfg["z_qat"] is False
+    loaded = RoastModel.from_pretrained(out)
+    reference = get_roast_model(
+        tiny_llama(), RoastConfig(compression=4, tile=(8, 16), z_bits=4, z_group_size=64)
+    )
+    assert torch.equal(loaded.roast_store.z_codes, reference.roast_store.z_codes)
+    assert torch.equal(loaded.roast_store.z_scales, reference.roast_store.z_scales)
+    with pytest.raises(SystemExit):  # argparse refuses bits outside the vocabulary
+        compress_main([str(dense_dir), str(tmp_path / "bad"), "--z-bits", "5"])
+    with pytest.raises(SystemExit, match="z_group_size"):
+        compress_main([str(dense_dir), str(tmp_path / "bad"), "--z-bits", "8", "--z-group-size", "7"])

@@ -384,3 +384,35 @@ def test_schedule_table_compares_each_schedule_with_dense_trained_as_long():
     assert "| magnitude pruning 4x | 66.00 | - |" in lines
     assert "50.00" not in table and "99.00" not in table
     assert schedule_table(rows[:1]) == ""
+
+
+def test_quantised_arms_at_equal_bytes():
+    """hf-roast x int8 / int4 at 16x of the dense targets' bytes stores about what fp32 hf-roast at 16x stores;
+    the QAT arm is scored packed; round-to-nearest quantises the dense targets on the same grid."""
+    from hf_roast.evaluation.arms import Z_GROUP_SIZE, finish_training
+    from hf_roast.evaluation.experiments import sharing_for_bytes
+    from hf_roast.quant import QuantizedZ
+
+    assert sharing_for_bytes(16, 8) == pytest.approx(16 * (1 + 4 / Z_GROUP_SIZE) / 4)
+    _, fp32 = build_arm_model(tiny_bert(), Arm("r16", "roast", 16.0))
+    for bits in (8, 4):
+        c = sharing_for_bytes(16, bits)
+        model, storage = build_arm_model(tiny_bert(), Arm(f"q{bits}", "roast", c, z_bits=bits))
+        assert model.roast_config.z_qat and model.roast_store.z.dtype == torch.float32  # trains the master
+        n = storage["target_values"]
+        assert storage["target_bytes"] == QuantizedZ.packed_nbytes(n, bits, Z_GROUP_SIZE)
+        # 16x fewer bytes than the dense targets, up to rounding z up to whole 32x32 tiles (as fp32 hf-roast)
+        tile_bytes = QuantizedZ.packed_nbytes(32 * 32, bits, Z_GROUP_SIZE)
+        assert 0 <= storage["target_bytes"] - storage["dense_target_bytes"] / 16 <= tile_bytes
+        assert 0 <= fp32["target_bytes"] - fp32["dense_target_bytes"] / 16 <= 4 * 32 * 32
+        assert storage["target_values"] > 3 * fp32["target_values"] * bits / 32
+        finish_training(model, Arm(f"q{bits}", "roast", c, z_bits=bits))
+        assert model.roast_store.packed and model.roast_store.z_nbytes == storage["target_bytes"]
+    model, rtn = build_arm_model(tiny_bert(), Arm("rtn", "rtn", z_bits=4))
+    w = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    finish_training(model, Arm("rtn", "rtn", z_bits=4))
+    q = model.bert.encoder.layer[0].attention.self.query.weight.detach()
+    assert not torch.equal(q, w) and q.view(-1, Z_GROUP_SIZE)[0].unique().numel() <= 15  # on a 4-bit grid
+    assert rtn["target_bytes_ratio"] == pytest.approx(32 / (4 + 32 / Z_GROUP_SIZE))
+    with pytest.raises(ValueError, match="z_bits=8 or 4"):
+        Arm("bad", "rtn", z_bits=32)

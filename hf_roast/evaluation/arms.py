@@ -16,10 +16,13 @@ from torch import nn
 from ..compress import dense_weight, rescale_to_dense_norm
 from ..config import RoastConfig
 from ..model import get_roast_model
+from ..quant import QuantizedZ
 from ..targets import find_targets
-from .baselines import magnitude_prune, parameter_bytes, truncate_layers
+from .baselines import magnitude_prune, parameter_bytes, round_to_nearest, truncate_layers
 
-METHODS = ("dense", "roast", "prune", "smaller", "narrower")
+METHODS = ("dense", "roast", "prune", "smaller", "narrower", "rtn")
+Z_GROUP_SIZE = 128
+"""Values per scale of every quantised arm (a quantised z, and the round-to-nearest baseline)."""
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,15 @@ class Arm:
     calibrate: bool = False
     scaler: str = "v5"
     tile: tuple[int, int] = (32, 32)
+    z_bits: int = 32  # roast: z trained through its 8/4-bit grid (QAT), served packed; rtn: the bits
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}: choose one of {METHODS}.")
         if self.method == "smaller" and self.num_layers is None:
             raise ValueError(f"Arm {self.name}: a 'smaller' arm needs num_layers.")
+        if self.method == "rtn" and self.z_bits not in (8, 4):
+            raise ValueError(f"Arm {self.name}: a round-to-nearest arm needs z_bits=8 or 4.")
         if self.recipe is not None and (self.single_lr or self.method != "roast"):
             raise ValueError(
                 f"Arm {self.name}: the fine-tuning recipe is for hf-roast arms without single_lr."
@@ -61,11 +67,14 @@ class Arm:
         if self.method == "roast":
             return (
                 f"hf-roast {self.mapper}"
+                + (f" x int{self.z_bits} (QAT)" if self.z_bits < 32 else "")
                 + (" (+embeddings)" if self.compress_embeddings else "")
                 + (" (norm-preserving init)" if self.norm_init else "")
             )
         if self.method == "prune":
             return "magnitude pruning" + (" (+embeddings)" if self.compress_embeddings else "")
+        if self.method == "rtn":
+            return f"round-to-nearest int{self.z_bits} (dense targets)"
         if self.method == "smaller":
             return "smaller model (first k layers)"
         if self.method == "narrower":
@@ -90,7 +99,19 @@ def roast_config_for(arm: Arm, init: str = "pretrained") -> RoastConfig:
         mapper=arm.mapper if arm.method == "roast" else "stable",
         seed=arm.seed,
         init=init,
+        z_bits=arm.z_bits if arm.method == "roast" and arm.z_bits < 32 else None,
+        z_group_size=Z_GROUP_SIZE,
+        z_qat=arm.method == "roast" and arm.z_bits < 32,
     )
+
+
+def finish_training(model: nn.Module, arm: Arm) -> None:
+    """What an arm does between training and evaluation: a QAT arm packs z (it is then served exactly as
+    trained); the round-to-nearest baseline quantises the fine-tuned dense targets (post-training)."""
+    if arm.method == "roast" and arm.z_bits < 32:
+        model.quantize_z()
+    elif arm.method == "rtn":
+        round_to_nearest(model, roast_config_for(arm), arm.z_bits, Z_GROUP_SIZE)
 
 
 def dense_target_values(model: nn.Module, arm: Arm) -> tuple[int, int]:
@@ -116,7 +137,7 @@ def build_arm_model(model: nn.Module, arm: Arm, calibration_data=None) -> tuple[
     """
     dense_tv, dense_tb = dense_target_values(model, arm)
     dense_mv, dense_mb = parameter_bytes(model)
-    dense_weights = _target_weights(model, arm) if arm.method in ("roast", "prune") else None
+    dense_weights = _target_weights(model, arm) if arm.method in ("roast", "prune", "rtn") else None
     storage = {
         "dense_target_values": dense_tv,
         "dense_target_bytes": dense_tb,
@@ -140,11 +161,16 @@ def build_arm_model(model: nn.Module, arm: Arm, calibration_data=None) -> tuple[
             dense_weights, {n: layer.materialize_weight() for n, layer in model.roast_layers()}
         )
         report = model.compression_report()
+        # a QAT arm holds an fp32 master while it trains, and stores (and serves) z packed
+        packed = report["z_bytes"]
+        if arm.z_bits < 32:
+            packed = QuantizedZ.packed_nbytes(report["target"]["stored_parameters"], arm.z_bits, Z_GROUP_SIZE)
+        saving = report["z_bytes"] - packed
         storage.update(
             target_values=report["target"]["stored_parameters"],
-            target_bytes=report["target"]["stored_bytes"],
+            target_bytes=report["target"]["stored_bytes"] - saving,
             model_values=report["model"]["stored_parameters"],
-            model_bytes=report["model"]["stored_bytes"],
+            model_bytes=report["model"]["stored_bytes"] - saving,
             index_overhead_bytes=0,
         )
     elif arm.method == "prune":
@@ -165,6 +191,17 @@ def build_arm_model(model: nn.Module, arm: Arm, calibration_data=None) -> tuple[
             index_format=pruned["index_format"],
             bitmask_bytes=pruned["bitmask_bytes"],
             csr_index_bytes=pruned["csr_index_bytes"],
+        )
+    elif arm.method == "rtn":  # the dense model trains; finish_training quantises its targets
+        stored = sum(
+            QuantizedZ.packed_nbytes(w.numel(), arm.z_bits, Z_GROUP_SIZE) for w in dense_weights.values()
+        )
+        storage.update(
+            target_values=dense_tv,
+            target_bytes=stored,
+            model_values=dense_mv,
+            model_bytes=dense_mb - dense_tb + stored,
+            index_overhead_bytes=0,
         )
     elif arm.method == "smaller":
         model = truncate_layers(model, arm.num_layers)

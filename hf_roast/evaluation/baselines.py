@@ -15,6 +15,7 @@ from torch.nn.utils import prune
 
 from ..compress import dense_weight
 from ..config import RoastConfig
+from ..quant import QuantizedZ, fake_quantize_groups
 from ..targets import find_targets
 
 
@@ -76,6 +77,23 @@ def pruning_storage(numels: list[int], kept_values: int, rows_total: int, elemen
         "index_format": "bitmask" if bitmask_bytes <= csr_bytes else "csr-int16",
         "stored_bytes": values_bytes + min(bitmask_bytes, csr_bytes),
     }
+
+
+@torch.no_grad()
+def round_to_nearest(model: nn.Module, config: RoastConfig, bits: int, group_size: int) -> dict:
+    """Per-group round-to-nearest quantisation of the target modules' dense weights, in place (the
+    bitsandbytes-style baseline): groups of ``group_size`` contiguous values, one fp32 absmax scale each, the
+    same symmetric grid as a quantised z (:mod:`hf_roast.quant`). Returns the storage accounting."""
+    values = stored = 0
+    for _, module, _ in find_targets(model, config):
+        w = module.weight
+        flat = w.detach().float().reshape(-1)
+        pad = -flat.numel() % group_size  # a partial last group: zero padding does not change its absmax
+        padded = torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
+        w.copy_(fake_quantize_groups(padded, bits, group_size)[: flat.numel()].view_as(w).to(w.dtype))
+        values += flat.numel()
+        stored += QuantizedZ.packed_nbytes(flat.numel(), bits, group_size)
+    return {"values": values, "stored_bytes": stored}
 
 
 def finalize_pruning(model: nn.Module) -> int:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..optim import RoastRecipe, roast_trainer_class, single_rate_groups, z_weight_multiplier
-from .arms import Arm, build_arm_model
+from .arms import Arm, build_arm_model, finish_training
 from .data import TextClassificationData, cache_dir
 from .measure import ResourceMeter
 
@@ -168,6 +168,7 @@ def run_classification_arm(
             model, storage = build_arm_model(source.load_model(len(data.label_names)), arm, calibration)
             with ResourceMeter() as meter:
                 loss, z_lr_multiplier = train(model, train_set, tok, setup, lr, arm.seed, arm, teacher)
+            finish_training(model, arm)  # quantised arms are scored as they are stored
             val = accuracy(model, val_set, tok, setup.eval_batch_size)
             run = {"lr": lr, "z_lr_multiplier": z_lr_multiplier, "val_accuracy": val, "train_loss": loss}
             run.update(meter.as_dict())

@@ -7,7 +7,7 @@ the smoke tests.
 
 from __future__ import annotations
 
-from .arms import Arm
+from .arms import Z_GROUP_SIZE, Arm
 
 EXPERIMENTS = ("classification", "lm", "scratch")
 
@@ -36,6 +36,23 @@ BASELINE_LR = 3e-4
 BASELINE_LRS = (1e-4, 3e-4)
 RECIPE_LR = 5e-5
 """hf-roast arms take the dense fine-tuning rate and the recipe of :mod:`hf_roast.optim`, no grid."""
+
+
+def sharing_for_bytes(bytes_ratio: float, bits: int) -> float:
+    """The sharing compression (values) whose z, packed at ``bits`` with one fp32 scale per group, stores
+    the fp32 target modules in ``bytes_ratio`` times fewer bytes: c = ratio * (bits/8 + 4/G) / 4."""
+    return bytes_ratio * (bits / 8 + 4 / Z_GROUP_SIZE) / 4
+
+
+def _bits(bytes_ratio, bits, **kw) -> Arm:
+    """hf-roast x an integer z at ``bytes_ratio`` of the dense targets' bytes (QAT, then served packed)."""
+    c = sharing_for_bytes(bytes_ratio, bits)
+    return _recipe(c, z_bits=bits, suffix=f"-int{bits}-{bytes_ratio:g}xbytes", **kw)
+
+
+def _rtn(bits, **kw) -> Arm:
+    """Per-group round-to-nearest of the fine-tuned dense targets (about 32 / (bits + 32/G) x of bytes)."""
+    return Arm(f"rtn-int{bits}", "rtn", 1.0, z_bits=bits, **kw)
 
 
 def _recipe(c, **kw) -> Arm:
@@ -68,6 +85,9 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
             (2, _recipe(8, mapper="hashednet", lrs=None)),
             (3, _recipe(4, distill=True, lrs=None, suffix="-kd")),
             (3, _prune(4, schedule=2.0, suffix="-sched2")),
+            (3, _bits(16, 8, lrs=None)),
+            (3, _bits(16, 4, lrs=None)),
+            (3, _rtn(4, lrs=(BASELINE_LR,))),
         ]
     one = (BASELINE_LR,)
     if mode == "quick":
@@ -100,6 +120,12 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
         more += [Arm("dense-sched3", "dense", schedule=3.0, lrs=DENSE_LRS)]
         more += [_recipe(2), _prune(2, lrs=one), _smaller(2, lrs=one)]
         more += [_recipe(c, emb=True) for c in (10, 50)]
+        # sharing x quantisation at equal bytes of the target modules (16x and 64x fewer than dense fp32):
+        # hf-roast x int8 / x int4 (QAT) vs fp32 hf-roast vs pruning at the same bytes, and round-to-nearest
+        # int8 / int4 of the dense targets (which cannot go below ~3.9x / ~7.5x of bytes on their own)
+        more += [_bits(r, b) for r in (16, 64) for b in (8, 4)]
+        more += [_recipe(64), _prune(64, lrs=one)]
+        more += [_rtn(b, lrs=DENSE_LRS) for b in (8, 4)]
         arms += [(3, a) for a in more]
     return arms
 
