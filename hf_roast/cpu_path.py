@@ -43,6 +43,11 @@ CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_ROWS = 16
 """Most rows (batch x sequence) a call may have on this path: above it the PyTorch path's W build is
 amortised over enough rows that its GEMM wins (measured: see README "Speed")."""
+PARALLEL_GRAIN = 1 << 22
+"""Multiply-adds per thread below which a call runs on one thread. A GEMV of SmolLM2's layers (under 1M
+multiply-adds) takes about 0.1 ms on one core, and an OpenMP fork/join on a shared machine can cost a whole
+scheduler time slice (ms) when a worker thread is not running: measured 3x slower decode with 2 threads
+than with 1 while other jobs ran. Large calls (4096 x 4096) still use torch's thread count."""
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -439,7 +444,7 @@ def cpu_roast_linear(
         sign_b=sign_b,
         bias=b.data_ptr() if b is not None else None,
         y=y.data_ptr(),
-        threads=torch.get_num_threads(),
+        threads=max(1, min(torch.get_num_threads(), n * spec.rows * spec.cols // PARALLEL_GRAIN)),
     )
     if lib.hf_roast_gemv(ctypes.byref(args)) != 0:
         raise ValueError(f"hf_roast CPU kernel refused {n} rows with a {tr}x{tc} tile.")
