@@ -97,8 +97,9 @@ class RoastConfig:
     backend: str = field(
         default="auto",
         metadata={
-            "help": "Execution path: 'auto' (Triton kernels on CUDA when triton is installed, else PyTorch), "
-            "'torch' or 'triton'. The HF_ROAST_BACKEND environment variable overrides it."
+            "help": "Execution path: 'auto' (Triton kernels on CUDA when triton is installed; on CPU the fused "
+            "gather-GEMV for inference calls of at most 16 rows; else PyTorch), 'torch', 'triton' or 'cpu'. "
+            "The HF_ROAST_BACKEND environment variable overrides it."
         },
     )
     z_bits: int | None = field(

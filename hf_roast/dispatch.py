@@ -1,17 +1,24 @@
-"""Choose the execution path of a ROAST op: fused Triton kernels on CUDA, the PyTorch path elsewhere.
+"""Choose the execution path of a ROAST op: fused Triton kernels on CUDA, the CPU gather-GEMV for inference
+on CPU, the PyTorch path elsewhere.
 
-``HF_ROAST_BACKEND`` (``auto`` / ``torch`` / ``triton``) overrides the config's ``backend`` field.
-``auto`` takes the kernels for CUDA tensors of a supported dtype when triton is installed, and the
-PyTorch path otherwise; a forced ``triton`` that cannot run raises an error saying why, rather than
-silently falling back.
+``HF_ROAST_BACKEND`` (``auto`` / ``torch`` / ``triton`` / ``cpu``) overrides the config's ``backend`` field.
+``auto`` takes the kernels for CUDA tensors of a supported dtype when triton is installed; on CPU, a linear
+call that needs no gradient and has at most ``cpu_path.MAX_ROWS`` rows (decode, short prompts) takes the
+CPU path (:mod:`hf_roast.cpu_path`), and every other call the PyTorch path. A forced ``triton`` or ``cpu``
+that cannot run raises an error saying why, rather than silently falling back; ``torch`` switches both off.
+Embeddings take the PyTorch path on CPU under every backend: it already gathers only the looked-up rows.
+Where ``auto`` would take the CPU path but no C++ compiler can build it, one warning says so and the
+PyTorch path runs.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
+from . import cpu_path
 from .mapping import LayerMapping
 from .quant import QuantizedZ
 from .torch_path import RoastEmbeddingFunction, RoastLinearFunction, read_dtype
@@ -30,10 +37,18 @@ def requested_backend(requested: str) -> str:
 
 
 def resolve_backend(requested: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> str:
-    """'torch' or 'triton' for tensors on ``device`` of ``dtypes``; a clear error when a forced path cannot run."""
+    """'torch', 'triton' or 'cpu' for tensors on ``device`` of ``dtypes``; a clear error when a forced path
+    cannot run. 'cpu' only when forced: ``auto`` chooses it per call in :func:`roast_linear`, by rows."""
     backend = requested_backend(requested)
     if backend == "torch" or device.type == "meta":
         return "torch"  # meta tensors: shape inference, which the PyTorch path does for free
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise RuntimeError(
+                f"The CPU backend was forced ({ENV_BACKEND} or config.backend='cpu') but the tensors are on "
+                f"{device.type}. Use backend='auto' instead."
+            )
+        return "cpu"
     from .kernels_available import triton_unavailable_reason
 
     reason = triton_unavailable_reason(device, dtypes)
@@ -46,6 +61,28 @@ def resolve_backend(requested: str, device: torch.device, dtypes: tuple[torch.dt
         return "triton"
     # auto: the kernels only where they pay off (CUDA); the interpreter is for tests that force them.
     return "triton" if reason is None and device.type == "cuda" else "torch"
+
+
+_warned_no_cpu_kernel = False
+
+
+def cpu_path_reason(
+    x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, lm: LayerMapping
+) -> str | None:
+    """None when the CPU path can run this linear call; otherwise why not (grad, compile, autocast, shape...)."""
+    if isinstance(z, QuantizedZ):
+        return "z is packed (int8/4-bit), and the CPU path reads a float32 z"
+    if lm.fake_quant is not None:
+        return "quantisation-aware training reads z through its grid on the PyTorch path"
+    if torch.is_grad_enabled() and (
+        x.requires_grad or z.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return "the call needs gradients (training), and the CPU path is forward-only"
+    if torch.compiler.is_compiling():
+        return "torch.compile is tracing, and the CPU kernel is opaque to it"
+    if torch.is_autocast_enabled("cpu"):
+        return "CPU autocast is on; the PyTorch path applies its casts"
+    return cpu_path.unsupported_reason(x, z, lm)
 
 
 def _path(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...], lm: LayerMapping) -> str:
@@ -65,10 +102,37 @@ def _path(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...], l
 def roast_linear(
     x: torch.Tensor, z: torch.Tensor | QuantizedZ, bias: torch.Tensor | None, lm: LayerMapping, backend: str
 ):
-    if _path(backend, x.device, (x.dtype, read_dtype(z)), lm) == "triton":
+    path = _path(backend, x.device, (x.dtype, read_dtype(z)), lm)
+    if path == "triton":
         from .kernels.ops import triton_roast_linear
 
         return triton_roast_linear(x, z, bias, lm)
+    if path == "cpu":
+        reason = cpu_path_reason(x, z, bias, lm) or cpu_path.unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(
+                f"The CPU backend was forced ({ENV_BACKEND} or config.backend='cpu') but cannot run this call: "
+                f"{reason}. Use backend='auto' (or 'torch') instead."
+            )
+        return cpu_path.cpu_roast_linear(x, z, bias, lm)
+    if (
+        x.device.type == "cpu"
+        and requested_backend(backend) == "auto"
+        and cpu_path_reason(x, z, bias, lm) is None
+    ):
+        missing = cpu_path.unavailable_reason()
+        if missing is None:
+            return cpu_path.cpu_roast_linear(x, z, bias, lm)
+        global _warned_no_cpu_kernel
+        if not _warned_no_cpu_kernel:
+            _warned_no_cpu_kernel = True
+            warnings.warn(
+                f"hf-roast: the fast CPU inference path is unavailable ({missing}); generation runs on the "
+                "slower PyTorch path, which builds each weight matrix per call. Install a C++ compiler (g++ or "
+                "clang++, or set CXX) to enable it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return RoastLinearFunction.apply(x, z, bias, lm)
 
 

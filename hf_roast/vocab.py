@@ -17,8 +17,9 @@ SIGNS = ("none", "tile", "element")
 """The random sign g(i): none, one per mapping tile, or one per element."""
 SCALERS = ("v5", "v1", "none")
 """The STABLE-RPS gradient scaler on dz."""
-BACKENDS = ("auto", "torch", "triton")
-"""The execution path (see :mod:`hf_roast.dispatch`)."""
+BACKENDS = ("auto", "torch", "triton", "cpu")
+"""The execution path (see :mod:`hf_roast.dispatch`): ``cpu`` is the fused gather-GEMV for inference on CPU
+(:mod:`hf_roast.cpu_path`), ``torch`` the PyTorch path, ``triton`` the GPU kernels; ``auto`` picks per call."""
 INITS = ("auto", "pretrained", "random")
 """How z is initialised."""
 DTYPES = ("float32", "bfloat16", "float16")

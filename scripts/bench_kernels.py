@@ -7,6 +7,7 @@ one weight at a time). The header says which.
     hf-roast bench                       # --quick: 4096x4096 at 1, 16, 512 rows (about 2 min on 2 CPU cores)
     hf-roast bench --full                # 4096x4096 and 4096x11008 at 1, 16, 512, 4096 rows (slow on a CPU)
     hf-roast bench --shapes 4096x4096 --rows 512,4096 --repeats 5
+    hf-roast bench --generate            # generate() speed of SmolLM2-135M, dense vs 4x vs 16x (bench_generate.py)
 
 Shapes are ``in x out`` features (``4096x11008``: a Llama-7B up projection). Times are medians.
 """
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from hf_roast import cpu_path
 from hf_roast.dispatch import resolve_backend, roast_linear
 from hf_roast.mapping import LayerMapping, MappingPlan, ModuleSpec, gradient_scaler
 from hf_roast.torch_path import clear_scratch, materialize_weight
@@ -153,7 +155,10 @@ def describe(device: torch.device, backend: str, dtype: torch.dtype) -> str:
     else:
         name = f"CPU, {torch.get_num_threads()} threads"
     path = (
-        "Triton kernels (hf_roast.kernels)" if backend == "triton" else "PyTorch path (hf_roast.torch_path)"
+        "Triton kernels (hf_roast.kernels)"
+        if backend == "triton"
+        else "PyTorch path (hf_roast.torch_path); no-grad forwards of at most "
+        f"{cpu_path.MAX_ROWS} rows on the CPU path (hf_roast.cpu_path)"
     )
     return (
         f"device: {name}; ROAST/HashedNet run on the {path}; activations {str(dtype).removeprefix('torch.')}"
@@ -161,6 +166,10 @@ def describe(device: torch.device, backend: str, dtype: torch.dtype) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is not None and "--generate" in argv or argv is None and "--generate" in sys.argv[1:]:
+        from hf_roast.scripts.bench_generate import main as generate_main
+
+        return generate_main(argv)
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch.")
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for d_in, d_out in shapes:
         for rows in rows_list:
-            r = bench_shape(d_in, d_out, rows, args, timer, device, dtype, backend)
+            r = bench_shape(d_in, d_out, rows, args, timer, device, dtype, "auto")  # per call, as a model
             line = (
                 f"{d_in:>5}x{d_out:<5} {rows:>5} | {r['dense_fwd'] * 1e3:>9.2f} {r['stable_fwd'] * 1e3:>9.2f} "
                 f"{r['stable_fwd'] / r['dense_fwd']:>6.2f} | {r['dense_fb'] * 1e3:>9.2f} {r['stable_fb'] * 1e3:>9.2f} "

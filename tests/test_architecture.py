@@ -22,7 +22,7 @@ PACKAGE_DIRS = {
 LAYERS = {
     1: ["vocab", "config", "atomic"],
     2: ["mapping", "quant", "checkpoint_format"],
-    3: ["torch_path", "kernels_available", "kernels", "kernels.*"],
+    3: ["torch_path", "cpu_path", "kernels_available", "kernels", "kernels.*"],
     4: ["dispatch"],
     5: ["layers"],
     6: ["targets", "calibration", "compress", "report"],

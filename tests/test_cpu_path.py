@@ -1,0 +1,187 @@
+"""The CPU inference path (hf_roast/cpu_path.py): a fused gather-GEMV that never writes W.
+
+Checked against the PyTorch path (an independent implementation: it materialises W) on odd shapes whose
+edge tiles are partial in both dimensions, for every mapper, sign mode and activation dtype, at 1, 2 and
+7 rows; against an fp64 product of the materialised W; for allocations (nothing W-sized); for the
+dispatch rules; and end to end, ``generate()`` gives the same tokens with and without it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from helpers import VOCAB, tiny_gpt2, tiny_llama
+from torch.profiler import ProfilerActivity, profile
+
+from hf_roast import RoastConfig, cpu_path, dispatch, get_roast_model
+from hf_roast.mapping import LayerMapping, MappingPlan, ModuleSpec
+from hf_roast.torch_path import RoastLinearFunction, clear_scratch, materialize_weight
+from hf_roast.vocab import MAPPERS, SIGNS
+
+pytestmark = pytest.mark.skipif(
+    cpu_path.unavailable_reason() is not None, reason=f"no CPU kernel: {cpu_path.unavailable_reason()}"
+)
+
+# The kernel tests' tolerances (tests/test_kernels.py): both paths read bit-identical weights (rounded into
+# the activation dtype the same way) and accumulate in fp32; they differ in summation order and, for half
+# activations, in the final rounding of each output.
+TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2**-7, atol=2**-7),
+    torch.float16: dict(rtol=2**-10, atol=2**-10),
+}
+
+
+def assert_close_scaled(actual, expected, dtype, name):
+    tol = TOLERANCE[dtype]
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(
+        actual.float(),
+        expected.float(),
+        rtol=tol["rtol"],
+        atol=tol["atol"] * scale,
+        msg=lambda m: f"{name}: {m}",
+    )
+
+
+def _mappings(mapper: str, sign: str, tile: tuple[int, int]):
+    """Two modules with partial edge tiles in both dimensions; the second starts at a non-zero tile offset."""
+    specs = [ModuleSpec("a", "linear", 100, 90, 0.7), ModuleSpec("b", "conv1d", 77, 131, 1.3)]
+    plan = MappingPlan.build(specs, mapper=mapper, sign=sign, seed=5, tile=tile, compression=3.0)
+    torch.manual_seed(0)
+    z = torch.randn(plan.num_slots)
+    return z, [LayerMapping.build(plan, spec) for spec in specs]
+
+
+@pytest.mark.parametrize("tile", [(8, 16), (32, 32), (4, 12)], ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("sign", SIGNS)
+@pytest.mark.parametrize("mapper", MAPPERS)
+def test_cpu_path_equals_torch_path(mapper, sign, tile):
+    z, mappings = _mappings(mapper, sign, tile)
+    for lm in mappings:
+        for rows in (1, 2, 7):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                x = torch.randn(rows, lm.spec.cols).to(dtype)
+                bias = torch.randn(lm.spec.rows)
+                with torch.no_grad():
+                    expected = RoastLinearFunction.apply(x, z, bias, lm)
+                    actual = cpu_path.cpu_roast_linear(x, z, bias, lm)
+                assert actual.dtype == dtype and actual.shape == expected.shape
+                name = f"{mapper}/{sign}/{tile}/{lm.spec.name}/{rows} rows/{dtype}"
+                assert_close_scaled(actual, expected, dtype, name)
+            # fp64 reference from the materialised W (fp32 activations; a leading batch dimension)
+            x = torch.randn(2, 3, lm.spec.cols)
+            w = materialize_weight(z, lm, torch.float32, scratch=False).double()
+            expected = (x.double() @ w.t()).float()
+            torch.testing.assert_close(
+                cpu_path.cpu_roast_linear(x, z, None, lm), expected, rtol=1e-5, atol=1e-5
+            )
+
+
+def _largest_allocation(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+def test_cpu_path_never_allocates_a_w_sized_tensor():
+    spec = ModuleSpec("big", "linear", 512, 768, 1.0)
+    plan = MappingPlan.build([spec], mapper="stable", sign="element", seed=0, tile=(32, 32), compression=4.0)
+    lm = LayerMapping.build(plan, spec)
+    z = torch.randn(plan.num_slots)
+    x = torch.randn(3, spec.cols, dtype=torch.bfloat16)
+    w_bytes = spec.rows * spec.cols * 2  # W in the activation dtype
+    with torch.no_grad():
+        clear_scratch()
+        torch_peak = _largest_allocation(lambda: RoastLinearFunction.apply(x, z, None, lm))
+        cpu_peak = _largest_allocation(lambda: cpu_path.cpu_roast_linear(x, z, None, lm))
+    assert torch_peak >= w_bytes  # the measurement sees the PyTorch path's W
+    assert 0 < cpu_peak < w_bytes // 32, (cpu_peak, w_bytes)  # the output (3 x 512 floats) and x in fp32
+
+
+def _layer_and_input(rows: int):
+    model = get_roast_model(tiny_llama(), RoastConfig(compression=4.0, tile=(16, 16)))
+    layer = model.model.layers[0].mlp.up_proj
+    return model, layer, torch.randn(1, rows, layer.in_features)
+
+
+def test_auto_dispatch_takes_the_cpu_path_for_few_rows_without_grad(monkeypatch):
+    calls = []
+    real = cpu_path.cpu_roast_linear
+    monkeypatch.setattr(cpu_path, "cpu_roast_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
+    model, layer, x = _layer_and_input(cpu_path.MAX_ROWS)
+    with torch.no_grad():
+        y_cpu = layer(x)
+    assert len(calls) == 1
+    layer(x).sum().backward()  # z requires grad: training takes the PyTorch path
+    with torch.no_grad():
+        layer(torch.randn(1, cpu_path.MAX_ROWS + 1, layer.in_features))  # too many rows
+        monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")  # switched off
+        y_torch = layer(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(y_cpu, y_torch, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "cpu")  # forced: raises where it cannot run, never falls back
+    with pytest.raises(RuntimeError, match="forward-only"):
+        layer(x)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="at most"):
+        layer(torch.randn(1, cpu_path.MAX_ROWS + 1, layer.in_features))
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 2
+
+
+def test_missing_compiler_warns_once_and_keeps_the_pytorch_path(monkeypatch):
+    monkeypatch.setattr(cpu_path, "_library", cpu_path._Library())
+    monkeypatch.setattr(dispatch, "_warned_no_cpu_kernel", False)
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
+    model, layer, x = _layer_and_input(1)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = layer(x)
+        layer(x)
+    messages = [str(w.message) for w in caught if "CPU inference path" in str(w.message)]
+    assert len(messages) == 1 and "no C++ compiler" in messages[0]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            y, RoastLinearFunction.apply(x, model.roast_store.z, layer.bias, layer.layer_mapping())
+        )
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "cpu")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        layer(x)
+
+
+def test_a_second_load_reuses_the_cached_library():
+    assert cpu_path.unavailable_reason() is None
+    fresh = cpu_path._Library()
+    assert fresh.load() is not None and fresh.build_seconds == 0.0  # found in the cache, not rebuilt
+
+
+def _generate(model, monkeypatch, backend: str, prompt: torch.Tensor) -> torch.Tensor:
+    monkeypatch.setenv(dispatch.ENV_BACKEND, backend)
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize(
+    "make, dtype",
+    [(tiny_llama, torch.float32), (tiny_llama, torch.bfloat16), (tiny_gpt2, torch.float32)],
+    ids=["llama-fp32", "llama-bf16", "gpt2-fp32"],
+)
+def test_generate_gives_the_same_tokens_with_and_without_the_cpu_path(make, dtype, monkeypatch):
+    model = get_roast_model(make().to(dtype), RoastConfig(compression=4.0, tile=(16, 16)))
+    assert model.roast_store.z.dtype == torch.float32
+    prompt = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = cpu_path.cpu_roast_linear
+    monkeypatch.setattr(cpu_path, "cpu_roast_linear", lambda *a: calls.append(1) or real(*a))
+    with_cpu = _generate(model, monkeypatch, "cpu", prompt)  # forced: every linear call takes it
+    assert len(calls) > 0
+    n_calls = len(calls)
+    without = _generate(model, monkeypatch, "torch", prompt)
+    assert len(calls) == n_calls
+    assert torch.equal(with_cpu, without)
+    assert with_cpu.shape[1] == prompt.shape[1] + 12
