@@ -70,6 +70,21 @@ def hashednet_slot(v, segment_start, segment_size, a, b):
     return segment_start + hash31(v, a, b) % segment_size
 
 
+def tiles_along(length: int, tile: int) -> int:
+    """How many tiles of size ``tile`` cover ``length`` weights (the last one may be partial)."""
+    return -(-length // tile)
+
+
+def is_tiled_mapper(mapper: str) -> bool:
+    """Tile mappers (stable, roast) read each mapping tile from one aligned span of z; hashednet does not."""
+    return mapper != "hashednet"
+
+
+def scaler_unit(mapper: str, tile: Sequence[int]) -> int:
+    """z elements per gradient-scaler entry: a slot tile for tile mappers, one element for hashednet."""
+    return tile[0] * tile[1] if is_tiled_mapper(mapper) else 1
+
+
 def tile_coordinates(r, c, n_tile_cols, tile_rows, tile_cols):
     """Module-local tile of weight (r, c) (tile-major, row-major over tiles) and its offset in the tile."""
     return (r // tile_rows) * n_tile_cols + c // tile_cols, (r % tile_rows) * tile_cols + c % tile_cols
@@ -119,10 +134,10 @@ class ModuleSpec:
     segment_size: int = 0  # hashednet only
 
     def n_tile_rows(self, tile: Sequence[int]) -> int:
-        return -(-self.rows // tile[0])
+        return tiles_along(self.rows, tile[0])
 
     def n_tile_cols(self, tile: Sequence[int]) -> int:
-        return -(-self.cols // tile[1])
+        return tiles_along(self.cols, tile[1])
 
     def n_tiles(self, tile: Sequence[int]) -> int:
         return self.n_tile_rows(tile) * self.n_tile_cols(tile)
@@ -281,7 +296,7 @@ class MappingPlan:
     @property
     def is_tiled(self) -> bool:
         """Tile mappers read each mapping tile from one aligned span of z."""
-        return self.mapper != "hashednet"
+        return is_tiled_mapper(self.mapper)
 
     def spec(self, name: str) -> ModuleSpec:
         for s in self.modules:
@@ -349,7 +364,7 @@ class MappingPlan:
     # ---- statistics for the gradient scaler and the pretrained init --------------------------------
     def scaler_unit(self) -> int:
         """Granularity of the scaler's counts: a slot tile for tile mappers, an element for hashednet."""
-        return self.tile_numel if self.is_tiled else 1
+        return scaler_unit(self.mapper, self.tile)
 
     def slot_counts(self, spec: ModuleSpec, device=None) -> torch.Tensor:
         """c_lj: how many of module l's weights land in each scaler unit j (tiles for tile mappers)."""

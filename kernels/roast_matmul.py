@@ -21,8 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_roast.mapping import MappingPlan, ModuleSpec, seed_constants
-from hf_roast.vocab import MAPPER_IDS, SIGN_IDS
+from hf_roast.mapping import (
+    MappingPlan,
+    ModuleSpec,
+    is_tiled_mapper,
+    scaler_unit,
+    seed_constants,
+    tiles_along,
+)
+from hf_roast.vocab import MAPPER_IDS, MAPPERS, SIGN_IDS
 
 from .mapping_jit import (
     code_of,
@@ -93,18 +100,19 @@ class Geometry:
     def from_list(cls, values: list[int]) -> Geometry:
         return cls(*(int(v) for v in values))
 
+    # the plan's own formulas, on this geometry's scalars (custom ops pass ints, not plans)
     @property
     def tiled(self) -> bool:
-        return self.mapper != MAPPER_IDS["hashednet"]
+        return is_tiled_mapper(MAPPERS[self.mapper])
 
     @property
     def n_tile_cols(self) -> int:
-        return -(-self.cols // self.tile_cols)
+        return tiles_along(self.cols, self.tile_cols)
 
     @property
     def scaler_unit(self) -> int:
         """z elements per entry of ``scaler_inv``: a slot tile for tile mappers, one element for hashednet."""
-        return self.tile_rows * self.tile_cols if self.tiled else 1
+        return scaler_unit(MAPPERS[self.mapper], (self.tile_rows, self.tile_cols))
 
     def kernel_args(self) -> dict[str, int]:
         return dict(
