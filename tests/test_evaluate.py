@@ -416,3 +416,14 @@ def test_quantised_arms_at_equal_bytes():
     assert rtn["target_bytes_ratio"] == pytest.approx(32 / (4 + 32 / Z_GROUP_SIZE))
     with pytest.raises(ValueError, match="z_bits=8 or 4"):
         Arm("bad", "rtn", z_bits=32)
+
+
+def test_scaler_and_tile_variants_are_not_the_base_arm():
+    """The target check compares the base hf-roast arm only; scaler and tile arms are variants of it."""
+    from hf_roast.evaluation.results import _variant
+
+    assert _variant({"steps": 300}, "scratch") == "300 steps"
+    assert (
+        _variant({"scaler": "none", "tile": [8, 8], "steps": 300}, "scratch")
+        == "scaler none, tile 8x8, 300 steps"
+    )

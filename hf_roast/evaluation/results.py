@@ -62,6 +62,10 @@ def _variant(arm: dict, experiment: str = "classification") -> str:
         parts.append("plain least-squares init")
     if arm.get("calibrate") and not arm.get("recipe"):
         parts.append("calibrated init")
+    if arm.get("scaler", "v5") != "v5":
+        parts.append(f"scaler {arm['scaler']}")
+    if list(arm.get("tile", (32, 32))) != [32, 32]:
+        parts.append("tile {}x{}".format(*arm["tile"]))
     if arm.get("steps"):
         parts.append(f"{arm['steps']} steps")
     return ", ".join(parts) or "base"
