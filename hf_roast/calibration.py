@@ -131,22 +131,22 @@ def output_error_solve(
 
     def hessian(v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(num_slots, dtype=torch.float32, device=v.device)
-        for lm, _, g in modules:
-            w = materialize_weight(v, lm, torch.float32, scratch=False)
-            out += scatter_weight_grad(apply_g(w, g), lm, num_slots)
+        for layer_map, _, g in modules:
+            w = materialize_weight(v, layer_map, torch.float32, scratch=False)
+            out += scatter_weight_grad(apply_g(w, g), layer_map, num_slots)
         return out
 
     def relative_error(v: torch.Tensor) -> float:
         err = ref = 0.0
-        for lm, w_dense, g in modules:
-            e = materialize_weight(v, lm, torch.float32, scratch=False) - w_dense
+        for layer_map, w_dense, g in modules:
+            e = materialize_weight(v, layer_map, torch.float32, scratch=False) - w_dense
             err += float((apply_g(e, g) * e).sum())
             ref += float((apply_g(w_dense, g) * w_dense).sum())
         return (max(err, 0.0) / ref) ** 0.5 if ref > 0 else 0.0
 
     b = torch.zeros(num_slots, dtype=torch.float32, device=z0.device)
-    for lm, w_dense, g in modules:
-        b += scatter_weight_grad(apply_g(w_dense, g), lm, num_slots)
+    for layer_map, w_dense, g in modules:
+        b += scatter_weight_grad(apply_g(w_dense, g), layer_map, num_slots)
     before = relative_error(z0)
     z = z0.clone().float()
     r = b - hessian(z)

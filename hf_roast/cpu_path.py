@@ -376,7 +376,7 @@ def unavailable_reason() -> str | None:
     return None if _library.load() is not None else _library.error
 
 
-def unsupported_reason(x: torch.Tensor, z: torch.Tensor, lm: LayerMapping) -> str | None:
+def unsupported_reason(x: torch.Tensor, z: torch.Tensor, layer_map: LayerMapping) -> str | None:
     """None when this path can run the call; otherwise why not (device, dtypes, rows, tile size)."""
     if x.device.type != "cpu" or z.device.type != "cpu":
         return f"the tensors are on {x.device.type}, and the CPU path runs on CPU tensors"
@@ -387,21 +387,21 @@ def unsupported_reason(x: torch.Tensor, z: torch.Tensor, lm: LayerMapping) -> st
     rows = x.numel() // max(1, x.shape[-1])
     if rows > MAX_ROWS:
         return f"the CPU path takes at most {MAX_ROWS} rows per call, not {rows}"
-    tr, tc = lm.plan.tile
+    tr, tc = layer_map.plan.tile
     if tr > _MAX_TILE or tc > _MAX_TILE:
         return f"the CPU path takes mapping tiles of at most {_MAX_TILE}x{_MAX_TILE}, not {tr}x{tc}"
     return None
 
 
 def cpu_roast_linear(
-    x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, lm: LayerMapping
+    x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, layer_map: LayerMapping
 ) -> torch.Tensor:
     """``x W^T + b`` in ``x.dtype`` with W read tile by tile from z; no gradient. Check
     :func:`unsupported_reason` and :func:`unavailable_reason` first."""
     lib = _library.load()
     if lib is None:
         raise RuntimeError(f"The hf-roast CPU kernel is not available: {_library.error}")
-    spec, plan = lm.spec, lm.plan
+    spec, plan = layer_map.spec, layer_map.plan
     x2 = x.detach().reshape(-1, spec.cols)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.to(torch.float32).contiguous()
@@ -410,8 +410,8 @@ def cpu_roast_linear(
     if n == 0:
         return y.to(x.dtype).view(*x.shape[:-1], spec.rows)
     z = z.detach().contiguous()
-    scale = lm.tile_scale.contiguous()
-    slots = lm.tile_slot.contiguous() if plan.is_tiled else None
+    scale = layer_map.tile_scale.contiguous()
+    slots = layer_map.tile_slot.contiguous() if plan.is_tiled else None
     b = None
     if bias is not None:
         b = bias.detach().to(x.dtype).to(torch.float32).contiguous()

@@ -67,12 +67,12 @@ _warned_no_cpu_kernel = False
 
 
 def cpu_path_reason(
-    x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, lm: LayerMapping
+    x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, layer_map: LayerMapping
 ) -> str | None:
     """None when the CPU path can run this linear call; otherwise why not (grad, compile, autocast, shape...)."""
     if isinstance(z, QuantizedZ):
         return "z is packed (int8/4-bit), and the CPU path reads a float32 z"
-    if lm.fake_quant is not None:
+    if layer_map.fake_quant is not None:
         return "quantisation-aware training reads z through its grid on the PyTorch path"
     if torch.is_grad_enabled() and (
         x.requires_grad or z.requires_grad or (bias is not None and bias.requires_grad)
@@ -82,17 +82,19 @@ def cpu_path_reason(
         return "torch.compile is tracing, and the CPU kernel is opaque to it"
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is on; the PyTorch path applies its casts"
-    return cpu_path.unsupported_reason(x, z, lm)
+    return cpu_path.unsupported_reason(x, z, layer_map)
 
 
-def _path(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...], lm: LayerMapping) -> str:
+def _path(
+    backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...], layer_map: LayerMapping
+) -> str:
     """As :func:`resolve_backend`; quantisation-aware training (an fp32 master read through its grid) runs on
     the PyTorch path only: ``auto`` takes it, a forced ``triton`` raises."""
     path = resolve_backend(backend, device, dtypes)
-    if path == "triton" and lm.fake_quant is not None:
+    if path == "triton" and layer_map.fake_quant is not None:
         if requested_backend(backend) == "triton":
             raise RuntimeError(
-                f"{lm.spec.name}: quantisation-aware training (z_qat=True) runs on the PyTorch path only; the "
+                f"{layer_map.spec.name}: quantisation-aware training (z_qat=True) runs on the PyTorch path only; the "
                 "Triton kernels read packed z (model.quantize_z) or float z. Use backend='torch' (or 'auto')."
             )
         return "torch"
@@ -100,29 +102,33 @@ def _path(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...], l
 
 
 def roast_linear(
-    x: torch.Tensor, z: torch.Tensor | QuantizedZ, bias: torch.Tensor | None, lm: LayerMapping, backend: str
+    x: torch.Tensor,
+    z: torch.Tensor | QuantizedZ,
+    bias: torch.Tensor | None,
+    layer_map: LayerMapping,
+    backend: str,
 ):
-    path = _path(backend, x.device, (x.dtype, read_dtype(z)), lm)
+    path = _path(backend, x.device, (x.dtype, read_dtype(z)), layer_map)
     if path == "triton":
         from .kernels.ops import triton_roast_linear
 
-        return triton_roast_linear(x, z, bias, lm)
+        return triton_roast_linear(x, z, bias, layer_map)
     if path == "cpu":
-        reason = cpu_path_reason(x, z, bias, lm) or cpu_path.unavailable_reason()
+        reason = cpu_path_reason(x, z, bias, layer_map) or cpu_path.unavailable_reason()
         if reason is not None:
             raise RuntimeError(
                 f"The CPU backend was forced ({ENV_BACKEND} or config.backend='cpu') but cannot run this call: "
                 f"{reason}. Use backend='auto' (or 'torch') instead."
             )
-        return cpu_path.cpu_roast_linear(x, z, bias, lm)
+        return cpu_path.cpu_roast_linear(x, z, bias, layer_map)
     if (
         x.device.type == "cpu"
         and requested_backend(backend) == "auto"
-        and cpu_path_reason(x, z, bias, lm) is None
+        and cpu_path_reason(x, z, bias, layer_map) is None
     ):
         missing = cpu_path.unavailable_reason()
         if missing is None:
-            return cpu_path.cpu_roast_linear(x, z, bias, lm)
+            return cpu_path.cpu_roast_linear(x, z, bias, layer_map)
         global _warned_no_cpu_kernel
         if not _warned_no_cpu_kernel:
             _warned_no_cpu_kernel = True
@@ -133,14 +139,14 @@ def roast_linear(
                 RuntimeWarning,
                 stacklevel=3,
             )
-    return RoastLinearFunction.apply(x, z, bias, lm)
+    return RoastLinearFunction.apply(x, z, bias, layer_map)
 
 
 def roast_embedding(
-    ids: torch.Tensor, z: torch.Tensor | QuantizedZ, lm: LayerMapping, dtype: torch.dtype, backend: str
+    ids: torch.Tensor, z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, dtype: torch.dtype, backend: str
 ):
-    if _path(backend, ids.device, (dtype, read_dtype(z)), lm) == "triton":
+    if _path(backend, ids.device, (dtype, read_dtype(z)), layer_map) == "triton":
         from .kernels.ops import triton_roast_embedding
 
-        return triton_roast_embedding(ids, z, lm, dtype)
-    return RoastEmbeddingFunction.apply(ids, z, lm, dtype)
+        return triton_roast_embedding(ids, z, layer_map, dtype)
+    return RoastEmbeddingFunction.apply(ids, z, layer_map, dtype)

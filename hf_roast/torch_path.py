@@ -57,34 +57,39 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _padded_shape(lm: LayerMapping) -> tuple[int, int, int, int]:
-    tr, tc = lm.plan.tile
-    return lm.spec.n_tile_rows(lm.plan.tile), tr, lm.spec.n_tile_cols(lm.plan.tile), tc
+def _padded_shape(layer_map: LayerMapping) -> tuple[int, int, int, int]:
+    tr, tc = layer_map.plan.tile
+    return (
+        layer_map.spec.n_tile_rows(layer_map.plan.tile),
+        tr,
+        layer_map.spec.n_tile_cols(layer_map.plan.tile),
+        tc,
+    )
 
 
-def values_at(z: torch.Tensor | QuantizedZ, lm: LayerMapping, index: torch.Tensor) -> torch.Tensor:
+def values_at(z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, index: torch.Tensor) -> torch.Tensor:
     """z[index] as the layer reads it: dequantised (packed z), through the grid (QAT master), or as stored."""
     if isinstance(z, QuantizedZ):
         return z.values_at(index)
-    if lm.fake_quant is not None:
-        bits, group = lm.fake_quant
+    if layer_map.fake_quant is not None:
+        bits, group = layer_map.fake_quant
         return fake_quantize_at(z, index, group_scales(z, bits, group), bits, group).to(z.dtype)
     return z[index]
 
 
 def gather_tiles(
-    z: torch.Tensor | QuantizedZ, lm: LayerMapping, tile_numel: int, out: torch.Tensor | None = None
+    z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, tile_numel: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The layer's slot tiles ``(n_tiles, T)``, in z's dtype (fp32 for a packed z), dequantised while read:
     only this layer's tiles are ever built, never a dequantised copy of z."""
     if isinstance(z, QuantizedZ):
-        return z.tiles(lm.tile_slot, tile_numel)
+        return z.tiles(layer_map.tile_slot, tile_numel)
     if out is None:
-        tiles = z.view(-1, tile_numel).index_select(0, lm.tile_slot)
+        tiles = z.view(-1, tile_numel).index_select(0, layer_map.tile_slot)
     else:
-        tiles = torch.index_select(z.view(-1, tile_numel), 0, lm.tile_slot, out=out)
-    if lm.fake_quant is not None:
-        tiles = fake_quantize_groups(tiles, *lm.fake_quant).to(z.dtype)
+        tiles = torch.index_select(z.view(-1, tile_numel), 0, layer_map.tile_slot, out=out)
+    if layer_map.fake_quant is not None:
+        tiles = fake_quantize_groups(tiles, *layer_map.fake_quant).to(z.dtype)
     return tiles
 
 
@@ -94,23 +99,23 @@ def read_dtype(z: torch.Tensor | QuantizedZ) -> torch.dtype:
 
 
 def materialize_weight(
-    z: torch.Tensor | QuantizedZ, lm: LayerMapping, dtype: torch.dtype, *, scratch: bool = True
+    z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, dtype: torch.dtype, *, scratch: bool = True
 ) -> torch.Tensor:
     """The module's dense ``rows x cols`` weight in ``dtype``. With ``scratch`` it lives in a reused buffer."""
-    spec, plan = lm.spec, lm.plan
+    spec, plan = layer_map.spec, layer_map.plan
     zdt = read_dtype(z)
     if not plan.is_tiled:
         rows = torch.arange(spec.rows, device=z.device)
         index, sign = plan.element_index(spec, rows)
-        return (values_at(z, lm, index) * element_scale(lm, rows, sign).to(zdt)).to(dtype)
-    n_tr, tr, n_tc, tc = _padded_shape(lm)
+        return (values_at(z, layer_map, index) * element_scale(layer_map, rows, sign).to(zdt)).to(dtype)
+    n_tr, tr, n_tc, tc = _padded_shape(layer_map)
     t = tr * tc
     n_tiles = n_tr * n_tc
     if not _use_scratch():
-        tiles = gather_tiles(z, lm, t)
+        tiles = gather_tiles(z, layer_map, t)
         if plan.sign == "element":
             tiles = tiles * plan.tile_element_signs(spec, z.device).to(zdt)
-        scale = lm.tile_scale.to(zdt).view(n_tr, n_tc, 1, 1)
+        scale = layer_map.tile_scale.to(zdt).view(n_tr, n_tc, 1, 1)
         w = (
             (tiles.view(n_tr, n_tc, tr, tc) * scale)
             .to(dtype)
@@ -120,16 +125,16 @@ def materialize_weight(
         return w[: spec.rows, : spec.cols] if w.shape != (spec.rows, spec.cols) else w
     get = _scratch.get if scratch else (lambda key, numel, dt, dev: torch.empty(numel, dtype=dt, device=dev))
     if isinstance(z, QuantizedZ):
-        tiles = gather_tiles(z, lm, t)
+        tiles = gather_tiles(z, layer_map, t)
     else:
-        tiles = gather_tiles(z, lm, t, out=get("tiles", n_tiles * t, zdt, z.device).view(n_tiles, t))
+        tiles = gather_tiles(z, layer_map, t, out=get("tiles", n_tiles * t, zdt, z.device).view(n_tiles, t))
     if plan.sign == "element":
         tiles.mul_(plan.tile_element_signs(spec, z.device).to(zdt))
     w = get("weight", n_tiles * t, dtype, z.device).view(n_tr, tr, n_tc, tc)
     # One pass: scale by lambda * tile sign, move tiles into row-major W, cast to the activation dtype.
     torch.mul(
         tiles.view(n_tr, n_tc, tr, tc).permute(0, 2, 1, 3),
-        lm.tile_scale.to(zdt).view(n_tr, 1, n_tc, 1),
+        layer_map.tile_scale.to(zdt).view(n_tr, 1, n_tc, 1),
         out=w,
     )
     w = w.view(n_tr * tr, n_tc * tc)
@@ -138,21 +143,21 @@ def materialize_weight(
     return w
 
 
-def element_scale(lm: LayerMapping, rows: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
+def element_scale(layer_map: LayerMapping, rows: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
     """lambda * sign of every element of the given rows, fp32 ``(*rows.shape, cols)``."""
-    local_tile, _ = lm.plan.tile_coordinates(lm.spec, rows)
-    scale = lm.tile_scale[local_tile]
+    local_tile, _ = layer_map.plan.tile_coordinates(layer_map.spec, rows)
+    scale = layer_map.tile_scale[local_tile]
     if sign is not None:
         scale = scale * sign
     return scale
 
 
 def scatter_weight_grad(
-    grad_w: torch.Tensor, lm: LayerMapping, num_slots: int, dz: torch.Tensor | None = None
+    grad_w: torch.Tensor, layer_map: LayerMapping, num_slots: int, dz: torch.Tensor | None = None
 ) -> torch.Tensor:
     """dz contribution of one module: ``dz[h(i)] += lambda * g(i) * dW[i] / s_h(i)``, accumulated in fp32
     (into ``dz`` when given, e.g. over the row blocks of one module)."""
-    spec, plan = lm.spec, lm.plan
+    spec, plan = layer_map.spec, layer_map.plan
     acc = accumulation_dtype(grad_w.dtype)
     if dz is None:
         dz = torch.zeros(num_slots, dtype=acc, device=grad_w.device)
@@ -160,25 +165,25 @@ def scatter_weight_grad(
     if not plan.is_tiled:
         rows = torch.arange(spec.rows, device=grad_w.device)
         index, sign = plan.element_index(spec, rows)
-        contrib = grad_w * element_scale(lm, rows, sign)
-        if lm.scaler_inv is not None:
-            contrib = contrib * lm.scaler_inv[index]
+        contrib = grad_w * element_scale(layer_map, rows, sign)
+        if layer_map.scaler_inv is not None:
+            contrib = contrib * layer_map.scaler_inv[index]
         dz.index_add_(0, index.flatten(), contrib.flatten())
         return dz
-    n_tr, tr, n_tc, tc = _padded_shape(lm)
+    n_tr, tr, n_tc, tc = _padded_shape(layer_map)
     t = tr * tc
     if grad_w.shape != (n_tr * tr, n_tc * tc):
         grad_w = F.pad(grad_w, (0, n_tc * tc - spec.cols, 0, n_tr * tr - spec.rows))
-    scale = lm.tile_scale
-    if lm.scaler_inv is not None:
-        scale = scale * lm.scaler_inv[lm.tile_slot]
+    scale = layer_map.tile_scale
+    if layer_map.scaler_inv is not None:
+        scale = scale * layer_map.scaler_inv[layer_map.tile_slot]
     if not _use_scratch():
         tiles = (grad_w.view(n_tr, tr, n_tc, tc).permute(0, 2, 1, 3) * scale.view(n_tr, n_tc, 1, 1)).reshape(
             n_tr * n_tc, t
         )
         if plan.sign == "element":
             tiles = tiles * plan.tile_element_signs(spec, grad_w.device)
-        return dz.view(-1, t).index_add(0, lm.tile_slot, tiles).view(-1)
+        return dz.view(-1, t).index_add(0, layer_map.tile_slot, tiles).view(-1)
     # One pass: scale and reorder into a contiguous tile-major buffer (a plain product would keep the
     # permuted layout and need a second, W-sized copy to flatten). In backward the "tiles" buffer is
     # free again once W has been used, so this reuses it rather than allocating.
@@ -187,15 +192,15 @@ def scatter_weight_grad(
     tiles = tiles.view(n_tr * n_tc, t)
     if plan.sign == "element":
         tiles.mul_(plan.tile_element_signs(spec, grad_w.device))
-    dz.view(-1, t).index_add_(0, lm.tile_slot, tiles)
+    dz.view(-1, t).index_add_(0, layer_map.tile_slot, tiles)
     return dz
 
 
-def _weight_grad(gy: torch.Tensor, x2: torch.Tensor, lm: LayerMapping) -> torch.Tensor:
+def _weight_grad(gy: torch.Tensor, x2: torch.Tensor, layer_map: LayerMapping) -> torch.Tensor:
     """dW = dY^T X. When W fills whole tiles it goes into the "weight" scratch buffer, free again once
     dX is done: a fresh W-sized tensor per backward costs page faults on every step."""
-    n_tr, tr, n_tc, tc = _padded_shape(lm)
-    rows, cols = lm.spec.rows, lm.spec.cols
+    n_tr, tr, n_tc, tc = _padded_shape(layer_map)
+    rows, cols = layer_map.spec.rows, layer_map.spec.cols
     if (rows, cols) != (n_tr * tr, n_tc * tc) or not _use_scratch():
         return gy.t().mm(x2)
     return torch.mm(gy.t(), x2, out=_scratch.get("weight", rows * cols, gy.dtype, gy.device).view(rows, cols))
@@ -207,18 +212,18 @@ layer of 32k x 768, a 4096-wide MLP) is built and used in blocks of whole tile r
 buffers stay this small instead of growing to the largest W of the model."""
 
 
-def row_blocks(lm: LayerMapping) -> list[tuple[int, int, LayerMapping]]:
+def row_blocks(layer_map: LayerMapping) -> list[tuple[int, int, LayerMapping]]:
     """``(first row, end row, mapping)`` of W's blocks of whole tile rows, each <= ROW_BLOCK_WEIGHTS.
 
     A block's mapping is the module's own, restricted to its tiles: the same tables sliced, and a spec
     whose tile offset starts at the block's first tile, so every formula (slots, signs, scales) reads
     exactly what it reads for the whole W. One block when W is small, on hashednet, or while compiling.
     """
-    spec = lm.spec
-    n_tr, tr, n_tc, tc = _padded_shape(lm)
+    spec = layer_map.spec
+    n_tr, tr, n_tc, tc = _padded_shape(layer_map)
     step = max(1, ROW_BLOCK_WEIGHTS // (tr * n_tc * tc))
-    if not lm.plan.is_tiled or n_tr <= step or not _use_scratch():
-        return [(0, spec.rows, lm)]
+    if not layer_map.plan.is_tiled or n_tr <= step or not _use_scratch():
+        return [(0, spec.rows, layer_map)]
     blocks = []
     for a in range(0, n_tr, step):
         b = min(n_tr, a + step)
@@ -229,7 +234,12 @@ def row_blocks(lm: LayerMapping) -> list[tuple[int, int, LayerMapping]]:
             (
                 first,
                 end,
-                replace(lm, spec=sub, tile_slot=lm.tile_slot[tables], tile_scale=lm.tile_scale[tables]),
+                replace(
+                    layer_map,
+                    spec=sub,
+                    tile_slot=layer_map.tile_slot[tables],
+                    tile_scale=layer_map.tile_scale[tables],
+                ),
             )
         )
     return blocks
@@ -254,21 +264,21 @@ class RoastLinearFunction(torch.autograd.Function):
     """y = x W^T + b with W read from z; saves x only, rebuilds W in backward (by row blocks for a large W)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, lm: LayerMapping):
-        blocks = row_blocks(lm)
+    def forward(ctx, x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, layer_map: LayerMapping):
+        blocks = row_blocks(layer_map)
         b = bias.to(x.dtype) if bias is not None else None
         if len(blocks) == 1:
-            y = F.linear(x, materialize_weight(z, lm, x.dtype), b)
+            y = F.linear(x, materialize_weight(z, layer_map, x.dtype), b)
         else:
             x2 = x.reshape(-1, x.shape[-1])
-            y = x2.new_empty(x2.shape[0], lm.spec.rows)
+            y = x2.new_empty(x2.shape[0], layer_map.spec.rows)
             for first, end, sub in blocks:
                 y[:, first:end] = F.linear(
                     x2, materialize_weight(z, sub, x.dtype), None if b is None else b[first:end]
                 )
-            y = y.view(*x.shape[:-1], lm.spec.rows)
+            y = y.view(*x.shape[:-1], layer_map.spec.rows)
         _save_x_and_z(ctx, x, z)
-        ctx.lm = lm
+        ctx.layer_map = layer_map
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
@@ -276,15 +286,15 @@ class RoastLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x, z = _saved_x_and_z(ctx)
-        lm: LayerMapping = ctx.lm
+        layer_map: LayerMapping = ctx.layer_map
         grad_x = grad_z = grad_b = None
         gy = grad_y.reshape(-1, grad_y.shape[-1])
-        blocks = row_blocks(lm)
+        blocks = row_blocks(layer_map)
         if ctx.needs_input_grad[0]:
             for first, end, sub in blocks:
                 part = gy[:, first:end] @ materialize_weight(z, sub, grad_y.dtype)
                 grad_x = part if grad_x is None else grad_x.add_(part)
-            grad_x = grad_x.view(*grad_y.shape[:-1], lm.spec.cols).to(x.dtype)
+            grad_x = grad_x.view(*grad_y.shape[:-1], layer_map.spec.cols).to(x.dtype)
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
             acc = accumulation_dtype(gy.dtype)
@@ -302,25 +312,25 @@ class RoastEmbeddingFunction(torch.autograd.Function):
     """Gathers only the looked-up rows from z; backward scatters into those slots only."""
 
     @staticmethod
-    def forward(ctx, ids: torch.Tensor, z: torch.Tensor, lm: LayerMapping, dtype: torch.dtype):
-        index, sign = lm.plan.element_index(lm.spec, ids, lm.tile_slot)
-        scale = element_scale(lm, ids.to(torch.int64), sign)
-        out = (values_at(z, lm, index) * scale).to(dtype)
+    def forward(ctx, ids: torch.Tensor, z: torch.Tensor, layer_map: LayerMapping, dtype: torch.dtype):
+        index, sign = layer_map.plan.element_index(layer_map.spec, ids, layer_map.tile_slot)
+        scale = element_scale(layer_map, ids.to(torch.int64), sign)
+        out = (values_at(z, layer_map, index) * scale).to(dtype)
         _save_x_and_z(ctx, ids, z)
-        ctx.lm = lm
+        ctx.layer_map = layer_map
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         ids, z = _saved_x_and_z(ctx)
-        lm: LayerMapping = ctx.lm
+        layer_map: LayerMapping = ctx.layer_map
         if not ctx.needs_input_grad[1]:
             return None, None, None, None
-        index, sign = lm.plan.element_index(lm.spec, ids, lm.tile_slot)
+        index, sign = layer_map.plan.element_index(layer_map.spec, ids, layer_map.tile_slot)
         acc = accumulation_dtype(grad_out.dtype)
-        contrib = grad_out.to(acc) * element_scale(lm, ids.to(torch.int64), sign).to(acc)
-        if lm.scaler_inv is not None:
-            contrib = contrib * lm.scaler_inv[index // lm.plan.scaler_unit()]
+        contrib = grad_out.to(acc) * element_scale(layer_map, ids.to(torch.int64), sign).to(acc)
+        if layer_map.scaler_inv is not None:
+            contrib = contrib * layer_map.scaler_inv[index // layer_map.plan.scaler_unit()]
         dz = torch.zeros(z.numel(), dtype=acc, device=z.device)
         dz.index_add_(0, index.flatten(), contrib.flatten())
         return None, dz.to(z.dtype), None, None

@@ -257,9 +257,9 @@ _register()
 _GEOMETRY_CACHE: dict[tuple, list[int]] = {}
 
 
-def geometry_of(lm: LayerMapping) -> list[int]:
+def geometry_of(layer_map: LayerMapping) -> list[int]:
     """The layer's Geometry as ints, cached: the seeded constants cost a SHA-256 each."""
-    plan, spec = lm.plan, lm.spec
+    plan, spec = layer_map.plan, layer_map.spec
     key = (plan.mapper, plan.sign, plan.seed, plan.tile, spec.rows, spec.cols, spec.tile_offset,
            spec.segment_start, spec.segment_size)  # fmt: skip
     geometry = _GEOMETRY_CACHE.get(key)
@@ -277,41 +277,48 @@ def _check_runnable(name: str, device: torch.device, *dtypes: torch.dtype) -> No
 
 
 def triton_roast_linear(
-    x: torch.Tensor, z: torch.Tensor | QuantizedZ, bias: torch.Tensor | None, lm: LayerMapping
+    x: torch.Tensor, z: torch.Tensor | QuantizedZ, bias: torch.Tensor | None, layer_map: LayerMapping
 ) -> torch.Tensor:
     """y = x @ W^T (+ b) with W read from z inside the kernels, for ``x`` of any leading shape."""
     packed = isinstance(z, QuantizedZ)
-    _check_runnable(lm.spec.name, x.device, x.dtype, torch.float32 if packed else z.dtype)
-    if x.shape[-1] != lm.spec.cols:
+    _check_runnable(layer_map.spec.name, x.device, x.dtype, torch.float32 if packed else z.dtype)
+    if x.shape[-1] != layer_map.spec.cols:
         raise ValueError(
-            f"{lm.spec.name}: input has {x.shape[-1]} features but the layer expects {lm.spec.cols}."
+            f"{layer_map.spec.name}: input has {x.shape[-1]} features but the layer expects {layer_map.spec.cols}."
         )
     if packed:
         return getattr(torch.ops, NAMESPACE).roast_linear_packed(
-            x, z.codes, z.scales, bias, lm.tile_slot, lm.tile_scale, geometry_of(lm), [z.bits, z.group_size]
+            x,
+            z.codes,
+            z.scales,
+            bias,
+            layer_map.tile_slot,
+            layer_map.tile_scale,
+            geometry_of(layer_map),
+            [z.bits, z.group_size],
         )
     return getattr(torch.ops, NAMESPACE).roast_linear(
-        x, z, bias, lm.tile_slot, lm.tile_scale, lm.scaler_inv, geometry_of(lm)
+        x, z, bias, layer_map.tile_slot, layer_map.tile_scale, layer_map.scaler_inv, geometry_of(layer_map)
     )
 
 
 def triton_roast_embedding(
-    ids: torch.Tensor, z: torch.Tensor | QuantizedZ, lm: LayerMapping, dtype: torch.dtype
+    ids: torch.Tensor, z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, dtype: torch.dtype
 ) -> torch.Tensor:
     """Rows of the embedding for ``ids`` (any shape), gathered from z; backward scatters into z."""
     if isinstance(z, QuantizedZ):
-        _check_runnable(lm.spec.name, z.device, dtype, torch.float32)
+        _check_runnable(layer_map.spec.name, z.device, dtype, torch.float32)
         return getattr(torch.ops, NAMESPACE).roast_embedding_packed(
             ids,
             z.codes,
             z.scales,
-            lm.tile_slot,
-            lm.tile_scale,
-            geometry_of(lm),
+            layer_map.tile_slot,
+            layer_map.tile_scale,
+            geometry_of(layer_map),
             [z.bits, z.group_size],
             dtype,
         )
-    _check_runnable(lm.spec.name, z.device, dtype, z.dtype)
+    _check_runnable(layer_map.spec.name, z.device, dtype, z.dtype)
     return getattr(torch.ops, NAMESPACE).roast_embedding(
-        ids, z, lm.tile_slot, lm.tile_scale, lm.scaler_inv, geometry_of(lm), dtype
+        ids, z, layer_map.tile_slot, layer_map.tile_scale, layer_map.scaler_inv, geometry_of(layer_map), dtype
     )

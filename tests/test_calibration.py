@@ -65,8 +65,10 @@ def _mapping_matrix(model):
     eye = torch.eye(n)
     mats = {}
     for name, layer in model.roast_layers():
-        lm = layer.layer_mapping()
-        cols = [materialize_weight(eye[i], lm, torch.float32, scratch=False).flatten() for i in range(n)]
+        layer_map = layer.layer_mapping()
+        cols = [
+            materialize_weight(eye[i], layer_map, torch.float32, scratch=False).flatten() for i in range(n)
+        ]
         mats[name] = torch.stack(cols, 1).double()
     return mats
 

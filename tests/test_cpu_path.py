@@ -60,23 +60,23 @@ def _mappings(mapper: str, sign: str, tile: tuple[int, int]):
 @pytest.mark.parametrize("mapper", MAPPERS)
 def test_cpu_path_equals_torch_path(mapper, sign, tile):
     z, mappings = _mappings(mapper, sign, tile)
-    for lm in mappings:
+    for layer_map in mappings:
         for rows in (1, 2, 7):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                x = torch.randn(rows, lm.spec.cols).to(dtype)
-                bias = torch.randn(lm.spec.rows)
+                x = torch.randn(rows, layer_map.spec.cols).to(dtype)
+                bias = torch.randn(layer_map.spec.rows)
                 with torch.no_grad():
-                    expected = RoastLinearFunction.apply(x, z, bias, lm)
-                    actual = cpu_path.cpu_roast_linear(x, z, bias, lm)
+                    expected = RoastLinearFunction.apply(x, z, bias, layer_map)
+                    actual = cpu_path.cpu_roast_linear(x, z, bias, layer_map)
                 assert actual.dtype == dtype and actual.shape == expected.shape
-                name = f"{mapper}/{sign}/{tile}/{lm.spec.name}/{rows} rows/{dtype}"
+                name = f"{mapper}/{sign}/{tile}/{layer_map.spec.name}/{rows} rows/{dtype}"
                 assert_close_scaled(actual, expected, dtype, name)
             # fp64 reference from the materialised W (fp32 activations; a leading batch dimension)
-            x = torch.randn(2, 3, lm.spec.cols)
-            w = materialize_weight(z, lm, torch.float32, scratch=False).double()
+            x = torch.randn(2, 3, layer_map.spec.cols)
+            w = materialize_weight(z, layer_map, torch.float32, scratch=False).double()
             expected = (x.double() @ w.t()).float()
             torch.testing.assert_close(
-                cpu_path.cpu_roast_linear(x, z, None, lm), expected, rtol=1e-5, atol=1e-5
+                cpu_path.cpu_roast_linear(x, z, None, layer_map), expected, rtol=1e-5, atol=1e-5
             )
 
 
@@ -89,14 +89,14 @@ def _largest_allocation(fn) -> int:
 def test_cpu_path_never_allocates_a_w_sized_tensor():
     spec = ModuleSpec("big", "linear", 512, 768, 1.0)
     plan = MappingPlan.build([spec], mapper="stable", sign="element", seed=0, tile=(32, 32), compression=4.0)
-    lm = LayerMapping.build(plan, spec)
+    layer_map = LayerMapping.build(plan, spec)
     z = torch.randn(plan.num_slots)
     x = torch.randn(3, spec.cols, dtype=torch.bfloat16)
     w_bytes = spec.rows * spec.cols * 2  # W in the activation dtype
     with torch.no_grad():
         clear_scratch()
-        torch_peak = _largest_allocation(lambda: RoastLinearFunction.apply(x, z, None, lm))
-        cpu_peak = _largest_allocation(lambda: cpu_path.cpu_roast_linear(x, z, None, lm))
+        torch_peak = _largest_allocation(lambda: RoastLinearFunction.apply(x, z, None, layer_map))
+        cpu_peak = _largest_allocation(lambda: cpu_path.cpu_roast_linear(x, z, None, layer_map))
     assert torch_peak >= w_bytes  # the measurement sees the PyTorch path's W
     assert 0 < cpu_peak < w_bytes // 32, (cpu_peak, w_bytes)  # the output (3 x 512 floats) and x in fp32
 
