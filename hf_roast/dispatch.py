@@ -49,6 +49,8 @@ def resolve_backend(requested: str, device: torch.device, dtypes: tuple[torch.dt
                 f"{device.type}. Use backend='auto' instead."
             )
         return "cpu"
+    if backend == "auto" and device.type != "cuda":
+        return "torch"  # auto takes the kernels on CUDA only; this early exit is the per-call fast path
     from .kernels_available import triton_unavailable_reason
 
     reason = triton_unavailable_reason(device, dtypes)

@@ -27,6 +27,7 @@ Triton, for virtual indices far beyond 2**31.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -109,6 +110,7 @@ def formula_constants() -> dict[str, int]:
     return {"P31": P31, "MIX_A": MIX_A, "MIX_B": MIX_B}
 
 
+@functools.lru_cache(maxsize=256)
 def seed_constants(seed: int, purpose: str) -> tuple[int, int]:
     """Two hash constants in [1, P31) derived from the seed, stable across Python and torch versions."""
     digest = hashlib.sha256(f"hf-roast/v{MAPPING_VERSION}/{int(seed)}/{purpose}".encode()).digest()
