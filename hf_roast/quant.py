@@ -96,13 +96,22 @@ def check_group(numel: int, group_size: int, tile_numel: int | None = None) -> N
         raise ValueError(f"z has {numel} values, not a whole number of groups of {group_size}.")
 
 
+def _scales_of(groups: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 ``(..., G)`` values -> the symmetric grid's scale of each group ``(...)``."""
+    return groups.abs().amax(-1) / QMAX[bits]
+
+
+def _codes_of(values: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round fp32 values onto their group's grid: integer-valued fp32 codes (an all-zero group codes to 0)."""
+    qmax = QMAX[bits]
+    divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return torch.round(values / divisor).clamp_(-qmax, qmax)
+
+
 def _codes_and_scales(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``(..., G)`` values -> integer-valued fp32 codes of the same shape and fp32 scales ``(...)``."""
-    qmax = QMAX[bits]
-    scales = groups.abs().amax(-1) / qmax
-    divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.round(groups / divisor.unsqueeze(-1)).clamp_(-qmax, qmax)
-    return codes, scales
+    scales = _scales_of(groups, bits)
+    return _codes_of(groups, scales.unsqueeze(-1), bits), scales
 
 
 def fake_quantize_groups(values: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -115,16 +124,13 @@ def fake_quantize_groups(values: torch.Tensor, bits: int, group_size: int) -> to
 
 def group_scales(z: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """The fp32 scale of every group of z (QAT on the element paths: embeddings, hashednet)."""
-    return z.detach().float().view(-1, group_size).abs().amax(-1) / QMAX[bits]
+    return _scales_of(z.detach().float().view(-1, group_size), bits)
 
 
 def fake_quantize_at(z: torch.Tensor, index: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int):
     """The quantised value of z[index] given every group's scale (from :func:`group_scales`), fp32."""
     scale = scales[group_of(index, group_size)]
-    qmax = QMAX[bits]
-    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
-    code = torch.round(z[index].float() / divisor).clamp_(-qmax, qmax)
-    return dequantize_value(code, scale)
+    return dequantize_value(_codes_of(z[index].float(), scale, bits), scale)
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
