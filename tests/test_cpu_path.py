@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_gpt2, tiny_llama
+from helpers import VOCAB, assert_close_scaled, tiny_gpt2, tiny_llama
 from torch.profiler import ProfilerActivity, profile
 
 from hf_roast import RoastConfig, cpu_path, dispatch, get_roast_model
@@ -23,27 +23,6 @@ from hf_roast.vocab import MAPPERS, SIGNS
 pytestmark = pytest.mark.skipif(
     cpu_path.unavailable_reason() is not None, reason=f"no CPU kernel: {cpu_path.unavailable_reason()}"
 )
-
-# The kernel tests' tolerances (tests/test_kernels.py): both paths read bit-identical weights (rounded into
-# the activation dtype the same way) and accumulate in fp32; they differ in summation order and, for half
-# activations, in the final rounding of each output.
-TOLERANCE = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.bfloat16: dict(rtol=2**-7, atol=2**-7),
-    torch.float16: dict(rtol=2**-10, atol=2**-10),
-}
-
-
-def assert_close_scaled(actual, expected, dtype, name):
-    tol = TOLERANCE[dtype]
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(
-        actual.float(),
-        expected.float(),
-        rtol=tol["rtol"],
-        atol=tol["atol"] * scale,
-        msg=lambda m: f"{name}: {m}",
-    )
 
 
 def _mappings(mapper: str, sign: str, tile: tuple[int, int]):

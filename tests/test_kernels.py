@@ -33,6 +33,7 @@ from hf_roast.mapping import (
 from hf_roast.torch_path import RoastEmbeddingFunction, RoastLinearFunction, materialize_weight
 
 triton = pytest.importorskip("triton")
+from helpers import assert_close_scaled  # noqa: E402
 from hf_roast.kernels import ops  # noqa: E402  (after TRITON_INTERPRET)
 from hf_roast.kernels.roast_matmul import Blocks, forced_blocks  # noqa: E402
 
@@ -96,30 +97,6 @@ def kernel_linear(x, z, bias, lm):
 
 def torch_linear(x, z, bias, lm):
     return RoastLinearFunction.apply(x, z, bias, lm)
-
-
-# Tolerances. Both paths read bit-identical weights (same rounding of z * lambda * sign into the
-# activation dtype) and accumulate in fp32; they differ only in fp32 summation order and, for half
-# activations, in the single final rounding of each output: up to one ulp of the output dtype
-# (eps = 2**-7 for bf16, 2**-10 for fp16) relative, plus fp32 reordering noise. dz is fp32 in both.
-TOLERANCE = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.bfloat16: dict(rtol=2**-7, atol=2**-7),
-    torch.float16: dict(rtol=2**-10, atol=2**-10),
-}
-
-
-def assert_close_scaled(actual, expected, dtype, name):
-    """assert_close with atol relative to the tensor's magnitude (sums of ~50 unit-size terms)."""
-    tol = TOLERANCE[dtype]
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(
-        actual.float(),
-        expected.float(),
-        rtol=tol["rtol"],
-        atol=tol["atol"] * scale,
-        msg=lambda m: f"{name}: {m}",
-    )
 
 
 # --------------------------------------------------------------------------------------------------
