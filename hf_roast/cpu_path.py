@@ -43,11 +43,14 @@ CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_ROWS = 16
 """Most rows (batch x sequence) a call may have on this path: above it the PyTorch path's W build is
 amortised over enough rows that its GEMM wins (measured: see README "Speed")."""
-PARALLEL_GRAIN = 1 << 22
-"""Multiply-adds per thread below which a call runs on one thread. A GEMV of SmolLM2's layers (under 1M
-multiply-adds) takes about 0.1 ms on one core, and an OpenMP fork/join on a shared machine can cost a whole
-scheduler time slice (ms) when a worker thread is not running: measured 3x slower decode with 2 threads
-than with 1 while other jobs ran. Large calls (4096 x 4096) still use torch's thread count."""
+PARALLEL_GRAIN = 1 << 18
+"""Multiply-adds per thread below which a call runs on one thread. SmolLM2's k/v projections (110K
+multiply-adds) run on one thread, where a fork/join would cost more than it saves; its other layers
+(330K-885K) use torch's thread count. The loop runs in torch's own OpenMP pool (the library links the
+libgomp torch loaded), whose threads are still spinning from torch's previous op. Measured with
+``hf-roast bench --generate --threads 2`` on an idle 2-core machine: 16x decode 1.07x dense with one
+thread per call, 1.07-1.2x with this grain; on a machine busy with other jobs a fork/join can wait a whole
+scheduler slice, so there fewer threads (``torch.set_num_threads``) are faster."""
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -373,12 +376,14 @@ _library = _Library()
 
 def unavailable_reason() -> str | None:
     """None when the kernel is built (or builds now); otherwise why it cannot be (no compiler, build error)."""
+    if _library.lib is not None:  # built: no lock on the per-call path
+        return None
     return None if _library.load() is not None else _library.error
 
 
 def unsupported_reason(x: torch.Tensor, z: torch.Tensor, layer_map: LayerMapping) -> str | None:
     """None when this path can run the call; otherwise why not (device, dtypes, rows, tile size)."""
-    if x.device.type != "cpu" or z.device.type != "cpu":
+    if not (x.is_cpu and z.is_cpu):
         return f"the tensors are on {x.device.type}, and the CPU path runs on CPU tensors"
     if x.dtype not in CPU_DTYPES:
         return f"the CPU path takes float32, bfloat16 or float16 activations, not {x.dtype}"
@@ -393,38 +398,46 @@ def unsupported_reason(x: torch.Tensor, z: torch.Tensor, layer_map: LayerMapping
     return None
 
 
-def cpu_roast_linear(
-    x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, layer_map: LayerMapping
-) -> torch.Tensor:
-    """``x W^T + b`` in ``x.dtype`` with W read tile by tile from z; no gradient. Check
-    :func:`unsupported_reason` and :func:`unavailable_reason` first."""
-    lib = _library.load()
-    if lib is None:
-        raise RuntimeError(f"The hf-roast CPU kernel is not available: {_library.error}")
+def _prepared_args(
+    layer_map: LayerMapping, z: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[_Args, torch.Tensor | None]:
+    """The call's constant arguments (pointers to z, the tables and the bias; geometry; hash constants),
+    built once per layer and cached on its :class:`LayerMapping`: decode calls every layer once per token,
+    and rebuilding them cost more than the GEMV of a small layer. The cache holds the tensors it points
+    into (so no pointer outlives its memory) and is keyed by their identity, and by the bias's version
+    when the bias is rounded into a copy (bf16/fp16 activations), so an in-place update is never missed.
+    """
+    rounding = _ROUNDING[dtype]
+    needs_copy = bias is not None and dtype != torch.float32
+    # data_ptr: `param.data = ...` (as Module.to does) keeps the Parameter object but moves its memory
+    key = (
+        z,
+        bias,
+        dtype,
+        z.data_ptr(),
+        bias.data_ptr() if bias is not None else 0,
+        bias._version if needs_copy else 0,
+    )
+    cached = layer_map.__dict__.get("_cpu_args")
+    if cached is not None and all(a is b for a, b in zip(cached[0][:2], key)) and cached[0][2:] == key[2:]:
+        return cached[1], cached[2]
     spec, plan = layer_map.spec, layer_map.plan
-    x2 = x.detach().reshape(-1, spec.cols)
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.to(torch.float32).contiguous()
-    n = x2.shape[0]
-    y = torch.empty(n, spec.rows, dtype=torch.float32)
-    if n == 0:
-        return y.to(x.dtype).view(*x.shape[:-1], spec.rows)
-    z = z.detach().contiguous()
     scale = layer_map.tile_scale.contiguous()
     slots = layer_map.tile_slot.contiguous() if plan.is_tiled else None
+    zc = z.detach()
+    if not zc.is_contiguous():
+        raise ValueError(f"{spec.name}: z must be contiguous for the CPU path.")
     b = None
     if bias is not None:
-        b = bias.detach().to(x.dtype).to(torch.float32).contiguous()
+        b = bias.detach().to(dtype).to(torch.float32).contiguous()
     slot_a, slot_b = seed_constants(plan.seed, "slot")
     sign_a, sign_b = seed_constants(plan.seed, "sign")
-    rounding = _ROUNDING[x.dtype]
     element_sign = plan.sign == "element"
     tr, tc = plan.tile
     args = _Args(
-        x=x2.data_ptr(),
-        n_rows=n,
+        n_rows=0,
         cols=spec.cols,
-        z=z.data_ptr(),
+        z=zc.data_ptr(),
         tile_slot=slots.data_ptr() if slots is not None else None,
         tile_scale=scale.data_ptr(),
         rows=spec.rows,
@@ -443,9 +456,35 @@ def cpu_roast_linear(
         sign_a=sign_a,
         sign_b=sign_b,
         bias=b.data_ptr() if b is not None else None,
-        y=y.data_ptr(),
-        threads=max(1, min(torch.get_num_threads(), n * spec.rows * spec.cols // PARALLEL_GRAIN)),
     )
+    # the tensors the pointers reach stay referenced by the cache entry
+    layer_map.__dict__["_cpu_args"] = (key, args, b, (zc, scale, slots))
+    return args, b
+
+
+def cpu_roast_linear(
+    x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, layer_map: LayerMapping
+) -> torch.Tensor:
+    """``x W^T + b`` in ``x.dtype`` with W read tile by tile from z; no gradient. Check
+    :func:`unsupported_reason` and :func:`unavailable_reason` first."""
+    lib = _library.lib or _library.load()
+    if lib is None:
+        raise RuntimeError(f"The hf-roast CPU kernel is not available: {_library.error}")
+    spec = layer_map.spec
+    x2 = x
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
+    n = x2.numel() // spec.cols
+    out_shape = x.shape[:-1] + (spec.rows,)
+    y = torch.empty(out_shape, dtype=torch.float32)
+    if n == 0:
+        return y.to(x.dtype)
+    prepared, _ = _prepared_args(layer_map, z, bias, x.dtype)
+    args = _Args.from_buffer_copy(prepared)  # per call: concurrent callers never share one struct
+    args.x = x2.data_ptr()
+    args.n_rows = n
+    args.y = y.data_ptr()
+    args.threads = max(1, min(torch.get_num_threads(), n * spec.rows * spec.cols // PARALLEL_GRAIN))
     if lib.hf_roast_gemv(ctypes.byref(args)) != 0:
-        raise ValueError(f"hf_roast CPU kernel refused {n} rows with a {tr}x{tc} tile.")
-    return y.to(x.dtype).view(*x.shape[:-1], spec.rows)
+        raise ValueError(f"hf_roast CPU kernel refused {n} rows with a {args.tr}x{args.tc} tile.")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)

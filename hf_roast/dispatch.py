@@ -71,15 +71,18 @@ _warned_no_cpu_kernel = False
 def cpu_path_reason(
     x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, layer_map: LayerMapping
 ) -> str | None:
-    """None when the CPU path can run this linear call; otherwise why not (grad, compile, autocast, shape...)."""
-    if isinstance(z, QuantizedZ):
-        return "z is packed (int8/4-bit), and the CPU path reads a float32 z"
-    if layer_map.fake_quant is not None:
-        return "quantisation-aware training reads z through its grid on the PyTorch path"
+    """None when the CPU path can run this linear call; otherwise why not (grad, compile, autocast, shape...).
+
+    Decode runs every check once per layer and token, so they are ordered to fail fast in training (the
+    gradient check first) and each costs well under a microsecond."""
     if torch.is_grad_enabled() and (
         x.requires_grad or z.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return "the call needs gradients (training), and the CPU path is forward-only"
+    if isinstance(z, QuantizedZ):
+        return "z is packed (int8/4-bit), and the CPU path reads a float32 z"
+    if layer_map.fake_quant is not None:
+        return "quantisation-aware training reads z through its grid on the PyTorch path"
     if torch.compiler.is_compiling():
         return "torch.compile is tracing, and the CPU kernel is opaque to it"
     if torch.is_autocast_enabled("cpu"):
@@ -103,6 +106,42 @@ def _path(
     return path
 
 
+def _cpu_lane(
+    x: torch.Tensor,
+    z: torch.Tensor | QuantizedZ,
+    bias: torch.Tensor | None,
+    layer_map: LayerMapping,
+    backend: str,
+) -> torch.Tensor | None:
+    """A CPU call under ``auto`` or a forced ``cpu``: the CPU path's output, or None for the PyTorch path.
+
+    This is the per-token path of decode, so it decides with as few checks as possible: the backend, then
+    :func:`cpu_path_reason`, then whether the kernel is built (one warning under ``auto`` when it cannot be)."""
+    reason = cpu_path_reason(x, z, bias, layer_map)
+    if reason is None:
+        reason = cpu_path.unavailable_reason()
+        if reason is None:
+            return cpu_path.cpu_roast_linear(x, z, bias, layer_map)
+        if backend == "auto":
+            global _warned_no_cpu_kernel
+            if not _warned_no_cpu_kernel:
+                _warned_no_cpu_kernel = True
+                warnings.warn(
+                    f"hf-roast: the fast CPU inference path is unavailable ({reason}); generation runs on the "
+                    "slower PyTorch path, which builds each weight matrix per call. Install a C++ compiler (g++ "
+                    "or clang++, or set CXX) to enable it.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            return None
+    if backend == "cpu":
+        raise RuntimeError(
+            f"The CPU backend was forced ({ENV_BACKEND} or config.backend='cpu') but cannot run this call: "
+            f"{reason}. Use backend='auto' (or 'torch') instead."
+        )
+    return None
+
+
 def roast_linear(
     x: torch.Tensor,
     z: torch.Tensor | QuantizedZ,
@@ -110,37 +149,19 @@ def roast_linear(
     layer_map: LayerMapping,
     backend: str,
 ):
+    if x.is_cpu:
+        requested = requested_backend(backend)
+        if requested in ("auto", "cpu"):
+            out = _cpu_lane(x, z, bias, layer_map, requested)
+            if out is not None:
+                return out
+            if requested == "auto":
+                return RoastLinearFunction.apply(x, z, bias, layer_map)
     path = _path(backend, x.device, (x.dtype, read_dtype(z)), layer_map)
     if path == "triton":
         from .kernels.ops import triton_roast_linear
 
         return triton_roast_linear(x, z, bias, layer_map)
-    if path == "cpu":
-        reason = cpu_path_reason(x, z, bias, layer_map) or cpu_path.unavailable_reason()
-        if reason is not None:
-            raise RuntimeError(
-                f"The CPU backend was forced ({ENV_BACKEND} or config.backend='cpu') but cannot run this call: "
-                f"{reason}. Use backend='auto' (or 'torch') instead."
-            )
-        return cpu_path.cpu_roast_linear(x, z, bias, layer_map)
-    if (
-        x.device.type == "cpu"
-        and requested_backend(backend) == "auto"
-        and cpu_path_reason(x, z, bias, layer_map) is None
-    ):
-        missing = cpu_path.unavailable_reason()
-        if missing is None:
-            return cpu_path.cpu_roast_linear(x, z, bias, layer_map)
-        global _warned_no_cpu_kernel
-        if not _warned_no_cpu_kernel:
-            _warned_no_cpu_kernel = True
-            warnings.warn(
-                f"hf-roast: the fast CPU inference path is unavailable ({missing}); generation runs on the "
-                "slower PyTorch path, which builds each weight matrix per call. Install a C++ compiler (g++ or "
-                "clang++, or set CXX) to enable it.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
     return RoastLinearFunction.apply(x, z, bias, layer_map)
 
 

@@ -183,12 +183,27 @@ class RoastLayer(nn.Module):
             self._dtype_probe = self._dtype_probe.to(device)
 
     def layer_mapping(self) -> LayerMapping:
+        """This layer's :class:`LayerMapping`, rebuilt only when a table it holds was replaced.
+
+        Decode calls every layer once per token, so the mapping is cached: the check is a few identity
+        comparisons, and a stale mapping is impossible because any replaced table (``.to()``,
+        :meth:`rebuild_tables`, a new scaler, QAT switched on or off) changes the key.
+        """
         store = self._roast_store
-        inv = store.scaler_inv if store.scaler_inv.numel() else None
-        return LayerMapping(
-            store.plan, self.spec, self.tile_slot if store.plan.is_tiled else None, self.tile_scale, inv,
+        buffers = self._buffers
+        key = (
+            store.plan, self.spec, buffers["tile_slot"], buffers["tile_scale"], store._buffers["scaler_inv"],
             store.fake_quant,
         )  # fmt: skip
+        cached = self.__dict__.get("_layer_mapping_cache")
+        if cached is not None and all(a is b for a, b in zip(cached[0][:5], key)) and cached[0][5] == key[5]:
+            return cached[1]
+        inv = key[4] if key[4].numel() else None
+        mapping = LayerMapping(
+            store.plan, self.spec, key[2] if store.plan.is_tiled else None, key[3], inv, store.fake_quant
+        )
+        self.__dict__["_layer_mapping_cache"] = (key, mapping)
+        return mapping
 
     def _check_ready(self) -> torch.Tensor | QuantizedZ:
         z = self._roast_store.read_z()
@@ -198,9 +213,10 @@ class RoastLayer(nn.Module):
                 "not load it. Load the model with hf_roast (RoastModel.from_pretrained or an Auto class after "
                 "`import hf_roast`)."
             )
-        if self.tile_scale.device != z.device:
+        tables = self._buffers["tile_scale"].device
+        if tables != z.device:
             raise RuntimeError(
-                f"{self.spec.name}: layer tables are on {self.tile_scale.device} but z is on {z.device}; move the "
+                f"{self.spec.name}: layer tables are on {tables} but z is on {z.device}; move the "
                 "whole model with model.to(device) rather than single submodules."
             )
         return z
@@ -278,7 +294,10 @@ class RoastLinear(RoastLayer):
                 f"{self.spec.name}: the input's last dimension is {x.shape[-1]}, but this layer takes "
                 f"in_features={self.in_features}; check the input's shape."
             )
-        return roast_linear(x, z, self.bias, self.layer_mapping(), self._roast_store.backend)
+        bias = self._parameters.get(
+            "bias"
+        )  # (not self.bias: Module.__getattr__ costs a microsecond per call)
+        return roast_linear(x, z, bias, self.layer_mapping(), self._roast_store.backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, roast={self.spec.name!r}"

@@ -112,6 +112,50 @@ def test_auto_dispatch_takes_the_cpu_path_for_few_rows_without_grad(monkeypatch)
     assert len(calls) == 2
 
 
+def _torch_path_output(layer, x):
+    with torch.no_grad():
+        return RoastLinearFunction.apply(
+            x, layer.roast_store.read_z(), layer._parameters.get("bias"), layer.layer_mapping()
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cached_call_arguments_follow_every_change_of_z_tables_and_bias(dtype, monkeypatch):
+    """Decode caches the layer's mapping and the kernel's constant arguments; each kind of change must
+    reach the next call: z and bias updated in place (an optimizer step), z's memory replaced behind
+    the same Parameter (``param.data = ...``), tables rebuilt, the model cast to another dtype and back."""
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "cpu")  # every call below must run on the CPU path
+    model, layer, x = _layer_and_input(3)
+    with torch.no_grad():
+        layer.bias = torch.nn.Parameter(torch.randn(layer.out_features))
+    x = x.to(dtype)  # z stays fp32 (the CPU path's z); bf16 activations round W and the bias
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    mapping = layer.layer_mapping()
+    assert layer.layer_mapping() is mapping  # cached between calls
+
+    def check():
+        with torch.no_grad():
+            got = layer(x)
+        torch.testing.assert_close(got, _torch_path_output(layer, x), **tol)
+        return got
+
+    first = check()
+    store = layer.roast_store
+    with torch.no_grad():
+        store.z.mul_(-2.0)  # in place: same memory
+    assert not torch.allclose(check(), first)
+    with torch.no_grad():
+        layer.bias.add_(1.0)  # in place; under bf16 the kernel reads a rounded copy of the bias
+    second = check()
+    store.z.data = store.z.data.clone() * 0.5  # same Parameter, new memory
+    assert not torch.allclose(check(), second)
+    store.rebuild()  # fresh tables
+    assert layer.layer_mapping() is not mapping
+    check()
+    model.to(torch.bfloat16).to(torch.float32)  # Module.to replaces every tensor's memory
+    check()
+
+
 def test_missing_compiler_warns_once_and_keeps_the_pytorch_path(monkeypatch):
     monkeypatch.setattr(cpu_path, "_library", cpu_path._Library())
     monkeypatch.setattr(dispatch, "_warned_no_cpu_kernel", False)
