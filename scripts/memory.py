@@ -15,6 +15,7 @@ input embeddings (``--dense-lm-head`` keeps the output layer dense, the default 
 
     hf-roast memory                               # 16x, 3 timed steps, batch 4 x 128 tokens, 1 thread
     hf-roast memory --compression 32 --steps 5 --threads 2
+    hf-roast memory --gradient-checkpointing      # both arms recompute activations in backward
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=256,
         help="glibc's fixed mmap threshold in each arm (MALLOC_MMAP_THRESHOLD_); 0 keeps glibc's dynamic "
         "default, whose retained heap makes peak RSS vary by hundreds of MiB between identical runs",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each decoder layer's activations in backward (both arms; use_reentrant=False)",
     )
     p.add_argument("--json", default=None, help="also write both arms' figures to this file")
     p.add_argument("--arm", choices=ARMS, default=None, help=argparse.SUPPRESS)  # one arm, in a subprocess
@@ -115,6 +121,8 @@ def run_arm(args: argparse.Namespace) -> dict:
             model,
             RoastConfig(compression=args.compression, compress_embeddings=True, target_modules=target),
         )
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     gc.collect()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -22,7 +22,7 @@ from hf_roast.evaluation.baselines import (
     truncate_layers,
 )
 from hf_roast.evaluation.data import split_classification
-from hf_roast.evaluation.results import check_targets
+from hf_roast.evaluation.results import check_bytes_targets, check_targets
 from hf_roast.targets import find_targets
 
 
@@ -153,6 +153,35 @@ def test_check_targets_decides_from_measured_rows_only():
     assert checks["hf-roast stable at 16x beats magnitude pruning and the smaller model"]["met"] is False
     rows[1]["mean"] = 77.0
     assert check_targets(rows)[0]["met"] is False
+
+
+def test_check_bytes_targets_compares_arms_at_equal_bytes_only():
+    def row(label, budget, mean, target_bytes):
+        return {
+            "label": label,
+            "budget": budget,
+            "variant": "base",
+            "mean": mean,
+            "storage": {"target_bytes": target_bytes},
+        }
+
+    rows = [
+        row("dense", 1.0, 80.0, 64_000),
+        row("hf-roast stable", 16.0, 76.0, 4_000),
+        row("hf-roast stable x int8 (QAT)", 4.125, 75.5, 4_050),  # within the 2 % slack
+        row("magnitude pruning", 16.0, 90.0, 6_000),  # more bytes: not at this budget
+        row("hf-roast stable x int8 (QAT)", 16.5, 70.0, 1_000),
+        row("magnitude pruning", 64.0, 69.0, 1_000),
+        row("hf-roast stable", 64.0, 72.0, 1_000),  # ours, not a baseline
+    ]
+    at16, at64 = check_bytes_targets(rows)
+    assert at16["met"] is True and "75.50" in at16["detail"] and "90.00" not in at16["detail"]
+    assert at64["met"] is True
+    rows[2]["mean"] = 74.9  # more than a point below fp32 sharing at 16x
+    rows[5]["mean"] = 70.5  # pruning beats the int arm at 64x
+    at16, at64 = check_bytes_targets(rows)
+    assert at16["met"] is False and at64["met"] is False
+    assert [c["met"] for c in check_bytes_targets(rows[:2])] == [None, None]
 
 
 @pytest.fixture(scope="module")
