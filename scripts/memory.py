@@ -152,6 +152,7 @@ def run_arm(args: argparse.Namespace) -> dict:
         "peak_training_rss_mib": _status_kib("VmHWM") / 1024,
         "peak_process_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "step_s": statistics.median(times[1:]),
+        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
         "final_loss": loss.item(),
     }
     clear_scratch()
