@@ -29,13 +29,17 @@ from .mapping import MappingPlan, plan_digest
 from .quant import QuantizedZ
 from .vocab import check_mapping_version
 
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 """Version of the on-disk layout (file names and keys), "major.minor"; independent of the mapping version.
 
 1.0 (stored as the integer 1): the first layout. 1.1: adds ``plan_sha256``. 1.2: adds ``z_bits``,
 ``z_group_size`` and ``z_qat`` (absent: float z as before), and a packed z stored as ``roast_store.z_codes``
-and ``roast_store.z_scales`` instead of ``roast_store.z``. A reader loads any older version and a newer
-minor one (ignoring the keys it does not know, with a warning); it refuses a newer major one.
+and ``roast_store.z_scales`` instead of ``roast_store.z``. 1.3: adds ``compression_pattern`` (a list of
+``[key, compression]`` pairs, or null) and, under a pattern, each tile-mapper module's ``segment_start_tile``
+and ``segment_tiles`` in the plan (absent: the module reads all of z, as before). A reader loads any older
+version and a newer minor one (ignoring the config keys it does not know, with a warning; a plan whose
+modules carry keys it does not know is refused as malformed, since it would read other slots); it refuses a
+newer major one.
 """
 
 CONFIG_NAME = "roast_config.json"

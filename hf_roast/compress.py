@@ -24,7 +24,7 @@ from .checkpoint_format import STORE_NAME
 from .config import RoastConfig
 from .layers import RoastEmbedding, RoastLinear, RoastStore, default_init_std, roast_layers
 from .mapping import LayerMapping, MappingPlan, ModuleSpec
-from .targets import find_targets, module_kind
+from .targets import find_targets, module_kind, pattern_segments
 from .torch_path import scatter_weight_grad
 from .vocab import CALIBRATIONS
 
@@ -125,6 +125,7 @@ def compress_model(
         tile=config.tile,
         compression=config.compression,
         num_parameters=config.num_parameters,
+        segments=pattern_segments([name for name, _, _ in targets], config.compression_pattern),
     )
     device = targets[0][1].weight.device
     # float z (or the QAT master) while it is fitted; packed at the end when config.z_bits asks for it
@@ -312,7 +313,8 @@ def rescale_to_dense_norm(model: nn.Module, dense_sq: float) -> float:
     c-1 weights of its slot as noise, so ||W'|| is about ||W||/sqrt(c): attention logits (Q K^T) shrink
     about c-fold, attention turns uniform and the token representations collapse. This variant
     trades the L2-optimal start for the dense model's scale. One global factor suffices because the
-    stable mapper shares evenly across modules. ``model`` is the compressed HF model; ``dense_sq`` the sum of
+    stable mapper shares evenly across modules (under a compression_pattern, segments at other compressions
+    shrink by other factors, and the one factor restores the total norm only). ``model`` is the compressed HF model; ``dense_sq`` the sum of
     its dense target weights' squares before compression. Returns the factor (an init variant of the
     evaluation).
     """

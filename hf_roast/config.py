@@ -42,6 +42,18 @@ class RoastConfig:
         default=None,
         metadata={"help": "An explicit budget: the length of the shared array z. Excludes `compression`."},
     )
+    compression_pattern: dict[str, float] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-module budgets, like PEFT's rank_pattern: {key: compression}. A key matches a compressed "
+            "module whose full name, or the name of a module containing it, equals the key or ends in '.' + key; "
+            r"keys are regexes over whole name components (e.g. 'mlp', r'layers\.0\..*'). The first matching key "
+            "wins. Each key's modules read from their own segment of z, sized from their weights at the key's "
+            "compression (whole tiles); the other modules share the rest of z, sized at `compression` (or what "
+            "`num_parameters` leaves). z is the sum of the segments. A key that matches no module, or whose "
+            "segment is smaller than one tile, raises. Stored as [[key, compression], ...] to keep the order."
+        },
+    )
     target_modules: str | list[str] | None = field(
         default="all-linear",
         metadata={
@@ -149,6 +161,7 @@ class RoastConfig:
                     "use compression >= 1.0 (1.0 is an exact copy with the stable mapper)."
                 )
             self.compression = float(self.compression)
+        self._check_compression_pattern()
         if self.num_parameters is not None and (
             isinstance(self.num_parameters, bool)
             or not isinstance(self.num_parameters, int)
@@ -205,6 +218,47 @@ class RoastConfig:
         self._check_z_bits()
         check_mapping_version(self.mapping_version)
 
+    def _check_compression_pattern(self) -> None:
+        """A dict (or the stored list of [key, compression] pairs) of regex keys to compressions >= 1."""
+        pattern = self.compression_pattern
+        if pattern is None:
+            return
+        if isinstance(pattern, (list, tuple)):  # the stored form: pairs keep the order JSON would sort
+            if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pattern):
+                raise ValueError(
+                    f"compression_pattern must be a dict {{key: compression}} (or a list of [key, compression] "
+                    f"pairs), got {pattern!r}."
+                )
+            keys = [k for k, _ in pattern]
+            if len(set(map(repr, keys))) != len(keys):
+                raise ValueError(f"compression_pattern repeats a key: {keys!r}.")
+            pattern = dict(pattern)
+        if not isinstance(pattern, dict):
+            raise ValueError(
+                f"compression_pattern must be a dict {{key: compression}} such as {{'mlp': 8}}, got {pattern!r}."
+            )
+        checked = {}
+        for key, value in pattern.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"compression_pattern keys are module names or regexes, got {key!r}.")
+            try:
+                re.compile(f"(?:{key})")  # as a part of the name pattern it is matched in (no global flags)
+            except re.error as e:
+                raise ValueError(
+                    f"compression_pattern key {key!r} is not a valid regular expression: {e}."
+                ) from e
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(
+                    f"compression_pattern[{key!r}] must be a finite number >= 1.0, got {value!r}."
+                )
+            if value < 1.0:
+                raise ValueError(
+                    f"compression_pattern[{key!r}]={value} < 1.0 would store more weights than the modules it "
+                    "matches: use a compression >= 1.0."
+                )
+            checked[key] = float(value)
+        self.compression_pattern = checked or None
+
     def _check_z_bits(self) -> None:
         """z_bits (resolved from dtype when None), z_group_size and z_qat; ValueErrors name the fix."""
         float_bits = 32 if self.dtype == "float32" else 16
@@ -252,6 +306,8 @@ class RoastConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["tile"] = list(self.tile)
+        if self.compression_pattern:  # pairs: JSON writers sort keys, and the order decides the first match
+            d["compression_pattern"] = [[k, v] for k, v in self.compression_pattern.items()]
         if self.z_bits not in Z_INT_BITS:  # float z: its width is dtype's, stored once (as dtype)
             d["z_bits"] = None
         return d

@@ -21,6 +21,12 @@ Mappers:
 * ``"roast"``: ICML-2023 ROAST, ``slot(g) = hash(g) % M``.
 * ``"hashednet"``: per-element hash into a per-module segment of ``z`` (the papers' baseline).
 
+Segments (``RoastConfig.compression_pattern``): a group of modules may read from its own segment of ``z``
+instead of all of it. A tile mapper then numbers the group's tiles on their own (``g_s``: the tile's place
+among the group's tiles, in module order) and sends tile ``g_s`` to ``start + slot(g_s)`` with ``M`` the
+segment's slot tiles, so RandomFold stays a bijection at 1x and balanced within each segment. Without a
+pattern there are no segments: ``start = 0``, ``M`` is all of ``z`` and ``g_s = g``, today's mapping exactly.
+
 All hash arithmetic keeps every intermediate below 2**62, so int64 is exact on every platform and in
 Triton, for virtual indices far beyond 2**31.
 """
@@ -31,7 +37,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -132,8 +138,12 @@ class ModuleSpec:
     cols: int
     scale: float  # lambda_l
     tile_offset: int = 0  # first global tile index
-    segment_start: int = 0  # hashednet only
-    segment_size: int = 0  # hashednet only
+    segment_start: int = 0  # hashednet only: first element of the module's own array in z
+    segment_size: int = 0  # hashednet only: its length
+    # tile mappers only: the module's segment of z in slot tiles (compression_pattern). segment_tiles == 0 is
+    # "no segment": the module reads all of z (the default; these two keys are then not stored)
+    segment_start_tile: int = 0
+    segment_tiles: int = 0
 
     def n_tile_rows(self, tile: Sequence[int]) -> int:
         return tiles_along(self.rows, tile[0])
@@ -147,6 +157,31 @@ class ModuleSpec:
     @property
     def numel(self) -> int:
         return self.rows * self.cols
+
+
+def _segment_groups(
+    modules: list[ModuleSpec], segments: Mapping[str, tuple[float, Collection[str]]] | None
+) -> list[tuple[str | None, float | None, list[ModuleSpec]]]:
+    """``(key, compression, specs)`` of every segment in z's order: the pooled modules first (key None; all
+    of them without ``segments``), then one per key, each list in module order. Every key must claim at least
+    one module of the plan and no module may be claimed twice."""
+    by_name = {spec.name: spec for spec in modules}
+    owner: dict[str, str] = {}
+    groups: list[tuple[str | None, float | None, list[ModuleSpec]]] = []
+    for key, (ratio, names) in (segments or {}).items():
+        unknown = sorted(set(names) - set(by_name))
+        if unknown:
+            raise ValueError(f"segment {key!r} claims modules the plan does not compress: {unknown[:4]}.")
+        if not names:
+            raise ValueError(f"segment {key!r} claims no module.")
+        for name in names:
+            if name in owner:
+                raise ValueError(f"module {name!r} is claimed by both segment {owner[name]!r} and {key!r}.")
+            owner[name] = key
+        claimed = set(names)
+        groups.append((key, float(ratio), [spec for spec in modules if spec.name in claimed]))
+    pooled = [spec for spec in modules if spec.name not in owner]
+    return [(None, None, pooled), *groups]
 
 
 def plan_digest(plan_dict: dict) -> str:
@@ -180,8 +215,16 @@ class MappingPlan:
         tile: Sequence[int],
         compression: float | None = None,
         num_parameters: int | None = None,
+        segments: Mapping[str, tuple[float, Collection[str]]] | None = None,
     ) -> MappingPlan:
-        """Lay the modules out tile-major and size z from a compression ratio or an explicit budget."""
+        """Lay the modules out tile-major and size z from a compression ratio or an explicit budget.
+
+        ``segments`` (from ``RoastConfig.compression_pattern``): key -> (its compression, the names of the
+        modules it claims), in pattern order. Each key's modules read from their own segment of z, sized from
+        their tile-padded weights at the key's compression (whole slot tiles); the other (pooled) modules
+        share the first segment, sized at ``compression`` or with what ``num_parameters`` leaves. None or
+        empty: one segment, all of z, exactly the mapping without a pattern.
+        """
         check_choice("mapper", mapper, MAPPERS)
         check_choice("sign", sign, SIGNS)
         tile = (int(tile[0]), int(tile[1]))
@@ -191,6 +234,7 @@ class MappingPlan:
         offset = 0
         for spec in modules:
             spec.tile_offset = offset
+            spec.segment_start = spec.segment_size = spec.segment_start_tile = spec.segment_tiles = 0
             offset += spec.n_tiles(tile)
         n_real = sum(s.numel for s in modules)
         n_padded = offset * t
@@ -199,45 +243,85 @@ class MappingPlan:
                 f"The {tile[0]}x{tile[1]} mapping tile does not fit these modules: padding them to whole tiles gives "
                 f"{n_padded} virtual weights for {n_real} real ones (over half padding). Use a smaller tile."
             )
-        if num_parameters is not None:
-            if num_parameters > n_padded:
+        if num_parameters is not None and num_parameters > n_padded:
+            raise ValueError(
+                f"num_parameters={num_parameters} exceeds the {n_padded} (tile-padded) weights of the "
+                "target modules: lower it, or use compression=1.0 for an exact copy."
+            )
+        groups = _segment_groups(modules, segments)
+        keyed_tiles = []  # slot tiles of each keyed segment, in pattern order
+        for key, ratio, specs in groups[1:]:
+            n_pad_k = sum(s.n_tiles(tile) for s in specs) * t
+            wanted = math.ceil(n_pad_k / float(ratio))
+            if wanted < t:
                 raise ValueError(
-                    f"num_parameters={num_parameters} exceeds the {n_padded} (tile-padded) weights of the "
-                    "target modules: lower it, or use compression=1.0 for an exact copy."
+                    f"compression_pattern[{key!r}]={ratio:g} gives the {sum(s.numel for s in specs)} weights of the "
+                    f"modules it matches a segment of {wanted} values, less than one {tile[0]}x{tile[1]} mapping "
+                    f"tile ({t}): use at most compression {n_pad_k / t:g} for that key, or a smaller tile."
                 )
-            wanted = int(num_parameters)
+            keyed_tiles.append(-(-wanted // t))
+        pooled = groups[0][2]
+        if num_parameters is not None:
+            wanted = int(num_parameters) - sum(keyed_tiles) * t
+            if segments and not pooled:
+                raise ValueError(
+                    "num_parameters sizes the segment of the modules no compression_pattern key matches, but every "
+                    "module matches a key: drop num_parameters (z is then the sum of the keys' segments)."
+                )
         else:
-            wanted = math.ceil(n_padded / float(compression))
-        num_slots = -(-wanted // t) * t  # z is a whole number of aligned slot tiles
-        if wanted < t:
+            wanted = math.ceil(sum(s.n_tiles(tile) for s in pooled) * t / float(compression)) if pooled else 0
+        if pooled and wanted < t:
+            if segments:
+                raise ValueError(
+                    f"The modules no compression_pattern key matches ({sum(s.numel for s in pooled)} weights) get "
+                    f"{max(wanted, 0)} values of z, less than one {tile[0]}x{tile[1]} mapping tile ({t}): lower "
+                    "`compression` (or raise num_parameters), or use a smaller tile."
+                )
             raise ValueError(
                 f"The budget gives z fewer weights ({wanted}) than one {tile[0]}x{tile[1]} mapping tile ({t}), so the "
                 "tile does not fit: "
                 f"the {n_real} target weights allow at most compression={n_padded / t:g} with this tile. "
                 "Lower the compression or use a smaller tile."
             )
+        pooled_tiles = -(-wanted // t) if pooled else 0  # z is a whole number of aligned slot tiles
+        num_slots = (pooled_tiles + sum(keyed_tiles)) * t
         plan = cls(mapper=mapper, sign=sign, seed=int(seed), tile=tile, num_slots=num_slots, modules=modules)
+        # segments in slot tiles: the pooled one first (all of z without a pattern), then one per key
+        layout, start = [], 0
+        for (_, _, specs), n_tiles in zip(groups, [pooled_tiles, *keyed_tiles]):
+            if specs:
+                layout.append((specs, start, n_tiles))
+                start += n_tiles
         if mapper == "hashednet":
-            plan._assign_segments(n_real)
+            plan._assign_segments([(specs, start * t, n * t) for specs, start, n in layout])
+        elif segments:
+            for specs, start, n in layout:
+                for spec in specs:
+                    spec.segment_start_tile, spec.segment_tiles = start, n
         return plan
 
-    def _assign_segments(self, n_real: int) -> None:
-        """HashedNet's per-module arrays: z split in proportion to each module's size (each >= 1)."""
-        sizes = [max(1, (spec.numel * self.num_slots) // n_real) for spec in self.modules]
-        sizes[-1] += self.num_slots - sum(sizes)
-        if sizes[-1] < 1:
-            raise ValueError(
-                "Too many modules for this budget under the hashednet mapper: lower the compression."
-            )
-        start = 0
-        for spec, size in zip(self.modules, sizes):
-            spec.segment_start, spec.segment_size = start, size
-            start += size
+    def _assign_segments(self, groups: list[tuple[list[ModuleSpec], int, int]]) -> None:
+        """HashedNet's per-module arrays: each group's span ``(specs, start, size)`` of z (all of z without a
+        compression_pattern) split in proportion to its modules' sizes (each >= 1)."""
+        for specs, start, size in groups:
+            n_real = sum(spec.numel for spec in specs)
+            sizes = [max(1, (spec.numel * size) // n_real) for spec in specs]
+            sizes[-1] += size - sum(sizes)
+            if sizes[-1] < 1:
+                raise ValueError(
+                    "Too many modules for this budget under the hashednet mapper: lower the compression."
+                )
+            for spec, n in zip(specs, sizes):
+                spec.segment_start, spec.segment_size = start, n
+                start += n
 
     # ---- serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
         d["tile"] = list(self.tile)
+        for m in d["modules"]:  # no segment: stored as before segments existed (same keys, same digest)
+            if not m["segment_tiles"] and not m["segment_start_tile"]:
+                del m["segment_start_tile"], m["segment_tiles"]
         return d
 
     def check(self) -> None:
@@ -265,6 +349,31 @@ class MappingPlan:
                 raise ValueError(f"plan module {spec.name!r}: its hashednet segment lies outside z.")
         if not self.modules:
             raise ValueError("plan has no module.")
+        self._check_tile_segments()
+
+    def _check_tile_segments(self) -> None:
+        """Tile mappers' segments: none at all (every module reads all of z), or segments that tile z exactly
+        (each inside z, two modules' segments equal or disjoint, every slot tile in one)."""
+        segments = {(s.segment_start_tile, s.segment_tiles) for s in self.modules}
+        if segments == {(0, 0)}:
+            return
+        if not self.is_tiled:
+            raise ValueError(
+                "plan: the hashednet mapper has no tile segments (segment_start_tile, segment_tiles)."
+            )
+        covered = 0
+        for start, n in sorted(segments):
+            if n < 1 or start != covered:
+                bad = next(
+                    s.name for s in self.modules if (s.segment_start_tile, s.segment_tiles) == (start, n)
+                )
+                raise ValueError(
+                    f"plan module {bad!r}: its segment (slot tiles {start}..{start + n - 1}) leaves a gap, overlaps "
+                    "another one or is empty."
+                )
+            covered += n
+        if covered != self.num_slot_tiles:
+            raise ValueError(f"plan: the segments cover {covered} slot tiles, z has {self.num_slot_tiles}.")
 
     def digest(self) -> str:
         """SHA-256 of the plan as stored (see :func:`plan_digest`)."""
@@ -309,15 +418,33 @@ class MappingPlan:
     def _global_tiles(self, spec: ModuleSpec, device=None) -> torch.Tensor:
         return torch.arange(spec.n_tiles(self.tile), dtype=torch.int64, device=device) + spec.tile_offset
 
+    def slot_segment(self, spec: ModuleSpec) -> tuple[int, int, int]:
+        """``(first slot tile, slot tiles, tile index base)`` of the module's segment of z (tile mappers).
+
+        The base numbers the module's first tile among its segment's tiles (module order), so that each
+        segment is a RandomFold of its own. Without a segment: ``(0, M, tile_offset)``, all of z and the
+        model-wide tile index.
+        """
+        if not spec.segment_tiles:
+            return 0, self.num_slot_tiles, spec.tile_offset
+        segment = (spec.segment_start_tile, spec.segment_tiles)
+        base = 0
+        for s in self.modules:
+            if s.name == spec.name:
+                return spec.segment_start_tile, spec.segment_tiles, base
+            if (s.segment_start_tile, s.segment_tiles) == segment:
+                base += s.n_tiles(self.tile)
+        raise KeyError(spec.name)
+
     def tile_slots(self, spec: ModuleSpec, device=None) -> torch.Tensor:
         """Slot tile of each of the module's tiles (tile mappers), int64 of n_tiles: W/T entries, not W."""
         if not self.is_tiled:
             raise ValueError("The hashednet mapper has no tile slots: it hashes every element.")
-        g = self._global_tiles(spec, device)
+        start, n_slot_tiles, base = self.slot_segment(spec)
+        g = torch.arange(spec.n_tiles(self.tile), dtype=torch.int64, device=device) + base
         a, b = seed_constants(self.seed, "slot")
-        if self.mapper == "stable":
-            return stable_slot(g, self.num_slot_tiles, a, b)
-        return roast_slot(g, self.num_slot_tiles, a, b)
+        slot = stable_slot if self.mapper == "stable" else roast_slot
+        return slot(g, n_slot_tiles, a, b) + start
 
     def tile_scales(self, spec: ModuleSpec, device=None) -> torch.Tensor:
         """lambda_l times the tile sign (sign="tile"), fp32 of n_tiles."""

@@ -59,6 +59,36 @@ def test_cpu_path_equals_torch_path(mapper, sign, tile):
             )
 
 
+@pytest.mark.parametrize("sign", ["tile", "element"])
+@pytest.mark.parametrize("mapper", MAPPERS)
+def test_cpu_path_equals_torch_path_under_a_compression_pattern(mapper, sign):
+    """Per-module segments of z: "b" reads its own segment (tile-slot tables, or hashednet's per-module
+    segment), "a" and "c" the pooled one; the fused kernel reads the same tables as the PyTorch path."""
+    specs = [
+        ModuleSpec("a", "linear", 100, 90, 0.7),
+        ModuleSpec("b", "conv1d", 77, 131, 1.3),
+        ModuleSpec("c", "linear", 45, 90, 0.9),
+    ]
+    plan = MappingPlan.build(
+        specs, mapper=mapper, sign=sign, seed=5, tile=(8, 16), compression=3.0, segments={"b": (2.0, ["b"])}
+    )
+    assert plan.spec("b").segment_tiles or not plan.is_tiled
+    torch.manual_seed(0)
+    z = torch.randn(plan.num_slots)
+    for spec in specs:
+        layer_map = LayerMapping.build(plan, spec)
+        for rows in (1, 7):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(rows, spec.cols).to(dtype)
+                bias = torch.randn(spec.rows)
+                with torch.no_grad():
+                    expected = RoastLinearFunction.apply(x, z, bias, layer_map)
+                    actual = cpu_path.cpu_roast_linear(x, z, bias, layer_map)
+                assert_close_scaled(
+                    actual, expected, dtype, f"{mapper}/{sign}/{spec.name}/{rows} rows/{dtype}"
+                )
+
+
 def _largest_allocation(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()

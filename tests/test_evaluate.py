@@ -456,3 +456,22 @@ def test_scaler_and_tile_variants_are_not_the_base_arm():
         _variant({"scaler": "none", "tile": [8, 8], "steps": 300}, "scratch")
         == "scaler none, tile 8x8, 300 steps"
     )
+
+
+def test_per_module_budget_arms_store_exactly_what_the_plain_arm_stores():
+    from hf_roast.evaluation.experiments import classification_arms
+
+    full = {a.name: a for _, a in classification_arms("full")}
+    assert {"roast-stable-16x-attn2x", "roast-stable-16x-mlp2x"} <= set(full)
+    assert full["roast-stable-16x-attn2x"].compression == full["roast-stable-16x"].compression
+    _, plain = build_arm_model(tiny_bert(), Arm("r", "roast", 4.0))
+    for factor in (2.0, 0.5):
+        arm = Arm("p", "roast", 4.0, compression_pattern=(("attention", factor),))
+        model, storage = build_arm_model(tiny_bert(), arm)
+        assert storage["target_values"] == plain["target_values"]  # the same z, split otherwise
+        pattern = storage["compression_pattern"]
+        assert (pattern["attention"] > pattern["pooled"]) == (factor > 1)
+        for spec in model.plan.modules:  # attention in the key's segment, the MLP and the pooler pooled
+            assert (spec.segment_start_tile > 0) == (".attention." in spec.name), spec.name
+    with pytest.raises(ValueError, match="for hf-roast arms"):
+        Arm("p", "prune", 4.0, compression_pattern=(("attention", 2.0),))

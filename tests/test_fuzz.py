@@ -23,6 +23,16 @@ FIELDS = {
         st.text(max_size=3),
     ),
     "num_parameters": st.one_of(st.none(), st.integers(-5, 10**9), st.floats(), st.booleans()),
+    "compression_pattern": st.one_of(
+        st.none(),
+        st.dictionaries(
+            st.sampled_from(["mlp", "q_proj", r"layers\.0\..*", "(", "nothing", "(?i)mlp", ""]),
+            st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 10**5), st.booleans()),
+            max_size=3,
+        ),
+        st.lists(st.tuples(st.sampled_from(["mlp", "o_proj"]), st.integers(0, 64)), max_size=3),
+        st.integers(),
+    ),
     "target_modules": st.one_of(
         st.none(),
         st.sampled_from(["all-linear", ".*proj", "q_proj", "(", "nothing"]),
@@ -88,7 +98,7 @@ JUNK = st.one_of(
     st.lists(st.integers(-3, 40), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )  # fmt: skip
 PLAN_KEYS = ["mapper", "sign", "seed", "tile", "num_slots", "mapping_version", "modules"]
-MODULE_KEYS = ["name", "kind", "rows", "cols", "scale", "tile_offset"]
+MODULE_KEYS = ["name", "kind", "rows", "cols", "scale", "tile_offset", "segment_start_tile", "segment_tiles"]
 
 
 @st.composite

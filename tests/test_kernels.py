@@ -52,14 +52,20 @@ def test_kernels_can_run_here():
 # --------------------------------------------------------------------------------------------------
 # Fixtures: a plan with two linears and an embedding, each with edge tiles in both dims.
 # --------------------------------------------------------------------------------------------------
-def make_plan(mapper: str, sign: str, *, compression: float = 3.0, num_parameters: int | None = None):
+PATTERN = {"q+emb": (1.5, ["q", "emb"])}
+"""A compression_pattern's segments: "q" and "emb" read from their own segment of z (after the pooled one)."""
+
+
+def make_plan(
+    mapper: str, sign: str, *, compression: float = 3.0, num_parameters: int | None = None, segments=None
+):
     specs = [
         ModuleSpec("q", "linear", 37, 45, 0.75),  # 37 = 4*8 + 5 rows, 45 = 2*16 + 13 cols
         ModuleSpec("k", "linear", 21, 45, 1.25),
         ModuleSpec("emb", "embedding", 13, 19, 0.5),
     ]
     kwargs = {"num_parameters": num_parameters} if num_parameters else {"compression": compression}
-    return MappingPlan.build(specs, mapper=mapper, sign=sign, seed=11, tile=TILE, **kwargs)
+    return MappingPlan.build(specs, mapper=mapper, sign=sign, seed=11, tile=TILE, segments=segments, **kwargs)
 
 
 def layer_mapping(plan: MappingPlan, name: str, scaler: str = "v5") -> LayerMapping:
@@ -111,14 +117,21 @@ def reference_index_and_scale(plan: MappingPlan, spec: ModuleSpec):
     sign_a, sign_b = seed_constants(plan.seed, "sign")
     index = torch.zeros(spec.rows, spec.cols, dtype=torch.int64)
     scale = torch.zeros(spec.rows, spec.cols, dtype=torch.float64)
+    # a segment (compression_pattern): its own slot tiles, its tiles numbered among its modules' tiles
+    start, n_slot_tiles, base = 0, plan.num_slot_tiles, spec.tile_offset
+    if spec.segment_tiles:
+        start, n_slot_tiles = spec.segment_start_tile, spec.segment_tiles
+        before = plan.modules[: [s.name for s in plan.modules].index(spec.name)]
+        base = sum(s.n_tiles(plan.tile) for s in before if s.segment_start_tile == start)
     for r in range(spec.rows):
         for c in range(spec.cols):
             g = spec.tile_offset + (r // tr) * n_tile_cols + c // tc
             v = g * t + (r % tr) * tc + c % tc
+            g_seg = g - spec.tile_offset + base
             if plan.mapper == "stable":
-                index[r, c] = stable_slot(g, plan.num_slot_tiles, slot_a, slot_b) * t + v % t
+                index[r, c] = (start + stable_slot(g_seg, n_slot_tiles, slot_a, slot_b)) * t + v % t
             elif plan.mapper == "roast":
-                index[r, c] = roast_slot(g, plan.num_slot_tiles, slot_a, slot_b) * t + v % t
+                index[r, c] = (start + roast_slot(g_seg, n_slot_tiles, slot_a, slot_b)) * t + v % t
             else:
                 index[r, c] = hashednet_slot(v, spec.segment_start, spec.segment_size, slot_a, slot_b)
             sign = {"none": 1, "tile": hash_sign(g, sign_a, sign_b), "element": hash_sign(v, sign_a, sign_b)}
@@ -128,8 +141,9 @@ def reference_index_and_scale(plan: MappingPlan, spec: ModuleSpec):
 
 @pytest.mark.parametrize("mapper", MAPPERS)
 @pytest.mark.parametrize("sign", SIGNS)
-def test_torch_path_matches_elementwise_dense_reference(mapper, sign):
-    plan = make_plan(mapper, sign)
+@pytest.mark.parametrize("segments", [None, PATTERN], ids=["whole-z", "pattern"])
+def test_torch_path_matches_elementwise_dense_reference(mapper, sign, segments):
+    plan = make_plan(mapper, sign, segments=segments)
     lm = layer_mapping(plan, "q")
     index, scale = reference_index_and_scale(plan, lm.spec)
     z = torch.randn(plan.num_slots, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -183,6 +197,44 @@ def test_linear_kernels_match_torch_path(mapper, sign, dtype, lead):
     for name, a, b in zip(("y", "dx", "dz", "db"), got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert_close_scaled(a, b, torch.float32 if name == "dz" else dtype, name)
+
+
+@pytest.mark.parametrize("mapper", MAPPERS)
+@pytest.mark.parametrize("sign", ["tile", "element"])
+def test_kernels_match_torch_path_under_a_compression_pattern(mapper, sign):
+    """Per-module segments of z: the kernels read the same tile-slot tables (or, for hashednet, the same
+    per-module segments) as the PyTorch path, so every module reads and writes only its own segment."""
+    plan = make_plan(mapper, sign, segments=PATTERN)
+    assert plan.is_tiled == bool(plan.spec("q").segment_tiles)
+    g = torch.Generator().manual_seed(13)
+    z = random_z(plan)
+    for name in ("q", "k"):  # one module in the key's segment, one in the pooled one
+        lm = layer_mapping(plan, name)
+        rows = lm.spec.rows
+        x = torch.randn(3, 7, 45, generator=g).to(DEVICE)
+        bias = torch.randn(rows, generator=g).to(DEVICE)
+        grad_y = torch.randn(3, 7, rows, generator=g).to(DEVICE)
+        with forced_blocks(Blocks(16, 16, 16)):
+            got = run_linear(kernel_linear, x, z, bias, lm, grad_y)
+        want = run_linear(torch_linear, x, z, bias, lm, grad_y)
+        for part, a, b in zip(("y", "dx", "dz", "db"), got, want):
+            assert_close_scaled(a, b, torch.float32, f"{name}/{part}")
+        touched = (got[2] != 0).nonzero().flatten()
+        lo, hi = (
+            (lm.spec.segment_start_tile * plan.tile_numel, (lm.spec.segment_start_tile + lm.spec.segment_tiles) * plan.tile_numel)
+            if plan.is_tiled
+            else (lm.spec.segment_start, lm.spec.segment_start + lm.spec.segment_size)
+        )  # fmt: skip
+        assert lo <= touched.min() and touched.max() < hi, name
+    lm = layer_mapping(plan, "emb")
+    ids = torch.tensor([[0, 12, 5, 5, 7], [12, 1, 8, 0, 3]], device=DEVICE)
+    e_kernel = ops.triton_roast_embedding(ids, z, lm, torch.float32)
+    e_torch = RoastEmbeddingFunction.apply(ids, z, lm, torch.float32)
+    assert torch.equal(e_kernel, e_torch)
+    grad = torch.linspace(-1, 1, e_torch.numel(), device=DEVICE).view_as(e_torch)
+    (dz_kernel,) = torch.autograd.grad(e_kernel, (z,), grad)
+    (dz_torch,) = torch.autograd.grad(e_torch, (z,), grad)
+    assert_close_scaled(dz_kernel, dz_torch, torch.float32, "emb/dz")
 
 
 @pytest.mark.parametrize("mapper", MAPPERS)

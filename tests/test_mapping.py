@@ -217,3 +217,164 @@ def test_plan_budget_errors(kwargs, message):
 def test_unknown_mapper_error():
     with pytest.raises(ValueError, match="Unknown mapper"):
         MappingPlan.build(specs(), mapper="hashnet", sign="none", seed=0, tile=(8, 8), compression=2)
+
+
+# ---- segments (RoastConfig.compression_pattern) -------------------------------------------------------
+def pattern_plan(mapper="stable", sign="tile", compression=4.0, segments="ac,d", tile=(8, 8), modules=None):
+    """Five modules: "a" and "c" claimed by key "ac" at 2x, "d" by key "d" at 1x, "b" and "e" pooled."""
+    mods = modules or [
+        ModuleSpec("a", "linear", 40, 24, 1.0),
+        ModuleSpec("b", "linear", 16, 40, 0.5),
+        ModuleSpec("c", "embedding", 10, 8, 2.0),
+        ModuleSpec("d", "linear", 24, 16, 0.25),
+        ModuleSpec("e", "linear", 32, 32, 1.5),
+    ]
+    if segments == "ac,d":
+        segments = {"ac": (2.0, ["a", "c"]), "d": (1.0, ["d"])}
+    return MappingPlan.build(
+        mods, mapper=mapper, sign=sign, seed=3, tile=tile, compression=compression, segments=segments
+    )
+
+
+def test_segments_are_sized_per_key_and_laid_out_pooled_first():
+    plan = pattern_plan()
+    t = plan.tile_numel
+    tiles = {s.name: s.n_tiles(plan.tile) for s in plan.modules}  # a 15, b 10, c 2, d 6, e 16
+    pooled = math.ceil(math.ceil((tiles["b"] + tiles["e"]) * t / 4.0) / t)
+    ac = math.ceil(math.ceil((tiles["a"] + tiles["c"]) * t / 2.0) / t)
+    d = tiles["d"]
+    assert plan.num_slot_tiles == pooled + ac + d  # z is the sum of the segments
+    seg = {s.name: (s.segment_start_tile, s.segment_tiles) for s in plan.modules}
+    assert seg == {
+        "b": (0, pooled),
+        "e": (0, pooled),
+        "a": (pooled, ac),
+        "c": (pooled, ac),
+        "d": (pooled + ac, d),
+    }
+    plan.check()
+
+
+@pytest.mark.parametrize("mapper", MAPPERS)
+def test_each_module_reads_only_from_its_segment(mapper):
+    plan = pattern_plan(mapper, sign="element")
+    t = plan.tile_numel
+    spans = {}
+    for spec in plan.modules:
+        index, _ = plan.element_index(spec, torch.arange(spec.rows))
+        if plan.is_tiled:
+            lo, hi = spec.segment_start_tile * t, (spec.segment_start_tile + spec.segment_tiles) * t
+        else:
+            lo, hi = spec.segment_start, spec.segment_start + spec.segment_size
+        assert lo <= index.min() and index.max() < hi, spec.name
+        spans.setdefault(spec.name in ("a", "c"), set()).update(range(lo, hi))
+    if plan.is_tiled:  # the pooled modules never read the keys' segments, and the other way round
+        pooled = set(range(plan.modules[1].segment_tiles * t))
+        for spec in (plan.spec("a"), plan.spec("c"), plan.spec("d")):
+            index, _ = plan.element_index(spec, torch.arange(spec.rows))
+            assert not pooled & set(index.flatten().tolist())
+    else:  # hashednet: each key's span of z is split among its modules, in proportion to their sizes
+        a, c = plan.spec("a"), plan.spec("c")
+        pooled_end = plan.spec("e").segment_start + plan.spec("e").segment_size
+        assert a.segment_start == pooled_end and c.segment_start == a.segment_start + a.segment_size
+        assert (c.segment_start + c.segment_size - a.segment_start) % t == 0
+
+
+def test_no_pattern_is_the_mapping_without_segments():
+    for segments in (None, {}):
+        plan = pattern_plan(segments=segments)
+        assert all(s.segment_tiles == 0 and s.segment_start_tile == 0 for s in plan.modules)
+        assert all("segment_tiles" not in m for m in plan.to_dict()["modules"])  # stored as before
+    # the golden vectors of test_tile_slots_golden, through the segments code path
+    stable = MappingPlan.build(
+        specs(), mapper="stable", sign="tile", seed=3, tile=(8, 8), compression=2.0, segments={}
+    )
+    assert stable.tile_slots(stable.modules[2]).tolist() == [9, 10]
+
+
+def test_segment_tile_slots_golden():
+    plan = pattern_plan()
+    assert {s.name: plan.tile_slots(s).tolist() for s in plan.modules} == {
+        # "a" and "c" share the 9 slot tiles 7..15: fold 0 (a's first 9 tiles) is a bijection on them
+        "a": [11, 12, 13, 14, 15, 7, 8, 9, 10, 10, 11, 12, 13, 14, 15],
+        "b": [2, 3, 4, 5, 6, 0, 1, 5, 6, 0],
+        "c": [7, 8],
+        "d": [20, 21, 16, 17, 18, 19],  # "d" at 1x: a bijection on its own segment, 16..21
+        "e": [1, 2, 3, 4, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6],
+    }
+
+
+def test_stable_segment_at_1x_is_a_bijection_and_balanced_elsewhere():
+    mods = [ModuleSpec(f"l{i}", "linear", 48, 96, 1.0) for i in range(4)]  # 18 tiles of 16x16 each
+    plan = pattern_plan(compression=2.0, tile=(16, 16), modules=mods, segments={"one": (1.0, ["l1", "l3"])})
+    own = torch.cat([plan.tile_slots(plan.spec(n)) for n in ("l1", "l3")])
+    start = plan.spec("l1").segment_start_tile
+    assert sorted(own.tolist()) == list(range(start, start + 36))  # 1x within the segment: exact
+    counts = sum(plan.slot_counts(plan.spec(n)) for n in ("l0", "l2"))
+    assert torch.all(counts[:18] == 2) and torch.all(counts[18:] == 0)  # 2x pooled: perfectly balanced
+
+
+@pytest.mark.parametrize("mapper", MAPPERS)
+def test_slot_counts_and_scaler_match_an_element_oracle_under_a_pattern(mapper):
+    """c_lj is the number of module l's weights on unit j (per element for hashednet, per slot tile: every
+    element of the tile has that count, since these shapes have no edge tiles)."""
+    mods = [
+        ModuleSpec("a", "linear", 16, 24, 2.0),
+        ModuleSpec("b", "linear", 24, 16, 0.5),
+        ModuleSpec("c", "linear", 32, 8, 1.0),
+        ModuleSpec("d", "linear", 8, 40, 0.75),
+    ]
+    plan = pattern_plan(mapper, modules=mods, compression=3.0, segments={"bd": (1.5, ["b", "d"])})
+    unit = plan.scaler_unit()
+    s_cl2 = torch.zeros(plan.num_slots, dtype=torch.float64)
+    for spec in plan.modules:
+        index, _ = plan.element_index(spec, torch.arange(spec.rows))
+        per_element = torch.bincount(index.flatten(), minlength=plan.num_slots).double()
+        counts = plan.slot_counts(spec)
+        assert torch.equal(counts.repeat_interleave(unit), per_element), spec.name
+        s_cl2 += per_element * spec.scale**2
+    v5 = gradient_scaler(plan, "v5").double().repeat_interleave(unit)
+    want = torch.where(s_cl2 > 0, 1 / s_cl2.clamp_min(1e-300), torch.ones_like(s_cl2))
+    torch.testing.assert_close(v5, want, rtol=1e-6, atol=0)
+
+
+def test_plan_with_segments_round_trips_and_bad_segments_are_refused():
+    plan = pattern_plan()
+    d = plan.to_dict()
+    assert {m["name"]: m["segment_tiles"] for m in d["modules"]}["d"] == 6
+    again = MappingPlan.from_dict(d)
+    assert again == plan
+    again.check()
+    for edit, match in (
+        (lambda m: m[3].update(segment_start_tile=m[3]["segment_start_tile"] + 1), "gap|overlap"),
+        (lambda m: m[3].update(segment_tiles=0, segment_start_tile=0), "gap|overlap|empty"),
+        (lambda m: m[1].update(segment_tiles=m[1]["segment_tiles"] + 1), "gap|overlap|cover"),
+    ):
+        broken = plan.to_dict()
+        edit(broken["modules"])
+        with pytest.raises(ValueError, match=match):
+            MappingPlan.from_dict(broken).check()
+    with pytest.raises(ValueError, match="claimed by both"):
+        pattern_plan(segments={"x": (2.0, ["a"]), "y": (2.0, ["a", "b"])})
+    with pytest.raises(
+        ValueError, match=r"compression_pattern\['d'\]=8 .* less than one 8x8 mapping tile.*at most"
+    ):
+        pattern_plan(segments={"d": (8.0, ["d"])})
+
+
+def test_num_parameters_with_segments_sizes_the_pooled_rest():
+    plan = MappingPlan.build(
+        specs(),
+        mapper="stable",
+        sign="tile",
+        seed=3,
+        tile=(8, 8),
+        num_parameters=640,
+        segments={"c": (1.0, ["c"])},
+    )
+    assert plan.num_slots == 640 and plan.spec("c").segment_tiles == 2 and plan.spec("a").segment_tiles == 8
+    with pytest.raises(ValueError, match="every module matches a key"):
+        MappingPlan.build(
+            specs(), mapper="stable", sign="tile", seed=3, tile=(8, 8), num_parameters=640,
+            segments={"all": (2.0, ["a", "b", "c"])},
+        )  # fmt: skip

@@ -8,6 +8,8 @@ for every arm: values and bytes, over the target modules and over the whole mode
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -15,9 +17,10 @@ from torch import nn
 
 from ..compress import dense_weight, rescale_to_dense_norm
 from ..config import RoastConfig
+from ..mapping import tiles_along
 from ..model import get_roast_model
 from ..quant import QuantizedZ
-from ..targets import find_targets
+from ..targets import find_targets, pattern_segments
 from .baselines import magnitude_prune, parameter_bytes, round_to_nearest, truncate_layers
 
 METHODS = ("dense", "roast", "prune", "smaller", "narrower", "rtn")
@@ -48,6 +51,10 @@ class Arm:
     scaler: str = "v5"
     tile: tuple[int, int] = (32, 32)
     z_bits: int = 32  # roast: z trained through its 8/4-bit grid (QAT), served packed; rtn: the bits
+    # roast: per-module budgets at the same total z as `compression` alone. (key, factor) pairs: the modules a key
+    # matches (RoastConfig.compression_pattern's rules) are compressed `factor` times harder than the rest; the
+    # absolute compressions are solved from the model's module sizes (see solve_compression_pattern)
+    compression_pattern: tuple[tuple[str, float], ...] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -60,6 +67,8 @@ class Arm:
             raise ValueError(
                 f"Arm {self.name}: the fine-tuning recipe is for hf-roast arms without single_lr."
             )
+        if self.compression_pattern is not None and self.method != "roast":
+            raise ValueError(f"Arm {self.name}: a compression pattern is for hf-roast arms.")
 
     @property
     def label(self) -> str:
@@ -87,6 +96,9 @@ class Arm:
         d["lrs"] = list(self.lrs) if self.lrs else None
         d["recipe"] = list(self.recipe) if self.recipe else None
         d["tile"] = list(self.tile)
+        d["compression_pattern"] = (
+            [list(p) for p in self.compression_pattern] if self.compression_pattern else None
+        )
         return d
 
 
@@ -103,6 +115,39 @@ def roast_config_for(arm: Arm, init: str = "pretrained") -> RoastConfig:
         z_group_size=Z_GROUP_SIZE,
         z_qat=arm.method == "roast" and arm.z_bits < 32,
     )
+
+
+def solve_compression_pattern(model: nn.Module, arm: Arm) -> tuple[float, dict[str, float]]:
+    """(pooled compression, RoastConfig.compression_pattern) of a patterned arm, from ``model``'s module sizes.
+
+    Each key's modules get ``factor`` times the compression of the unmatched (pooled) ones, and z keeps the
+    length of the arm's plain ``compression`` to the tile: the segments' slot tiles are rounded so that they
+    sum to the plain arm's, and each compression is set just below ``tiles / slot tiles`` so that the plan's
+    ceil gives exactly those slot tiles.
+    """
+    config = roast_config_for(arm)
+    tr, tc = config.tile
+    t = tr * tc
+    targets = find_targets(model, config)
+    tiles = {
+        name: tiles_along(w.shape[0], tr) * tiles_along(w.shape[1], tc)
+        for name, module, kind in targets
+        for w in [dense_weight(module, kind)]
+    }
+    factors = dict(arm.compression_pattern)
+    claimed = pattern_segments(list(tiles), factors)
+    keyed = {key: sum(tiles[n] for n in names) for key, (_, names) in claimed.items()}
+    pooled = sum(tiles.values()) - sum(keyed.values())
+    budget = math.ceil(
+        math.ceil(sum(tiles.values()) * t / arm.compression) / t
+    )  # slot tiles of the plain arm
+    pooled_compression = (pooled + sum(g / factors[k] for k, g in keyed.items())) / budget
+    slot_tiles = {k: min(g, max(1, round(g / (factors[k] * pooled_compression)))) for k, g in keyed.items()}
+    pooled_tiles = budget - sum(slot_tiles.values())
+    if pooled_tiles < 1 or pooled_tiles > pooled:
+        raise ValueError(f"Arm {arm.name}: the pattern leaves the pooled modules {pooled_tiles} slot tiles.")
+    pattern = {k: g * t / (slot_tiles[k] * t - 0.5) for k, g in keyed.items()}
+    return pooled * t / (pooled_tiles * t - 0.5), pattern
 
 
 def finish_training(model: nn.Module, arm: Arm) -> None:
@@ -151,9 +196,12 @@ def build_arm_model(model: nn.Module, arm: Arm, calibration_data=None) -> tuple[
     elif arm.method == "roast":
         if arm.calibrate and calibration_data is None:
             raise ValueError(f"Arm {arm.name} calibrates its init, but no calibration_data was given.")
-        model = get_roast_model(
-            model, roast_config_for(arm), calibration_data=calibration_data if arm.calibrate else None
-        )
+        config = roast_config_for(arm)
+        if arm.compression_pattern:
+            pooled, pattern = solve_compression_pattern(model, arm)
+            config = dataclasses.replace(config, compression=pooled, compression_pattern=pattern)
+            storage["compression_pattern"] = {"pooled": pooled, **pattern}
+        model = get_roast_model(model, config, calibration_data=calibration_data if arm.calibrate else None)
         if arm.norm_init:
             dense_sq = sum(float(w.double().pow(2).sum()) for w in dense_weights.values())
             storage["norm_init_factor"] = rescale_to_dense_norm(model.base_model, dense_sq)

@@ -38,6 +38,13 @@ RECIPE_LR = 5e-5
 """hf-roast arms take the dense fine-tuning rate and the recipe of :mod:`hf_roast.optim`, no grid."""
 
 
+ATTENTION_HARDER = (("attention", 2.0),)
+"""BERT's attention modules (``...attention.self.query`` ... ``attention.output.dense``) at twice the compression
+of the others (the MLP's ``intermediate.dense`` and ``output.dense``, and the pooler); z as at the arm's compression."""
+MLP_HARDER = (("attention", 0.5),)
+"""The other way round: attention at half the others' compression, so the MLP is compressed twice as hard."""
+
+
 def sharing_for_bytes(bytes_ratio: float, bits: int) -> float:
     """The sharing compression (values) whose z, packed at ``bits`` with one fp32 scale per group, stores
     the fp32 target modules in ``bytes_ratio`` times fewer bytes: c = ratio * (bits/8 + 4/G) / 4."""
@@ -88,6 +95,7 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
             (3, _bits(16, 8, lrs=None)),
             (3, _bits(16, 4, lrs=None)),
             (3, _rtn(4, lrs=(BASELINE_LR,))),
+            (3, _recipe(4, compression_pattern=ATTENTION_HARDER, lrs=None, suffix="-attn2x")),
         ]
     one = (BASELINE_LR,)
     if mode == "quick":
@@ -126,6 +134,10 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
         more += [_bits(r, b) for r in (16, 64) for b in (8, 4)]
         more += [_recipe(64), _prune(64, lrs=one)]
         more += [_rtn(b, lrs=DENSE_LRS) for b in (8, 4)]
+        # per-module budgets (RoastConfig.compression_pattern) at the very z of roast-stable-16x: attention
+        # compressed twice as hard as the MLP (and pooler), then the other way round
+        more += [_recipe(16, compression_pattern=ATTENTION_HARDER, suffix="-attn2x")]
+        more += [_recipe(16, compression_pattern=MLP_HARDER, suffix="-mlp2x")]
         arms += [(3, a) for a in more]
     return arms
 

@@ -68,6 +68,13 @@ def _variant(arm: dict, experiment: str = "classification") -> str:
         parts.append("tile {}x{}".format(*arm["tile"]))
     if arm.get("steps"):
         parts.append(f"{arm['steps']} steps")
+    if arm.get("compression_pattern"):  # (key, factor): the key's modules compressed factor x the rest's
+        parts.append(
+            "per-module budgets: "
+            + ", ".join(
+                f"{key} at {factor:g}x the others' compression" for key, factor in arm["compression_pattern"]
+            )
+        )
     return ", ".join(parts) or "base"
 
 

@@ -5,7 +5,7 @@ logits they gave). ``tests/test_golden.py`` loads every folder with today's code
 logits: a change to the mapping formulas, the key layout or the config that would make old checkpoints
 load differently fails there. Never overwrite a folder; add a new one when the format moves on.
 
-    python tests/golden/make_golden.py  # from the repository root
+    python tests/golden/make_golden.py [NAME ...]  # from the repository root; NAMEs: only those fixtures
 """
 
 import os
@@ -23,6 +23,10 @@ from hf_roast.checkpoint_format import FORMAT_VERSION  # noqa: E402
 FIXTURES = {
     "llama-stable-8x": (tiny_llama, RoastConfig(compression=8.0, tile=(16, 16))),
     "llama-hashednet-4x": (tiny_llama, RoastConfig(compression=4.0, mapper="hashednet")),
+    "llama-stable-pattern": (
+        tiny_llama,
+        RoastConfig(compression=16.0, tile=(16, 16), compression_pattern={"mlp": 8.0, r"layers\.0\..*": 4.0}),
+    ),
     "gpt2-roast-8x-embeddings": (
         tiny_gpt2,
         RoastConfig(
@@ -37,9 +41,11 @@ FIXTURES = {
 }
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
     root = os.path.dirname(os.path.abspath(__file__))
     for name, (build, config) in FIXTURES.items():
+        if names and name not in names:
+            continue
         folder = os.path.join(root, f"v{FORMAT_VERSION}-{name}")
         if os.path.exists(folder):
             print(f"{folder} exists: left as it is")
@@ -60,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
