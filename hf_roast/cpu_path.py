@@ -112,8 +112,9 @@ def _c_statements(
     done: set[str],
     where: str,
     indent: str,
+    ctype: str,
 ) -> list[str]:
-    """Assignments, returns and ``if`` blocks (whose bodies only return or branch) as C lines."""
+    """Assignments (of ``ctype`` locals), returns and ``if`` blocks (whose bodies only return or branch) as C."""
     lines = []
     for stmt in body:
         if (
@@ -123,17 +124,19 @@ def _c_statements(
             and indent == "  "
         ):
             name = stmt.targets[0].id
-            decl = "" if name in local or name in params else "int64_t "
+            decl = "" if name in local or name in params else f"{ctype} "
             local.add(name)
             lines.append(f"{indent}{decl}{name} = {_c_expr(stmt.value, constants, done, where)};")
         elif isinstance(stmt, ast.Return) and stmt.value is not None:
             lines.append(f"{indent}return {_c_expr(stmt.value, constants, done, where)};")
         elif isinstance(stmt, ast.If):
             lines.append(f"{indent}if ({_c_expr(stmt.test, constants, done, where)}) {{")
-            lines += _c_statements(stmt.body, params, local, constants, done, where, indent + "  ")
+            lines += _c_statements(stmt.body, params, local, constants, done, where, indent + "  ", ctype)
             if stmt.orelse:
                 lines.append(f"{indent}}} else {{")
-                lines += _c_statements(stmt.orelse, params, local, constants, done, where, indent + "  ")
+                lines += _c_statements(
+                    stmt.orelse, params, local, constants, done, where, indent + "  ", ctype
+                )
             lines.append(f"{indent}}}")
         else:
             raise NotImplementedError(f"hf_roast.cpu_path cannot translate a statement of {where}.")
@@ -158,7 +161,7 @@ def _translate(functions, constants: dict[str, int], module: str, float_function
         params = {a.arg for a in fdef.args.args}
         signature = ", ".join(f"{ctype} {a.arg}" for a in fdef.args.args)
         where = f"{module}.{fdef.name}"
-        lines = _c_statements(body, params, set(), constants, done, where, "  ")
+        lines = _c_statements(body, params, set(), constants, done, where, "  ", ctype)
         out.append(f"static inline {ctype} {fdef.name}({signature}) {{\n" + "\n".join(lines) + "\n}")
         done.add(fdef.name)
     return "\n".join(out)
@@ -204,10 +207,11 @@ struct Z {
   const void* codes; const float* scales; int64_t bits, group;  /* packed z (bits 0: float) */
 };
 
-/* z[index] of a packed z, in fp32: quant.py's element formulas, translated above. A code fits in 32 bits. */
-template <int BITS> struct Code { typedef uint8_t type; };  /* 4 bits: two nibbles a byte */
+/* The stored unit of a packed z: int8 codes at 8 bits, bytes of two nibbles at 4 (QuantizedZ.codes_dtype). */
+template <int BITS> struct Code { typedef uint8_t type; };
 template <> struct Code<8> { typedef int8_t type; };
 
+/* z[index] of a packed z, in fp32: quant.py's element formulas, translated above. A code fits in 32 bits. */
 template <int BITS>
 static inline float packed_value(const typename Code<BITS>::type* __restrict codes, int64_t index, float scale) {
   const int64_t raw = codes[storage_index(index, BITS)];
