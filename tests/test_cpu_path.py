@@ -15,10 +15,11 @@ import torch
 from helpers import VOCAB, assert_close_scaled, tiny_gpt2, tiny_llama
 from torch.profiler import ProfilerActivity, profile
 
-from hf_roast import RoastConfig, cpu_path, dispatch, get_roast_model
+from hf_roast import RoastConfig, cpu_path, dispatch, get_roast_model, quant
 from hf_roast.mapping import LayerMapping, MappingPlan, ModuleSpec
+from hf_roast.quant import QuantizedZ
 from hf_roast.torch_path import RoastLinearFunction, clear_scratch, materialize_weight
-from hf_roast.vocab import MAPPERS, SIGNS
+from hf_roast.vocab import MAPPERS, SIGNS, Z_INT_BITS
 
 pytestmark = pytest.mark.skipif(
     cpu_path.unavailable_reason() is not None, reason=f"no CPU kernel: {cpu_path.unavailable_reason()}"
@@ -234,6 +235,183 @@ def test_generate_gives_the_same_tokens_with_and_without_the_cpu_path(make, dtyp
     with_cpu = _generate(model, monkeypatch, "cpu", prompt)  # forced: every linear call takes it
     assert len(calls) > 0
     n_calls = len(calls)
+    without = _generate(model, monkeypatch, "torch", prompt)
+    assert len(calls) == n_calls
+    assert torch.equal(with_cpu, without)
+    assert with_cpu.shape[1] == prompt.shape[1] + 12
+
+
+# ---- packed z (z_bits 8 and 4) and 16-bit z -------------------------------------------------------------
+@pytest.mark.parametrize("bits", Z_INT_BITS)
+@pytest.mark.parametrize("group", [2, 6, 10, 128])
+def test_the_kernel_dequantizes_exactly_like_quant_py(bits, group):
+    """The kernel's reader (quant.py's element formulas translated to C, the group's scale hoisted per group)
+    against QuantizedZ.values_at, bit for bit: every code (raw random bytes, so every nibble, even the unused
+    -8), spans that start and end inside groups and at odd values (the high nibble of a byte)."""
+    g = torch.Generator().manual_seed(bits * 1000 + group)
+    numel = group * 37
+    raw = torch.randint(0, 256, (QuantizedZ.codes_numel(numel, bits),), generator=g, dtype=torch.uint8)
+    codes = raw.view(torch.int8) if bits == 8 else raw
+    magnitude = 10.0 ** torch.randint(-3, 3, (numel // group,), generator=g)
+    scales = torch.randn(numel // group, generator=g) * magnitude
+    scales[0] = 0.0
+    z = QuantizedZ(codes, scales, bits, group)
+    spans = [(0, numel), (1, numel - 1), (group - 1, 2), (group + 1, 3 * group), (numel - 3, 3), (5, 0)]
+    for start, n in spans:
+        expected = z.values_at(torch.arange(start, start + n))
+        assert torch.equal(cpu_path.dequantize(z, start, n), expected), (start, n)
+    assert torch.equal(cpu_path.dequantize(z), z.dequantize())
+
+
+def test_the_c_source_takes_the_quantisation_formulas_from_quant_py(monkeypatch):
+    """The packing constants reach the kernel only through the translation of quant.py (no second copy)."""
+    source = cpu_path.c_formulas()
+    for fn in quant.formula_functions():
+        assert f" {fn.__name__}(" in source
+    assert f"INT64_C({quant.NIBBLE_OFFSET})" in source
+    monkeypatch.setattr(quant, "formula_constants", lambda: {"NIBBLE_OFFSET": 99})
+    assert "INT64_C(99)" in cpu_path.c_formulas()
+
+
+# (tile, group): groups of two tile rows, groups straddling tile rows (16 values, rows of 12), one group a tile
+PACKED_LAYOUTS = [((8, 16), 32), ((4, 12), 16), ((32, 32), 128), ((8, 16), 128)]
+
+
+@pytest.mark.parametrize("layout", PACKED_LAYOUTS, ids=lambda lt: f"{lt[0][0]}x{lt[0][1]}-g{lt[1]}")
+@pytest.mark.parametrize("bits", Z_INT_BITS)
+@pytest.mark.parametrize("sign", SIGNS)
+@pytest.mark.parametrize("mapper", MAPPERS)
+def test_cpu_path_reads_packed_z_like_the_torch_path(mapper, sign, bits, layout):
+    tile, group = layout
+    z, mappings = _mappings(mapper, sign, tile)
+    q = QuantizedZ.quantize(z, bits, group, tile[0] * tile[1])
+    for layer_map in mappings:
+        for rows in (1, 2, 7):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(rows, layer_map.spec.cols).to(dtype)
+                bias = torch.randn(layer_map.spec.rows)
+                with torch.no_grad():
+                    expected = RoastLinearFunction.apply(x, q, bias, layer_map)
+                    actual = cpu_path.cpu_roast_linear(x, q, bias, layer_map)
+                assert actual.dtype == dtype and actual.shape == expected.shape
+                name = f"{mapper}/{sign}/{bits} bits/{layout}/{layer_map.spec.name}/{rows} rows/{dtype}"
+                assert_close_scaled(actual, expected, dtype, name)
+        # fp64 reference from the materialised (dequantised) W
+        x = torch.randn(2, 3, layer_map.spec.cols)
+        w = materialize_weight(q, layer_map, torch.float32, scratch=False).double()
+        torch.testing.assert_close(
+            cpu_path.cpu_roast_linear(x, q, None, layer_map),
+            (x.double() @ w.t()).float(),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+@pytest.mark.parametrize("z_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sign", SIGNS)
+@pytest.mark.parametrize("mapper", MAPPERS)
+def test_cpu_path_reads_16_bit_z_like_the_torch_path(mapper, sign, z_dtype):
+    """A 16-bit z: the PyTorch path multiplies in z's dtype (scale and product rounded to it), then casts."""
+    z, mappings = _mappings(mapper, sign, (8, 16))
+    z = z.to(z_dtype)
+    for layer_map in mappings:
+        for rows in (1, 7):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                x = torch.randn(rows, layer_map.spec.cols).to(dtype)
+                with torch.no_grad():
+                    expected = RoastLinearFunction.apply(x, z, None, layer_map)
+                    actual = cpu_path.cpu_roast_linear(x, z, None, layer_map)
+                name = f"{mapper}/{sign}/z {z_dtype}/{layer_map.spec.name}/{rows} rows/{dtype}"
+                assert_close_scaled(actual, expected, dtype, name)
+        # the weights are the PyTorch path's, bit for bit: an exact product on one-hot rows
+        if mapper == "stable":
+            eye = torch.eye(layer_map.spec.cols)
+            w = materialize_weight(z, layer_map, torch.float32, scratch=False)
+            assert torch.equal(cpu_path.cpu_roast_linear(eye[:16], z, None, layer_map), w[:, :16].t())
+
+
+@pytest.mark.parametrize("bits", Z_INT_BITS)
+def test_cpu_path_on_packed_z_never_allocates_a_w_sized_tensor(bits):
+    spec = ModuleSpec("big", "linear", 512, 768, 1.0)
+    plan = MappingPlan.build([spec], mapper="stable", sign="element", seed=0, tile=(32, 32), compression=4.0)
+    layer_map = LayerMapping.build(plan, spec)
+    q = QuantizedZ.quantize(torch.randn(plan.num_slots), bits, 128, plan.tile_numel)
+    x = torch.randn(3, spec.cols, dtype=torch.bfloat16)
+    w_bytes = spec.rows * spec.cols * 2
+    with torch.no_grad():
+        clear_scratch()
+        torch_peak = _largest_allocation(lambda: RoastLinearFunction.apply(x, q, None, layer_map))
+        cpu_peak = _largest_allocation(lambda: cpu_path.cpu_roast_linear(x, q, None, layer_map))
+    assert torch_peak >= w_bytes
+    assert 0 < cpu_peak < w_bytes // 32, (cpu_peak, w_bytes)
+
+
+def _counting(monkeypatch) -> list:
+    calls = []
+    real = cpu_path.cpu_roast_linear
+    monkeypatch.setattr(cpu_path, "cpu_roast_linear", lambda *a: calls.append(type(a[1])) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("bits", Z_INT_BITS)
+def test_auto_dispatch_takes_the_cpu_path_for_packed_z(bits, monkeypatch):
+    calls = _counting(monkeypatch)
+    monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
+    model, layer, x = _layer_and_input(cpu_path.MAX_ROWS)
+    model.quantize_z(bits, group_size=64)
+    with torch.no_grad():
+        y_cpu = layer(x)
+        assert calls == [QuantizedZ]
+        layer(torch.randn(1, cpu_path.MAX_ROWS + 1, layer.in_features))  # too many rows
+        monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")
+        y_torch = layer(x)
+    assert calls == [QuantizedZ]
+    assert_close_scaled(y_cpu, y_torch, torch.float32, f"{bits} bits")
+    monkeypatch.delenv(dispatch.ENV_BACKEND)
+    layer(x.requires_grad_()).sum().backward()  # gradients for x: the PyTorch path, even with z packed
+    assert calls == [QuantizedZ]
+
+
+@pytest.mark.parametrize("bits", Z_INT_BITS)
+def test_qat_in_eval_reads_the_grid_on_the_pytorch_path(bits, monkeypatch):
+    """z_qat: the fp32 master read through its grid stays on the PyTorch path (a forced 'cpu' raises); its
+    eval forward equals the packed model's, which takes the CPU path."""
+    calls = _counting(monkeypatch)
+    monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
+    config = RoastConfig(compression=4.0, tile=(16, 16), z_bits=bits, z_group_size=64, z_qat=True)
+    qat = get_roast_model(tiny_llama(), config)
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y_qat = qat(ids).logits
+        assert calls == []
+        monkeypatch.setenv(dispatch.ENV_BACKEND, "cpu")
+        with pytest.raises(RuntimeError, match="quantisation-aware training"):
+            qat(ids)
+        monkeypatch.delenv(dispatch.ENV_BACKEND)
+        qat.quantize_z()
+        y_packed = qat(ids).logits
+    assert len(calls) > 0 and set(calls) == {QuantizedZ}
+    assert_close_scaled(y_packed, y_qat, torch.float32, f"qat {bits} bits")
+
+
+@pytest.mark.parametrize(
+    "z, dtype",
+    [(8, torch.float32), (4, torch.float32), (8, torch.bfloat16), ("bfloat16", torch.float32)],
+    ids=["int8", "int4", "int8-bf16", "z-bf16"],
+)
+def test_generate_on_packed_z_gives_the_same_tokens_with_and_without_the_cpu_path(z, dtype, monkeypatch):
+    if z == "bfloat16":
+        model = get_roast_model(tiny_llama().to(dtype), RoastConfig(compression=4.0, tile=(16, 16), dtype=z))
+        assert model.roast_store.z.dtype == torch.bfloat16
+    else:
+        model = get_roast_model(tiny_llama().to(dtype), RoastConfig(compression=4.0, tile=(16, 16)))
+        model.quantize_z(z, group_size=32)
+        assert model.roast_store.packed
+    prompt = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    calls = _counting(monkeypatch)
+    with_cpu = _generate(model, monkeypatch, "cpu", prompt)
+    n_calls = len(calls)
+    assert n_calls > 0
     without = _generate(model, monkeypatch, "torch", prompt)
     assert len(calls) == n_calls
     assert torch.equal(with_cpu, without)
