@@ -300,13 +300,14 @@ struct Args {
    the activation dtype (R). zt: the slot tile's values in fp32 (tile mappers), or NULL (hashednet). */
 template <int ZR, int R>
 static void build_tile(const Args& A, const float* zt, int64_t local, float s, int64_t trh, int64_t tcw,
-                       float* wb) {
+                       float* wb, int64_t ld) {
+  /* ld: the row stride of wb (the tile's own width in a tile buffer, W's width when writing into W) */
   const int64_t T = A.tr * A.tc;
   const float s_z = round_to<ZR>(s);
   if (zt && !A.element_sign) {
     for (int64_t a = 0; a < trh; a++) {
       const float* za = zt + a * A.tc;
-      float* wa = wb + a * A.tc;
+      float* wa = wb + a * ld;
       for (int64_t b = 0; b < tcw; b++) wa[b] = round_to<R>(round_to<ZR>(za[b] * s_z));
     }
     return;
@@ -318,12 +319,12 @@ static void build_tile(const Args& A, const float* zt, int64_t local, float s, i
       const float zv = zt ? zt[e] : read_one(A.z, hashednet_slot(v, A.segment_start, A.segment_size, A.slot_a, A.slot_b));
       float sc = s_z;
       if (A.element_sign) sc *= (float)hash_sign(v, A.sign_a, A.sign_b);
-      wb[e] = round_to<R>(round_to<ZR>(zv * sc));
+      wb[a * ld + b] = round_to<R>(round_to<ZR>(zv * sc));
     }
   }
 }
 
-typedef void (*BuildFn)(const Args&, const float*, int64_t, float, int64_t, int64_t, float*);
+typedef void (*BuildFn)(const Args&, const float*, int64_t, float, int64_t, int64_t, float*, int64_t);
 
 static BuildFn build_fn(int64_t zr, int64_t r) {
   static const BuildFn table[3][3] = {
@@ -363,7 +364,7 @@ static void run(const Args& A) {
       if (!A.build) {
         w = zt;
       } else {
-        build(A, zt, local, s, trh, tcw, wbuf_stack);
+        build(A, zt, local, s, trh, tcw, wbuf_stack, A.tc);
         w = wbuf_stack;
         post = 1.f;
       }
@@ -401,6 +402,35 @@ static void run(const Args& A) {
       }
     }
   }
+}
+
+/* W itself, rows x cols row-major fp32 (exactly the PyTorch path's materialize_weight in fp32), for calls
+   with many rows: each tile goes from its span of z straight to its place in W, one pass. */
+extern "C" int hf_roast_build_weight(const Args* A, float* w) {
+  if (A->tr > 64 || A->tc > 64 || A->rounding != 0) return 1;
+  if (A->z.bits == 0 && (A->z.zkind < 0 || A->z.zkind > 2)) return 1;
+  if (A->z.bits != 0 && A->z.bits != 8 && A->z.bits != 4) return 1;
+  const int64_t T = A->tr * A->tc;
+  const bool direct_z = A->z.bits == 0 && A->z.zkind == 0;
+  const BuildFn build = build_fn(A->z.bits ? 0 : A->z.zkind, 0);
+  #pragma omp parallel for schedule(static) num_threads(A->threads)
+  for (int64_t i = 0; i < A->n_tr; i++) {
+    float ztile_stack[64 * 64];
+    const int64_t r0 = i * A->tr;
+    const int64_t trh = (A->rows - r0 < A->tr) ? A->rows - r0 : A->tr;
+    for (int64_t j = 0; j < A->n_tc; j++) {
+      const int64_t c0 = j * A->tc;
+      const int64_t tcw = (A->cols - c0 < A->tc) ? A->cols - c0 : A->tc;
+      const int64_t local = i * A->n_tc + j;
+      const float* zt = nullptr;
+      if (A->tile_slot) {
+        if (direct_z) zt = (const float*)A->z.data + A->tile_slot[local] * T;
+        else { read_span(A->z, A->tile_slot[local] * T, T, ztile_stack); zt = ztile_stack; }
+      }
+      build(*A, zt, local, A->tile_scale[local], trh, tcw, w + r0 * A->cols + c0, A->cols);
+    }
+  }
+  return 0;
 }
 
 extern "C" int hf_roast_gemv(const Args* A) {
@@ -548,6 +578,8 @@ class _Library:
         lib = ctypes.CDLL(str(target))
         lib.hf_roast_gemv.argtypes = [ctypes.POINTER(_Args)]
         lib.hf_roast_gemv.restype = ctypes.c_int
+        lib.hf_roast_build_weight.argtypes = [ctypes.POINTER(_Args), ctypes.c_void_p]
+        lib.hf_roast_build_weight.restype = ctypes.c_int
         lib.hf_roast_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
         lib.hf_roast_dequantize.restype = ctypes.c_int
         return lib
@@ -704,3 +736,43 @@ def cpu_roast_linear(
     if lib.hf_roast_gemv(ctypes.byref(args)) != 0:
         raise ValueError(f"hf_roast CPU kernel refused {n} rows with a {args.tr}x{args.tc} tile.")
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def builds_weight(z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, dtype: torch.dtype) -> bool:
+    """Whether :func:`build_weight` can build this W: fp32 weights from any z this path reads, on CPU,
+    outside torch.compile's tracing (it is opaque to it) and outside quantisation-aware training (whose
+    grid the PyTorch path applies), with the library built. No warning when it cannot: the PyTorch path's
+    own build then runs, and :mod:`hf_roast.dispatch` already warns once about a missing compiler."""
+    if dtype != torch.float32 or layer_map.fake_quant is not None or torch.compiler.is_compiling():
+        return False
+    if isinstance(z, QuantizedZ):
+        if (
+            not z.codes.is_cpu
+            or z.codes.dtype != QuantizedZ.codes_dtype(z.bits)
+            or z.scales.dtype != torch.float32
+        ):
+            return False
+    elif not z.is_cpu or z.dtype not in CPU_DTYPES:
+        return False
+    tr, tc = layer_map.plan.tile
+    return tr <= _MAX_TILE and tc <= _MAX_TILE and unavailable_reason() is None
+
+
+def build_weight(z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, out: torch.Tensor) -> torch.Tensor:
+    """W (``rows x cols``, fp32) into ``out`` in one pass over its tiles: each read from its span of z
+    (dequantised if packed), scaled and signed exactly as :func:`hf_roast.torch_path.materialize_weight`
+    builds it, and written in place. Used by the PyTorch path on CPU (prefill, training) where
+    :func:`builds_weight` allows; the PyTorch path's gather and permuted copy wrote W twice."""
+    spec = layer_map.spec
+    if out.shape != (spec.rows, spec.cols) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"build_weight needs a contiguous fp32 {spec.rows}x{spec.cols} output.")
+    lib = _library.lib or _library.load()
+    if lib is None:
+        raise RuntimeError(f"The hf-roast CPU kernel is not available: {_library.error}")
+    args = _Args.from_buffer_copy(_prepared_args(layer_map, z, None, torch.float32))
+    args.threads = max(1, min(torch.get_num_threads(), spec.rows * spec.cols // PARALLEL_GRAIN))
+    if lib.hf_roast_build_weight(ctypes.byref(args), out.data_ptr()) != 0:
+        raise ValueError(
+            f"hf_roast CPU kernel refused to build {spec.name}'s weight ({args.tr}x{args.tc} tile)."
+        )
+    return out

@@ -24,9 +24,7 @@ from . import cpu_path
 from .mapping import LayerMapping
 from .quant import QuantizedZ
 from .torch_path import RoastEmbeddingFunction, RoastLinearFunction, read_dtype
-from .vocab import BACKENDS
-
-ENV_BACKEND = "HF_ROAST_BACKEND"
+from .vocab import BACKENDS, ENV_BACKEND
 
 
 def requested_backend(requested: str) -> str:

@@ -7,14 +7,17 @@ and no W-sized index is ever built on the tile mappers (the tables are W/T entri
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
+from . import cpu_path
 from .mapping import LayerMapping
 from .quant import QuantizedZ, fake_quantize_at, fake_quantize_groups, group_scales
+from .vocab import ENV_BACKEND
 
 
 class _Scratch(threading.local):
@@ -98,11 +101,28 @@ def read_dtype(z: torch.Tensor | QuantizedZ) -> torch.dtype:
     return torch.float32 if isinstance(z, QuantizedZ) else z.dtype
 
 
+NATIVE_CPU_BUILD = True
+"""Build an fp32 W on CPU with :func:`hf_roast.cpu_path.build_weight` (one pass; same values as the PyTorch
+ops below, which it replaces). False, or ``HF_ROAST_BACKEND=torch``, keeps PyTorch ops only."""
+
+
 def materialize_weight(
     z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, dtype: torch.dtype, *, scratch: bool = True
 ) -> torch.Tensor:
     """The module's dense ``rows x cols`` weight in ``dtype``. With ``scratch`` it lives in a reused buffer."""
     spec, plan = layer_map.spec, layer_map.plan
+    if (
+        NATIVE_CPU_BUILD
+        and z.device.type == "cpu"
+        and os.environ.get(ENV_BACKEND) != "torch"
+        and cpu_path.builds_weight(z, layer_map, dtype)
+    ):
+        # on CPU the compiled loop builds W in one pass (same values; see cpu_path.build_weight)
+        if scratch:
+            out = _scratch.get("weight", spec.rows * spec.cols, dtype, z.device)
+        else:
+            out = torch.empty(spec.rows * spec.cols, dtype=dtype, device=z.device)
+        return cpu_path.build_weight(z, layer_map, out.view(spec.rows, spec.cols))
     zdt = read_dtype(z)
     if not plan.is_tiled:
         rows = torch.arange(spec.rows, device=z.device)

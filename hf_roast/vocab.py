@@ -32,6 +32,8 @@ Z_INT_BITS = (8, 4)
 """The integer grids of z (see :mod:`hf_roast.quant`)."""
 CALIBRATIONS = ("output", "diagonal")
 """How calibration data weights the pretrained projection (see :mod:`hf_roast.calibration`)."""
+ENV_BACKEND = "HF_ROAST_BACKEND"
+"""The environment variable that overrides every config's ``backend``."""
 
 MAPPER_IDS = {name: i for i, name in enumerate(MAPPERS)}  # stable=0, roast=1, hashednet=2
 """The mappers as the integers the kernels take."""

@@ -3,7 +3,10 @@
 Checked against the PyTorch path (an independent implementation: it materialises W) on odd shapes whose
 edge tiles are partial in both dimensions, for every mapper, sign mode and activation dtype, at 1, 2 and
 7 rows; against an fp64 product of the materialised W; for allocations (nothing W-sized); for the
-dispatch rules; and end to end, ``generate()`` gives the same tokens with and without it.
+dispatch rules; and end to end, ``generate()`` gives the same tokens with and without it. The PyTorch path
+here builds W with PyTorch ops only (``torch_path.NATIVE_CPU_BUILD`` off), so the reference shares no code
+with the C++ loop; the native W build, which the PyTorch path uses on CPU by default, is checked bit for
+bit against those ops at the end.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from helpers import VOCAB, assert_close_scaled, tiny_gpt2, tiny_llama
 from torch.profiler import ProfilerActivity, profile
 
-from hf_roast import RoastConfig, cpu_path, dispatch, get_roast_model, quant
+from hf_roast import RoastConfig, cpu_path, dispatch, get_roast_model, quant, torch_path
 from hf_roast.mapping import LayerMapping, MappingPlan, ModuleSpec
 from hf_roast.quant import QuantizedZ
 from hf_roast.torch_path import RoastLinearFunction, clear_scratch, materialize_weight
@@ -24,6 +27,12 @@ from hf_roast.vocab import MAPPERS, SIGNS, Z_INT_BITS
 pytestmark = pytest.mark.skipif(
     cpu_path.unavailable_reason() is not None, reason=f"no CPU kernel: {cpu_path.unavailable_reason()}"
 )
+
+
+@pytest.fixture(autouse=True)
+def _pure_pytorch_reference(monkeypatch):
+    """The reference (the PyTorch path) builds W with PyTorch ops, not with this module's C++ loop."""
+    monkeypatch.setattr(torch_path, "NATIVE_CPU_BUILD", False)
 
 
 def _mappings(mapper: str, sign: str, tile: tuple[int, int]):
@@ -416,3 +425,70 @@ def test_generate_on_packed_z_gives_the_same_tokens_with_and_without_the_cpu_pat
     assert len(calls) == n_calls
     assert torch.equal(with_cpu, without)
     assert with_cpu.shape[1] == prompt.shape[1] + 12
+
+
+def _z_storages(z: torch.Tensor, tile_numel: int) -> dict[str, object]:
+    group = 16 if tile_numel % 16 == 0 else tile_numel
+    return {
+        "fp32": z,
+        "bf16": z.to(torch.bfloat16),
+        "int8": QuantizedZ.quantize(z, 8, group, tile_numel),
+        "int4": QuantizedZ.quantize(z, 4, group, tile_numel),
+    }
+
+
+@pytest.mark.parametrize("tile", [(8, 16), (32, 32), (4, 12)], ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("sign", SIGNS)
+@pytest.mark.parametrize("mapper", MAPPERS)
+def test_native_weight_build_equals_the_pytorch_ops_bit_for_bit(mapper, sign, tile, monkeypatch):
+    """On CPU the PyTorch path builds an fp32 W with cpu_path.build_weight: every weight equals what the
+    PyTorch ops build, for every z storage (fp32, bf16, int8, int4), with partial edge tiles."""
+    z, mappings = _mappings(mapper, sign, tile)
+    calls = []
+    real = cpu_path.build_weight
+    monkeypatch.setattr(cpu_path, "build_weight", lambda *a: calls.append(1) or real(*a))
+    for name, stored in _z_storages(z, mappings[0].plan.tile_numel).items():
+        for layer_map in mappings:
+            monkeypatch.setattr(torch_path, "NATIVE_CPU_BUILD", False)
+            expected = materialize_weight(stored, layer_map, torch.float32, scratch=False).clone()
+            monkeypatch.setattr(torch_path, "NATIVE_CPU_BUILD", True)
+            before = len(calls)
+            actual = materialize_weight(stored, layer_map, torch.float32, scratch=False)
+            assert len(calls) == before + 1, "the native build did not run"
+            assert actual.shape == expected.shape and actual.is_contiguous()
+            assert torch.equal(actual, expected), f"{mapper}/{sign}/{tile}/{name}/{layer_map.spec.name}"
+
+
+def test_native_weight_build_trains_exactly_like_the_pytorch_ops(monkeypatch):
+    """Forward, backward (W rebuilt for grad_x) and row blocks: identical logits and gradients with the native
+    build on and off; it stays off for bf16 weights, under HF_ROAST_BACKEND=torch, and while compiling."""
+    monkeypatch.setattr(torch_path, "ROW_BLOCK_WEIGHTS", 2048)  # several row blocks per layer
+    monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def run(native: bool):
+        monkeypatch.setattr(torch_path, "NATIVE_CPU_BUILD", native)
+        torch.manual_seed(0)
+        model = get_roast_model(tiny_llama(), RoastConfig(compression=4.0, tile=(8, 8), sign="element"))
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return out.logits.detach(), grads
+
+    calls = []
+    real = cpu_path.build_weight
+    monkeypatch.setattr(cpu_path, "build_weight", lambda *a: calls.append(1) or real(*a))
+    logits, grads = run(True)
+    assert calls, "training on CPU did not use the native build"
+    ref_logits, ref_grads = run(False)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    assert len(grads) == len(ref_grads)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+    calls.clear()
+    monkeypatch.setattr(torch_path, "NATIVE_CPU_BUILD", True)
+    z, mappings = _mappings("stable", "none", (8, 16))
+    materialize_weight(z, mappings[0], torch.bfloat16, scratch=False)
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")
+    materialize_weight(z, mappings[0], torch.float32, scratch=False)
+    assert calls == []
