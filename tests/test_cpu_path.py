@@ -44,29 +44,33 @@ def _mappings(mapper: str, sign: str, tile: tuple[int, int]):
     return z, [LayerMapping.build(plan, spec) for spec in specs]
 
 
+def _check_against_torch_path(z, layer_map: LayerMapping, dtypes, name: str) -> None:
+    """The CPU path equals the PyTorch path at 1, 2 and 7 rows in each activation dtype (with a bias), and an
+    fp64 product of the materialised (dequantised) W (fp32 activations, a leading batch dimension)."""
+    for rows in (1, 2, 7):
+        for dtype in dtypes:
+            x = torch.randn(rows, layer_map.spec.cols).to(dtype)
+            bias = torch.randn(layer_map.spec.rows)
+            with torch.no_grad():
+                expected = RoastLinearFunction.apply(x, z, bias, layer_map)
+                actual = cpu_path.cpu_roast_linear(x, z, bias, layer_map)
+            assert actual.dtype == dtype and actual.shape == expected.shape
+            assert_close_scaled(actual, expected, dtype, f"{name}/{layer_map.spec.name}/{rows} rows/{dtype}")
+    x = torch.randn(2, 3, layer_map.spec.cols)
+    w = materialize_weight(z, layer_map, torch.float32, scratch=False).double()
+    torch.testing.assert_close(
+        cpu_path.cpu_roast_linear(x, z, None, layer_map), (x.double() @ w.t()).float(), rtol=1e-5, atol=1e-5
+    )
+
+
 @pytest.mark.parametrize("tile", [(8, 16), (32, 32), (4, 12)], ids=lambda t: f"{t[0]}x{t[1]}")
 @pytest.mark.parametrize("sign", SIGNS)
 @pytest.mark.parametrize("mapper", MAPPERS)
 def test_cpu_path_equals_torch_path(mapper, sign, tile):
     z, mappings = _mappings(mapper, sign, tile)
     for layer_map in mappings:
-        for rows in (1, 2, 7):
-            for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                x = torch.randn(rows, layer_map.spec.cols).to(dtype)
-                bias = torch.randn(layer_map.spec.rows)
-                with torch.no_grad():
-                    expected = RoastLinearFunction.apply(x, z, bias, layer_map)
-                    actual = cpu_path.cpu_roast_linear(x, z, bias, layer_map)
-                assert actual.dtype == dtype and actual.shape == expected.shape
-                name = f"{mapper}/{sign}/{tile}/{layer_map.spec.name}/{rows} rows/{dtype}"
-                assert_close_scaled(actual, expected, dtype, name)
-            # fp64 reference from the materialised W (fp32 activations; a leading batch dimension)
-            x = torch.randn(2, 3, layer_map.spec.cols)
-            w = materialize_weight(z, layer_map, torch.float32, scratch=False).double()
-            expected = (x.double() @ w.t()).float()
-            torch.testing.assert_close(
-                cpu_path.cpu_roast_linear(x, z, None, layer_map), expected, rtol=1e-5, atol=1e-5
-            )
+        dtypes = (torch.float32, torch.bfloat16, torch.float16)
+        _check_against_torch_path(z, layer_map, dtypes, f"{mapper}/{sign}/{tile}")
 
 
 @pytest.mark.parametrize("sign", ["tile", "element"])
@@ -295,24 +299,8 @@ def test_cpu_path_reads_packed_z_like_the_torch_path(mapper, sign, bits, layout)
     z, mappings = _mappings(mapper, sign, tile)
     q = QuantizedZ.quantize(z, bits, group, tile[0] * tile[1])
     for layer_map in mappings:
-        for rows in (1, 2, 7):
-            for dtype in (torch.float32, torch.bfloat16):
-                x = torch.randn(rows, layer_map.spec.cols).to(dtype)
-                bias = torch.randn(layer_map.spec.rows)
-                with torch.no_grad():
-                    expected = RoastLinearFunction.apply(x, q, bias, layer_map)
-                    actual = cpu_path.cpu_roast_linear(x, q, bias, layer_map)
-                assert actual.dtype == dtype and actual.shape == expected.shape
-                name = f"{mapper}/{sign}/{bits} bits/{layout}/{layer_map.spec.name}/{rows} rows/{dtype}"
-                assert_close_scaled(actual, expected, dtype, name)
-        # fp64 reference from the materialised (dequantised) W
-        x = torch.randn(2, 3, layer_map.spec.cols)
-        w = materialize_weight(q, layer_map, torch.float32, scratch=False).double()
-        torch.testing.assert_close(
-            cpu_path.cpu_roast_linear(x, q, None, layer_map),
-            (x.double() @ w.t()).float(),
-            rtol=1e-5,
-            atol=1e-5,
+        _check_against_torch_path(
+            q, layer_map, (torch.float32, torch.bfloat16), f"{mapper}/{sign}/{bits} bits/{layout}"
         )
 
 

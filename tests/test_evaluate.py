@@ -127,13 +127,13 @@ def test_split_is_stratified_disjoint_and_deterministic():
     assert sum(a.test_labels) == 20  # class balance kept: 1/3 positives
 
 
-def _row(label, budget, mean, model_bytes):
+def _row(label, budget, mean, model_bytes=0, target_bytes=0):
     return {
         "label": label,
         "budget": budget,
         "variant": "base",
         "mean": mean,
-        "storage": {"model_bytes": model_bytes},
+        "storage": {"model_bytes": model_bytes, "target_bytes": target_bytes},
     }
 
 
@@ -156,23 +156,14 @@ def test_check_targets_decides_from_measured_rows_only():
 
 
 def test_check_bytes_targets_compares_arms_at_equal_bytes_only():
-    def row(label, budget, mean, target_bytes):
-        return {
-            "label": label,
-            "budget": budget,
-            "variant": "base",
-            "mean": mean,
-            "storage": {"target_bytes": target_bytes},
-        }
-
     rows = [
-        row("dense", 1.0, 80.0, 64_000),
-        row("hf-roast stable", 16.0, 76.0, 4_000),
-        row("hf-roast stable x int8 (QAT)", 4.125, 75.5, 4_050),  # within the 2 % slack
-        row("magnitude pruning", 16.0, 90.0, 6_000),  # more bytes: not at this budget
-        row("hf-roast stable x int8 (QAT)", 16.5, 70.0, 1_000),
-        row("magnitude pruning", 64.0, 69.0, 1_000),
-        row("hf-roast stable", 64.0, 72.0, 1_000),  # ours, not a baseline
+        _row("dense", 1.0, 80.0, target_bytes=64_000),
+        _row("hf-roast stable", 16.0, 76.0, target_bytes=4_000),
+        _row("hf-roast stable x int8 (QAT)", 4.125, 75.5, target_bytes=4_050),  # within the 2 % slack
+        _row("magnitude pruning", 16.0, 90.0, target_bytes=6_000),  # more bytes: not at this budget
+        _row("hf-roast stable x int8 (QAT)", 16.5, 70.0, target_bytes=1_000),
+        _row("magnitude pruning", 64.0, 69.0, target_bytes=1_000),
+        _row("hf-roast stable", 64.0, 72.0, target_bytes=1_000),  # ours, not a baseline
     ]
     at16, at64 = check_bytes_targets(rows)
     assert at16["met"] is True and "75.50" in at16["detail"] and "90.00" not in at16["detail"]
