@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="'all-linear' (default), one full-match regex, or several names/suffixes.",
     )
     p.add_argument("--exclude-modules", nargs="+", default=None, help="Names/suffixes never to compress.")
+    p.add_argument(
+        "--compression-pattern",
+        nargs="+",
+        default=None,
+        metavar="KEY=C",
+        help="Per-module budgets (RoastConfig.compression_pattern): the modules a KEY matches read their own "
+        "segment of z at compression C, e.g. mlp=8 'layers\\.0\\..*'=4; the first matching key wins.",
+    )
     p.add_argument("--compress-embeddings", action="store_true", help="Also compress nn.Embedding tables.")
     p.add_argument("--mapper", default=defaults.mapper, choices=list(MAPPERS))
     p.add_argument("--tile", type=int, nargs=2, default=list(defaults.tile), metavar=("ROWS", "COLS"))
@@ -84,6 +92,26 @@ def _target_modules(values: list[str] | None):
         if len(values) == 1 and (values[0] == "all-linear" or not values[0].isidentifier())
         else values
     )
+
+
+def _compression_pattern(values: list[str] | None) -> list[tuple[str, float]] | None:
+    """``KEY=C`` arguments as (key, compression) pairs, in order (the first matching key wins)."""
+    if values is None:
+        return None
+    pairs = []
+    for value in values:
+        key, sep, number = value.rpartition("=")
+        try:
+            compression = float(number)
+        except ValueError:
+            compression = None
+        if not sep or not key or compression is None:
+            raise SystemExit(
+                f"error: --compression-pattern {value!r}: write KEY=C, a module name, suffix or regex, then "
+                "its compression (e.g. mlp=8)."
+            )
+        pairs.append((key, compression))
+    return pairs
 
 
 def _copy_side_files(model_dir: str, out_dir: str) -> list[str]:
@@ -137,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             num_parameters=args.num_parameters,
             target_modules=_target_modules(args.target_modules),
             exclude_modules=args.exclude_modules,
+            compression_pattern=_compression_pattern(args.compression_pattern),
             compress_embeddings=args.compress_embeddings,
             mapper=args.mapper,
             tile=tuple(args.tile),
@@ -150,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     dense = load_dense(args.model_dir)
-    roast_model = get_roast_model(dense, config, show_progress=not args.quiet)
+    try:
+        roast_model = get_roast_model(dense, config, show_progress=not args.quiet)
+    except ValueError as e:  # e.g. a pattern key that matches no module
+        raise SystemExit(f"error: {e}") from None
     license = args.license or read_card_metadata(args.model_dir).get("license")
     os.makedirs(args.out_dir, exist_ok=True)
     files = roast_model.save_pretrained(args.out_dir, base_model=args.base_model, license=license)

@@ -117,3 +117,22 @@ def test_converter_z_bits_writes_packed_z(dense_dir, tmp_path, capsys):
         compress_main([str(dense_dir), str(tmp_path / "bad"), "--z-bits", "5"])
     with pytest.raises(SystemExit, match="z_group_size"):
         compress_main([str(dense_dir), str(tmp_path / "bad"), "--z-bits", "8", "--z-group-size", "7"])
+
+
+def test_converter_takes_per_module_budgets(dense_dir, tmp_path):
+    out = tmp_path / "out"
+    argv = [str(dense_dir), str(out), "--compression", "8", "--tile", "8", "8", "--quiet"]
+    assert compress_main([*argv, "--compression-pattern", "mlp=2", r"layers\.0\..*=4"]) == 0
+    expected = get_roast_model(
+        tiny_llama(),
+        RoastConfig(
+            compression=8.0, tile=(8, 8), compression_pattern=[("mlp", 2.0), (r"layers\.0\..*", 4.0)]
+        ),
+    )
+    inputs = inputs_for("llama")
+    with torch.no_grad():
+        assert torch.equal(RoastModel.from_pretrained(out)(**inputs).logits, expected(**inputs).logits)
+    with pytest.raises(SystemExit, match="KEY=C"):
+        compress_main([str(dense_dir), str(tmp_path / "o1"), "--compression-pattern", "mlp"])
+    with pytest.raises(SystemExit, match="no_such_module"):
+        compress_main([str(dense_dir), str(tmp_path / "o2"), "--compression-pattern", "no_such_module=4"])
