@@ -22,7 +22,7 @@ from hf_roast.evaluation.baselines import (
     truncate_layers,
 )
 from hf_roast.evaluation.data import split_classification
-from hf_roast.evaluation.results import check_bytes_targets, check_targets
+from hf_roast.evaluation.results import check_bytes_budget_targets, check_bytes_targets, check_targets
 from hf_roast.targets import find_targets
 
 
@@ -149,10 +149,29 @@ def test_check_targets_decides_from_measured_rows_only():
     ]
     checks = {c["target"]: c for c in check_targets(rows)}
     assert checks["hf-roast stable at 4x (targets) within 2 accuracy points of dense"]["met"] is True
-    assert checks["hf-roast stable at 8x beats magnitude pruning and the smaller model"]["met"] is True
-    assert checks["hf-roast stable at 16x beats magnitude pruning and the smaller model"]["met"] is False
+    same_values = "beats magnitude pruning and the smaller model (same number of stored values)"
+    assert checks[f"hf-roast stable at 8x {same_values}"]["met"] is True
+    assert checks[f"hf-roast stable at 16x {same_values}"]["met"] is False
     rows[1]["mean"] = 77.0
     assert check_targets(rows)[0]["met"] is False
+
+
+def test_accuracy_targets_at_byte_budgets_let_each_method_bring_its_own_layout():
+    rows = [
+        _row("dense", 1.0, 80.0, target_bytes=64_000),
+        _row("hf-roast stable x int8 (QAT)", 2.06, 78.0, target_bytes=8_000),  # 1/8 of the bytes
+        _row("magnitude pruning", 8.0, 79.0, target_bytes=10_000),  # over 1/8: pays its mask
+        _row("magnitude pruning", 10.67, 77.0, target_bytes=8_000),
+        _row("smaller model (first k layers)", 0, 60.0, target_bytes=500),
+        _row("hf-roast stable", 16.0, 76.0, target_bytes=4_000),
+        _row("magnitude pruning", 32.0, 70.0, target_bytes=4_000),
+        _row("hf-roast stable", 32.0, 74.0, target_bytes=2_000),
+    ]
+    at8, at16, at32 = check_bytes_budget_targets(rows)
+    assert at8["met"] is True and "78.00" in at8["detail"] and "79.00" not in at8["detail"]
+    assert at16["met"] is True and at32["met"] is None  # no pruning arm within 1/32
+    rows[3]["mean"] = 78.5
+    assert check_bytes_budget_targets(rows)[0]["met"] is False
 
 
 def test_check_bytes_targets_compares_arms_at_equal_bytes_only():

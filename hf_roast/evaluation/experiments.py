@@ -51,6 +51,12 @@ def sharing_for_bytes(bytes_ratio: float, bits: int) -> float:
     return bytes_ratio * (bits / 8 + 4 / Z_GROUP_SIZE) / 4
 
 
+def prune_for_bytes(bytes_ratio: float) -> float:
+    """The pruning compression (values) whose kept fp32 values plus a one-bit-per-weight mask fit in
+    ``bytes_ratio`` times fewer bytes than the dense fp32 targets: 4/c + 1/8 <= 4/ratio bytes per weight."""
+    return 1.0 / (1.0 / bytes_ratio - 1.0 / 32.0)
+
+
 def _bits(bytes_ratio, bits, **kw) -> Arm:
     """hf-roast x an integer z at ``bytes_ratio`` of the dense targets' bytes (QAT, then served packed)."""
     c = sharing_for_bytes(bytes_ratio, bits)
@@ -132,6 +138,9 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
         # hf-roast x int8 / x int4 (QAT) vs fp32 hf-roast vs pruning at the same bytes, and round-to-nearest
         # int8 / int4 of the dense targets (which cannot go below ~3.9x / ~7.5x of bytes on their own)
         more += [_bits(r, b) for r in (16, 64) for b in (8, 4)]
+        # the 1/8-of-dense-bytes budget of the accuracy targets, met by each method's own layout:
+        # hf-roast x int8 (2.06x sharing) and pruning with its mask (10.67x values)
+        more += [_bits(8, 8), _prune(prune_for_bytes(8), lrs=one, suffix="-8xbytes")]
         more += [_recipe(64), _prune(64, lrs=one)]
         more += [_rtn(b, lrs=DENSE_LRS) for b in (8, 4)]
         # per-module budgets (RoastConfig.compression_pattern) at the very z of roast-stable-16x: attention

@@ -247,11 +247,54 @@ def check_targets(rows: list[dict]) -> list[dict]:
             met = None if met is None else (met and r["mean"] > best_small["mean"])
         checks.append(
             {
-                "target": f"hf-roast stable at {c:g}x beats magnitude pruning and the smaller model",
+                "target": f"hf-roast stable at {c:g}x beats magnitude pruning and the smaller model "
+                "(same number of stored values)",
                 "met": met,
                 "detail": f"hf-roast {r['mean']:.2f}; " + "; ".join(parts),
             }
         )
+    return checks
+
+
+ACCURACY_BYTES_BUDGETS = (8.0, 16.0, 32.0)
+"""The fine-tuning target's budgets, "1/8 of dense bytes or less", in target bytes (pruning pays its index)."""
+
+
+def check_bytes_budget_targets(rows: list[dict]) -> list[dict]:
+    """At each budget of 1/c of the dense targets' bytes: the best hf-roast arm within it (any z storage)
+    beats the best magnitude-pruning arm and the best smaller model within it. Every method brings its own
+    layout to the budget (hf-roast: fewer or narrower values; pruning: kept values and a mask or CSR)."""
+    base = [r for r in rows if r["variant"] == "base"]
+    dense = next((r for r in base if r["label"] == "dense"), None)
+    if dense is None:
+        return []
+    checks = []
+    for ratio in ACCURACY_BYTES_BUDGETS:
+        budget = dense["storage"]["target_bytes"] / ratio
+        within = [r for r in base if r is not dense and r["storage"]["target_bytes"] <= budget * BYTES_SLACK]
+        best = {
+            kind: max(
+                (r for r in within if r["label"].startswith(prefix)), key=lambda r: r["mean"], default=None
+            )
+            for kind, prefix in (
+                ("hf-roast", "hf-roast"),
+                ("pruning", "magnitude pruning"),
+                ("smaller", "smaller"),
+            )
+        }
+        target = (
+            f"at 1/{ratio:g} of dense target bytes, the best hf-roast arm beats pruning and the smaller model"
+        )
+        detail = f"budget {budget / 1e6:.2f} MB; " + "; ".join(
+            f"best {kind} "
+            + ("not measured" if r is None else f"{r['label']} {r['budget']:g}x {r['mean']:.2f}")
+            for kind, r in best.items()
+        )
+        if any(r is None for r in best.values()):
+            met = None
+        else:
+            met = all(best["hf-roast"]["mean"] > best[k]["mean"] for k in ("pruning", "smaller"))
+        checks.append({"target": target, "met": met, "detail": detail})
     return checks
 
 
@@ -461,7 +504,9 @@ def write_summary(results_dir: Path, meta: dict) -> dict:
             md.append("\nHeld-out bits per byte by compression of the projections:\n\n" + scratch_pivot(rows))
         if experiment in ("classification", "scratch"):
             if experiment == "classification":
-                block["targets"] = check_targets(rows) + check_bytes_targets(rows)
+                block["targets"] = (
+                    check_targets(rows) + check_bytes_budget_targets(rows) + check_bytes_targets(rows)
+                )
             else:
                 block["targets"] = check_scratch_targets(rows)
             md.append("\nTargets:\n\n")
