@@ -152,3 +152,29 @@ def test_kernels_import_only_the_mapping_layer_and_the_probe():
     assert not outside, (
         "kernels/ reaches into hf_roast beyond the mapping layer and the probe:\n" + "\n".join(outside)
     )
+
+
+PATHS = ("hf_roast.torch_path", "hf_roast.cpu_path", "hf_roast.kernels_available")
+PATH_EDGES_ALLOWED = {("hf_roast.torch_path", "hf_roast.cpu_path")}
+"""The one edge between execution paths: on CPU the PyTorch path builds an fp32 W with the CPU path's
+compiled loop (``cpu_path.build_weight``; same values, one pass)."""
+
+
+def test_execution_paths_import_one_another_only_where_documented():
+    def is_path(name: str) -> bool:
+        return name in PATHS or name == "hf_roast.kernels" or name.startswith("hf_roast.kernels.")
+
+    def path_of(name: str) -> str:
+        return "hf_roast.kernels" if name.startswith("hf_roast.kernels") else name
+
+    edges = sorted(
+        f"{name} imports {target}"
+        for name, targets in GRAPH.items()
+        if is_path(name)
+        for target in targets
+        if is_path(target)
+        and path_of(target) != path_of(name)
+        and (name, target) not in PATH_EDGES_ALLOWED
+        and not (path_of(name) == "hf_roast.kernels" and target == "hf_roast.kernels_available")
+    )
+    assert not edges, "execution paths importing one another (docs/architecture.md):\n" + "\n".join(edges)
