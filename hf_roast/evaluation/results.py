@@ -256,6 +256,26 @@ def check_targets(rows: list[dict]) -> list[dict]:
     return checks
 
 
+BYTES_SLACK = 1.02
+"""An arm is "at" a budget when its target bytes are at most 2 % over it: z is a whole number of tiles and
+packed z carries one fp32 scale per group, so arms sized for a budget land a little above or below it."""
+
+
+def _arms_within_byte_budgets(rows: list[dict], ratios) -> list[tuple[float, float, list[dict]]]:
+    """(ratio, budget in bytes, base arms other than dense within it) for each 1/ratio of the dense
+    targets' bytes; empty without a dense arm."""
+    base = [r for r in rows if r["variant"] == "base"]
+    dense = next((r for r in base if r["label"] == "dense"), None)
+    if dense is None:
+        return []
+    out = []
+    for ratio in ratios:
+        budget = dense["storage"]["target_bytes"] / ratio
+        within = [r for r in base if r is not dense and r["storage"]["target_bytes"] <= budget * BYTES_SLACK]
+        out.append((ratio, budget, within))
+    return out
+
+
 ACCURACY_BYTES_BUDGETS = (8.0, 16.0, 32.0)
 """The fine-tuning target's budgets, "1/8 of dense bytes or less", in target bytes (pruning pays its index)."""
 
@@ -264,14 +284,8 @@ def check_bytes_budget_targets(rows: list[dict]) -> list[dict]:
     """At each budget of 1/c of the dense targets' bytes: the best hf-roast arm within it (any z storage)
     beats the best magnitude-pruning arm and the best smaller model within it. Every method brings its own
     layout to the budget (hf-roast: fewer or narrower values; pruning: kept values and a mask or CSR)."""
-    base = [r for r in rows if r["variant"] == "base"]
-    dense = next((r for r in base if r["label"] == "dense"), None)
-    if dense is None:
-        return []
     checks = []
-    for ratio in ACCURACY_BYTES_BUDGETS:
-        budget = dense["storage"]["target_bytes"] / ratio
-        within = [r for r in base if r is not dense and r["storage"]["target_bytes"] <= budget * BYTES_SLACK]
+    for ratio, budget, within in _arms_within_byte_budgets(rows, ACCURACY_BYTES_BUDGETS):
         best = {
             kind: max(
                 (r for r in within if r["label"].startswith(prefix)), key=lambda r: r["mean"], default=None
@@ -300,9 +314,6 @@ def check_bytes_budget_targets(rows: list[dict]) -> list[dict]:
 
 BYTES_BUDGETS = (16.0, 64.0)
 """Budgets of the sharing x quantisation targets: times fewer bytes than the dense fp32 target modules."""
-BYTES_SLACK = 1.02
-"""An arm is "at" a budget when its target bytes are at most 2 % over it: z is a whole number of tiles and
-packed z carries one fp32 scale per group, so arms sized for a budget land a little above or below it."""
 
 
 def _is_bits_arm(row: dict) -> bool:
@@ -313,14 +324,8 @@ def check_bytes_targets(rows: list[dict]) -> list[dict]:
     """Sharing x quantisation at equal bytes of the target modules (headline bytes: pruning pays its index):
     at 16x fewer bytes than dense, the best sharing x int arm is within 1 point of the best arm of any method
     there; at 64x, it beats every baseline there (pruning, smaller models, round-to-nearest)."""
-    base = [r for r in rows if r["variant"] == "base"]
-    dense = next((r for r in base if r["label"] == "dense"), None)
-    if dense is None:
-        return []
     checks = []
-    for ratio in BYTES_BUDGETS:
-        budget = dense["storage"]["target_bytes"] / ratio
-        within = [r for r in base if r is not dense and r["storage"]["target_bytes"] <= budget * BYTES_SLACK]
+    for ratio, budget, within in _arms_within_byte_budgets(rows, BYTES_BUDGETS):
         bits = [r for r in within if _is_bits_arm(r)]
         if ratio == BYTES_BUDGETS[0]:
             target = f"at {ratio:g}x fewer target bytes than dense, the best hf-roast x int arm is within 1 point of the best arm there"
