@@ -141,6 +141,8 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
         # the 1/8-of-dense-bytes budget of the accuracy targets, met by each method's own layout:
         # hf-roast x int8 (2.06x sharing) and pruning with its mask (10.67x values)
         more += [_bits(8, 8), _prune(prune_for_bytes(8), lrs=one, suffix="-8xbytes")]
+        # second seeds of the best sharing x bits arm at each of the quantisation targets' budgets
+        more += [_bits(16, 4, seed=1), _bits(64, 8, seed=1)]
         more += [_recipe(64), _prune(64, lrs=one)]
         more += [_rtn(b, lrs=DENSE_LRS) for b in (8, 4)]
         # per-module budgets (RoastConfig.compression_pattern) at the very z of roast-stable-16x: attention
