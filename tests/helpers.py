@@ -119,3 +119,16 @@ def assert_close_scaled(actual, expected, dtype, name):
         atol=tol["atol"] * scale,
         msg=lambda m: f"{name}: {m}",
     )
+
+
+def lm_losses(model, optimizer, ids, steps: int) -> list[float]:
+    """``steps`` training steps of a causal LM on ``ids`` (labels = inputs) in train mode; the losses."""
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

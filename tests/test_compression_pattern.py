@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import transformers as tf
-from helpers import VOCAB, inputs_for, tiny_llama
+from helpers import VOCAB, inputs_for, lm_losses, tiny_llama
 
 from hf_roast import RoastConfig, RoastModel, get_roast_model
 from hf_roast.mapping import LayerMapping
@@ -192,15 +192,7 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path):
 
 def test_a_tiny_llama_with_a_pattern_trains():
     model = compressed(init="random")
-    model.train()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, VOCAB, (4, 16), generator=gen)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(30):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = lm_losses(model, torch.optim.Adam(model.parameters(), lr=3e-3), ids, 30)
     assert losses[-1] < 0.8 * losses[0], losses

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import lm_losses, tiny_llama
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -247,15 +247,7 @@ def test_compressing_with_z_bits_packs_z():
 # ---- training: quantisation-aware (fp32 master, straight-through) and post-training ------------------
 def _train(model, steps, lr=3e-3):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = lm_losses(model, torch.optim.Adam(params, lr=lr), IDS, steps)
     model.eval()
     return losses
 

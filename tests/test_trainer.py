@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers import VOCAB, tiny_bert_classifier, tiny_llama
+from helpers import VOCAB, lm_losses, tiny_bert_classifier, tiny_llama
 from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
@@ -69,16 +69,7 @@ def sgd_losses(scaler: str, lr: float, steps: int = 8) -> list[float]:
     torch.manual_seed(0)
     rm = get_roast_model(tiny_llama(), RoastConfig(compression=4.0, tile=(16, 16), scaler=scaler))
     ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.SGD(rm.parameters(), lr=lr)
-    rm.train()
-    losses = []
-    for _ in range(steps):
-        loss = rm(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return lm_losses(rm, torch.optim.SGD(rm.parameters(), lr=lr), ids, steps)
 
 
 def test_gradient_scaler_keeps_sgd_stable_where_plain_sharing_diverges():
