@@ -595,26 +595,42 @@ def unavailable_reason() -> str | None:
     return None if _library.load() is not None else _library.error
 
 
-def unsupported_reason(x: torch.Tensor, z: torch.Tensor | QuantizedZ, layer_map: LayerMapping) -> str | None:
-    """None when this path can run the call; otherwise why not (device, dtypes, rows, tile size)."""
-    z_cpu = z.codes.is_cpu if isinstance(z, QuantizedZ) else z.is_cpu
-    if not (x.is_cpu and z_cpu):
-        return f"the tensors are on {x.device.type}, and the CPU path runs on CPU tensors"
-    if x.dtype not in CPU_DTYPES:
-        return f"the CPU path takes float32, bfloat16 or float16 activations, not {x.dtype}"
+def _z_reason(z: torch.Tensor | QuantizedZ) -> str | None:
+    """None when the compiled loop can read this z (on CPU; a float dtype, or codes and fp32 scales)."""
     if isinstance(z, QuantizedZ):
+        if not z.codes.is_cpu:
+            return f"z is on {z.codes.device.type}, and the CPU path runs on CPU tensors"
         if z.codes.dtype != QuantizedZ.codes_dtype(z.bits) or z.scales.dtype != torch.float32:
             want = QuantizedZ.codes_dtype(z.bits)
             return f"the CPU path reads {z.bits}-bit codes as {want} with fp32 scales"
-    elif z.dtype not in CPU_DTYPES:
+        return None
+    if not z.is_cpu:
+        return f"z is on {z.device.type}, and the CPU path runs on CPU tensors"
+    if z.dtype not in CPU_DTYPES:
         return f"the CPU path reads a float32, bfloat16 or float16 z, not {z.dtype}"
-    rows = x.numel() // max(1, x.shape[-1])
-    if rows > MAX_ROWS:
-        return f"the CPU path takes at most {MAX_ROWS} rows per call, not {rows}"
+    return None
+
+
+def _tile_reason(layer_map: LayerMapping) -> str | None:
     tr, tc = layer_map.plan.tile
     if tr > _MAX_TILE or tc > _MAX_TILE:
         return f"the CPU path takes mapping tiles of at most {_MAX_TILE}x{_MAX_TILE}, not {tr}x{tc}"
     return None
+
+
+def unsupported_reason(x: torch.Tensor, z: torch.Tensor | QuantizedZ, layer_map: LayerMapping) -> str | None:
+    """None when this path can run the call; otherwise why not (device, dtypes, rows, tile size)."""
+    if not x.is_cpu:
+        return f"the tensors are on {x.device.type}, and the CPU path runs on CPU tensors"
+    if x.dtype not in CPU_DTYPES:
+        return f"the CPU path takes float32, bfloat16 or float16 activations, not {x.dtype}"
+    reason = _z_reason(z)
+    if reason is not None:
+        return reason
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows > MAX_ROWS:
+        return f"the CPU path takes at most {MAX_ROWS} rows per call, not {rows}"
+    return _tile_reason(layer_map)
 
 
 def _z_struct(z: torch.Tensor | QuantizedZ) -> tuple[_Z, tuple[torch.Tensor, ...]]:
@@ -745,17 +761,7 @@ def builds_weight(z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, dtype: 
     own build then runs, and :mod:`hf_roast.dispatch` already warns once about a missing compiler."""
     if dtype != torch.float32 or layer_map.fake_quant is not None or torch.compiler.is_compiling():
         return False
-    if isinstance(z, QuantizedZ):
-        if (
-            not z.codes.is_cpu
-            or z.codes.dtype != QuantizedZ.codes_dtype(z.bits)
-            or z.scales.dtype != torch.float32
-        ):
-            return False
-    elif not z.is_cpu or z.dtype not in CPU_DTYPES:
-        return False
-    tr, tc = layer_map.plan.tile
-    return tr <= _MAX_TILE and tc <= _MAX_TILE and unavailable_reason() is None
+    return _z_reason(z) is None and _tile_reason(layer_map) is None and unavailable_reason() is None
 
 
 def build_weight(z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, out: torch.Tensor) -> torch.Tensor:
