@@ -113,7 +113,6 @@ def materialize_weight(
     spec, plan = layer_map.spec, layer_map.plan
     if (
         NATIVE_CPU_BUILD
-        and z.device.type == "cpu"
         and os.environ.get(ENV_BACKEND) != "torch"
         and cpu_path.builds_weight(z, layer_map, dtype)
     ):
