@@ -32,16 +32,22 @@ def input_statistics(
     matrix ``E[x x^T]`` (``cols x cols``, kept on the CPU), over all tokens of ``batches``.
 
     ``batches`` yields what the model's forward takes: a dict of tensors (``input_ids``,
-    ``attention_mask``...) or a tensor of input ids. Padding positions count too when the batch has
-    them; pass unpadded or lightly padded batches. Embedding targets get no statistic (uniform weights).
+    ``attention_mask``...) or a tensor of input ids. When a batch carries an ``attention_mask``, padded
+    positions are left out of every statistic whose input is laid out per token (``[batch, seq, features]``),
+    so that padding, which the model never reads, does not pull the init towards it. Inputs of another
+    layout (a pooler's first-token input) count whole. Embedding targets get no statistic (uniform weights).
     """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
+    current_mask: list[torch.Tensor | None] = [None]
 
     def hook_for(name: str):
         def hook(_module, args):
             x = args[0].detach().float()
+            mask = current_mask[0]
+            if mask is not None and x.dim() == mask.dim() + 1 and x.shape[:-1] == mask.shape:
+                x = x[mask.to(x.device).bool()]
             x = x.reshape(-1, x.shape[-1])
             sq = (x.t() @ x).cpu() if full else x.pow(2).sum(0)
             sums[name] = sums[name] + sq if name in sums else sq
@@ -59,10 +65,12 @@ def input_statistics(
     try:
         for batch in tqdm(batches, desc="ROAST calibrate", unit="batch", disable=not show_progress):
             if isinstance(batch, torch.Tensor):
+                current_mask[0] = None
                 model(input_ids=batch.to(device))
             elif isinstance(batch, Mapping):
                 inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 inputs.pop("labels", None)
+                current_mask[0] = inputs.get("attention_mask")
                 model(**inputs)
             else:
                 raise TypeError(
@@ -76,6 +84,12 @@ def input_statistics(
         model.train(was_training)
     if seen == 0:
         raise ValueError("calibration_data yielded no batch: pass a few batches of representative inputs.")
+    empty = sorted(name for name in sums if counts[name] == 0)
+    if empty:
+        raise ValueError(
+            f"Every calibration position was padding for {empty[:3]}: pass batches whose attention_mask "
+            "marks some real tokens."
+        )
     return {name: sums[name] / counts[name] for name in sums}
 
 

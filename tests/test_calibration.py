@@ -40,6 +40,39 @@ def test_statistics_match_activations_captured_by_hand():
     assert set(grams) == {n for n, _, k in targets if k in ("linear", "conv1d")}
 
 
+def test_padded_positions_do_not_count():
+    """A padded batch gives the statistics of its sequences fed one by one without padding; only inputs laid
+    out per token are masked (the pooler reads the first token of every sequence and counts whole)."""
+    model = tiny_bert_classifier()
+    targets = find_targets(model, RoastConfig(compression=4))
+    g = torch.Generator().manual_seed(1)
+    lengths = (5, 11, 16)
+    seqs = [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
+    padded = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(padded)
+    for i, s in enumerate(seqs):
+        padded[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    one_by_one = [
+        {"input_ids": s[None], "attention_mask": torch.ones(1, len(s), dtype=torch.long)} for s in seqs
+    ]
+    want = input_statistics(model, targets, one_by_one, full=True)
+    got = input_statistics(model, targets, [{"input_ids": padded, "attention_mask": mask}], full=True)
+    pooler = [n for n, _, _ in targets if "pooler" in n]
+    assert pooler and set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    # the padded positions do change the statistics when they are not masked (so the check above can fail)
+    unmasked = input_statistics(model, targets, [{"input_ids": padded}], full=True)
+    assert not torch.allclose(
+        unmasked["bert.encoder.layer.0.attention.self.query"],
+        want["bert.encoder.layer.0.attention.self.query"],
+        rtol=1e-3,
+    )
+    with pytest.raises(ValueError, match="padding"):
+        input_statistics(model, targets, [{"input_ids": padded, "attention_mask": torch.zeros_like(mask)}])
+
+
 def test_column_weights_and_gram_are_normalised():
     w = column_weights(torch.tensor([0.0, 1.0, 3.0]))
     assert w.mean().item() == pytest.approx(1.0, rel=1e-5) and w.min() > 0
