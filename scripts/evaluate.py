@@ -78,7 +78,7 @@ def _reuse_base_lr(arm, folder: Path):
 
     if arm.lrs or not (arm.distill or arm.schedule != 1.0):
         return arm
-    base = re.sub(r"(-kd)?(-sched\d+)?$", "", arm.name)
+    base = re.sub(r"(-kdh?)?(-sched\d+)?$", "", arm.name)
     path = folder / f"{base}.json"
     if path.is_file():
         return replace(arm, lrs=(json.loads(path.read_text())["selected_lr"],))
@@ -94,7 +94,7 @@ def _reuse_method_lr(arm, folder: Path, mode: str):
     if arm.lrs:
         return arm
     grid_arms = [a for _, a in scratch_arms(mode) if a.lrs and len(a.lrs) > 1]
-    source = next((a for a in grid_arms if a.method == arm.method), None)
+    source = next((a for a in grid_arms if (a.method, a.rest_lr) == (arm.method, arm.rest_lr)), None)
     path = folder / f"{source.name}.json" if source else None
     if path is None or not path.is_file():
         raise FileNotFoundError(

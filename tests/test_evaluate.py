@@ -313,7 +313,13 @@ def test_optimizer_groups_give_z_the_learning_rate_in_weight_units():
 
 
 def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
-    from hf_roast.evaluation.experiments import BASELINE_LR, RECIPE_LR, classification_arms, scratch_arms
+    from hf_roast.evaluation.experiments import (
+        BASELINE_LR,
+        RECIPE_LR,
+        SCRATCH_REST_LR,
+        classification_arms,
+        scratch_arms,
+    )
 
     default = {a.name: a for _, a in classification_arms("default")}
     full = {a.name for _, a in classification_arms("full")}
@@ -349,7 +355,27 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
     assert {a.steps for a in scratch} == {300, 1200}, "two token budgets 4x apart"
     assert {a.method for a in scratch if a.steps == 1200} == {"dense", "roast", "narrower", "prune"}
     grids = [a for a in scratch if a.lrs and len(a.lrs) > 1]
-    assert sorted(a.method for a in grids) == ["dense", "narrower", "prune", "roast"]
+    for rest_lr in (None, SCRATCH_REST_LR):  # one rate for everything, and the split-rate protocol
+        assert sorted(a.method for a in grids if a.rest_lr == rest_lr) == [
+            "dense",
+            "narrower",
+            "prune",
+            "roast",
+        ]
+        for c in (4, 8, 16, 32):
+            assert {
+                a.method for a in scratch if (a.compression, a.steps, a.rest_lr) == (c, 300, rest_lr)
+            } == {
+                "roast",
+                "narrower",
+                "prune",
+            }
+        assert {a.method for a in scratch if (a.steps, a.rest_lr) == (1200, rest_lr)} == {
+            "dense",
+            "roast",
+            "narrower",
+            "prune",
+        }
 
 
 def test_init_relative_error_matches_theory_for_gaussian_weights():

@@ -15,8 +15,10 @@ from hf_roast.evaluation.scratch import (
     bytes_of,
     narrower_shape,
     projection_values,
+    projection_weights,
     run_scratch_arm,
     split_bytes,
+    split_rate_groups,
     tiny_bytes_source,
     training_windows,
     up_to_date,
@@ -60,6 +62,31 @@ def test_compressed_arms_store_the_same_values(method):
         assert storage["target_bytes"] > 4 * storage["target_values"], "the sparsity pattern is paid for"
     json.dumps(storage)  # results are written as JSON
     assert model(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.shape == (1, 4, 257)
+
+
+@pytest.mark.parametrize("method", ["dense", "roast", "prune", "narrower"])
+def test_split_rates_put_exactly_the_projections_in_their_group(method):
+    """The split-rate protocol: the projection weights (z for hf-roast) at the scanned rate, the rest fixed."""
+    from hf_roast.checkpoint_format import STORE_NAME
+    from hf_roast.optim import z_weight_multiplier
+
+    model, storage = build_scratch_model(Arm("x", method, 8.0), TINY)
+    projections, rest = split_rate_groups(model, 1e-3, 1e-2)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(projections["params"]) + len(rest["params"]) == len(trainable)
+    assert {id(p) for p in projections["params"]}.isdisjoint(id(p) for p in rest["params"])
+    stored = sum(p.numel() for p in projections["params"])
+    if method == "roast":
+        assert projections["params"] == [getattr(model, STORE_NAME).z]
+        assert projections["lr"] == pytest.approx(1e-3 * z_weight_multiplier(model))
+    else:
+        assert len(projections["params"]) == 7 * TINY.num_layers  # q k v o gate up down per layer
+        assert projections["lr"] == 1e-3
+        # pruning keeps its dense weight_orig trainable (masked); the others store exactly their projections
+        assert stored == (storage["dense_target_values"] if method == "prune" else storage["target_values"])
+    assert rest["lr"] == 1e-2
+    assert any(p is model.lm_head.weight for p in rest["params"])
+    assert all(p is not model.lm_head.weight for p in projection_weights(model))
 
 
 def test_every_arm_sees_the_same_batches_in_the_same_order():

@@ -41,11 +41,16 @@ class Arm:
     seed: int = 0
     schedule: float = 1.0
     distill: bool = False
+    distill_hidden: float = 0.0  # with distill: weight of the hidden-state MSE against the teacher's layers
     recovery_steps: int = 0
     norm_init: bool = False
     lrs: tuple[float, ...] | None = field(default=None)
     steps: int | None = None
     recipe: tuple[float, float, float] | None = None
+    # from scratch: every parameter outside the projections (embeddings, norms, LM head) trains at this fixed
+    # rate and the arm's grid scans the projections' rate (z's, in weight units, for hf-roast); None: one
+    # rate for every parameter
+    rest_lr: float | None = None
     single_lr: bool = False
     calibrate: bool = False
     scaler: str = "v5"
@@ -67,6 +72,10 @@ class Arm:
             raise ValueError(
                 f"Arm {self.name}: the fine-tuning recipe is for hf-roast arms without single_lr."
             )
+        if self.distill_hidden and not (self.distill and self.distill_hidden > 0):
+            raise ValueError(f"Arm {self.name}: distill_hidden is a positive weight, and needs distill=True.")
+        if self.rest_lr is not None and not (self.rest_lr > 0 and self.recipe is None):
+            raise ValueError(f"Arm {self.name}: rest_lr must be a positive rate, and excludes a recipe.")
         if self.compression_pattern is not None and self.method != "roast":
             raise ValueError(f"Arm {self.name}: a compression pattern is for hf-roast arms.")
 

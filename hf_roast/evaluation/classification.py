@@ -140,7 +140,12 @@ def train(
         kwargs["optimizers"] = (optimizer, None)
         trainer_cls = DistillationTrainer if arm.distill else Trainer
     if arm.distill:
-        kwargs.update(teacher=teacher, alpha=setup.distill_alpha, temperature=setup.distill_temperature)
+        kwargs.update(
+            teacher=teacher,
+            alpha=setup.distill_alpha,
+            temperature=setup.distill_temperature,
+            hidden_weight=arm.distill_hidden,
+        )
     trainer = trainer_cls(**kwargs)
     result = trainer.train()
     return float(result.training_loss), multiplier

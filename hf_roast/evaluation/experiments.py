@@ -77,6 +77,10 @@ def _recipe(c, **kw) -> Arm:
     return _roast(c, recipe=recipe, lrs=kw.pop("lrs", (RECIPE_LR,)), **kw)
 
 
+DISTILL_HIDDEN = 3.0
+"""Weight of the hidden-state term of the ``-kdh`` arms (``DistillationTrainer(hidden_weight=...)``)."""
+
+
 def classification_arms(mode: str) -> list[tuple[int, Arm]]:
     """(tier, arm): tier 1 decides the issue's targets; later tiers add the recipe's ablations and seeds.
 
@@ -97,6 +101,9 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
             (2, _roast(8, emb=True, single_lr=True)),
             (2, _recipe(8, mapper="hashednet", lrs=None)),
             (3, _recipe(4, distill=True, lrs=None, suffix="-kd")),
+            # TinyBERT-style: also match every layer's hidden states (the weight puts the term near the task
+            # loss at the calibrated 4x init: hidden MSE 0.18 there)
+            (3, _recipe(4, distill=True, distill_hidden=DISTILL_HIDDEN, lrs=None, suffix="-kdh")),
             (3, _prune(4, schedule=2.0, suffix="-sched2")),
             (3, _bits(16, 8, lrs=None)),
             (3, _bits(16, 4, lrs=None)),
@@ -130,6 +137,7 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
         more += [_recipe(c, seed=1) for c in (4, 16, 32)] + [_prune(c, seed=1, lrs=one) for c in (4, 16, 32)]
         more += [_recipe(c, mapper=m) for m in ("roast", "hashednet") for c in (8, 32)]
         more += [_recipe(c, distill=True, suffix="-kd") for c in (4, 16)]
+        more += [_recipe(4, distill=True, distill_hidden=DISTILL_HIDDEN, suffix="-kdh")]
         more += [_recipe(c, schedule=3.0, suffix="-sched3") for c in (4, 16)]
         more += [Arm("dense-sched3", "dense", schedule=3.0, lrs=DENSE_LRS)]
         more += [_recipe(2), _prune(2, lrs=one), _smaller(2, lrs=one)]
@@ -158,11 +166,16 @@ SCRATCH_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 """Each method's grid (a factor of about 3 apart): wide enough that no method's best rate sits at an edge."""
 SCRATCH_BUDGETS = (300, 1200)
 """Training steps of the two token budgets (4x apart)."""
+SCRATCH_REST_LR = 1e-2
+"""The split-rate protocol's fixed rate of everything outside the projections (embeddings, norms, LM head):
+the rate pruning's one-rate grid chose, at which dense's projections already break (README, "From scratch")."""
 
 
 def _scratch(method: str, c: float, steps: int, mapper="stable", lrs=None, suffix="", **kw) -> Arm:
     tags = {"roast": f"roast-{mapper}", "narrower": "narrower", "prune": "prune-init", "dense": "dense"}
-    name = f"dense-{steps}steps" if method == "dense" else f"{tags[method]}-{c:g}x{suffix}-{steps}steps"
+    name = (
+        f"dense{suffix}-{steps}steps" if method == "dense" else f"{tags[method]}-{c:g}x{suffix}-{steps}steps"
+    )
     return Arm(name, method, float(c), mapper=mapper, steps=steps, lrs=lrs, **kw)
 
 
@@ -171,7 +184,10 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     every other arm of that method reuses the chosen rate (``hf-roast evaluate`` fills it in)."""
     if mode == "tiny":
         arms = [(1, _scratch(m, 4, 8, lrs=(3e-3,))) for m in ("dense", "roast", "narrower", "prune")]
-        return arms + [(2, _scratch("roast", 4, 8, lrs=(3e-3,), scaler="none", tile=(8, 8), suffix="-v"))]
+        arms += [(2, _scratch("roast", 4, 8, lrs=(3e-3,), scaler="none", tile=(8, 8), suffix="-v"))]
+        return arms + [
+            (2, _scratch(m, 4, 8, lrs=(1e-3,), rest_lr=3e-3, suffix="-split")) for m in ("roast", "prune")
+        ]
     short, long = SCRATCH_BUDGETS
     methods = ("roast", "narrower", "prune")
     arms = [(1, _scratch("dense", 1, short, lrs=SCRATCH_LRS))]
@@ -180,7 +196,13 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     # does sharing want a higher rate on z than on the rest (each slot's gradient sums c weights')?
     arms += [(1, _scratch("roast", 8, short, recipe=(3.0, 1.0, 1.0), suffix="-zlr3"))]
     arms += [(1, _scratch("roast", 8, short, recipe=(0.3, 1.0, 1.0), suffix="-zlr0.3"))]
+    # the split-rate protocol: the rest at SCRATCH_REST_LR in every arm, each method's grid on its projections
+    split = {"rest_lr": SCRATCH_REST_LR, "suffix": "-split"}
+    arms += [(1, _scratch("dense", 1, short, lrs=SCRATCH_LRS, **split))]
+    arms += [(1, _scratch(m, 8, short, lrs=SCRATCH_LRS, **split)) for m in methods]
+    arms += [(1, _scratch(m, c, short, **split)) for c in (4, 16, 32) for m in methods]
     arms += [(2, _scratch("dense", 1, long))] + [(2, _scratch(m, 8, long)) for m in methods]
+    arms += [(2, _scratch("dense", 1, long, **split))] + [(2, _scratch(m, 8, long, **split)) for m in methods]
     # what the papers vary: the mapper, the gradient scaler, the tile
     arms += [(2, _scratch("roast", 8, short, mapper=mp)) for mp in ("roast", "hashednet")]
     arms += [(2, _scratch("roast", 8, short, scaler=sc, suffix=f"-{sc}scaler")) for sc in ("v1", "none")]

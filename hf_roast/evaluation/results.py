@@ -50,7 +50,7 @@ def _variant(arm: dict, experiment: str = "classification") -> str:
     if arm.get("schedule", 1.0) != 1.0:
         parts.append(f"{arm['schedule']:g}x schedule")
     if arm.get("distill"):
-        parts.append("distilled")
+        parts.append("distilled" + (" with hidden states" if arm.get("distill_hidden") else ""))
     if arm.get("recovery_steps"):
         parts.append(f"{arm['recovery_steps']} recovery steps")
     if arm.get("single_lr"):

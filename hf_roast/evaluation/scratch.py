@@ -230,15 +230,61 @@ def bits_per_byte(model: nn.Module, stream: torch.Tensor, context: int, max_byte
     return total / count / math.log(2)
 
 
+def projection_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable values that stand for the projection weights: ``z`` for hf-roast, else the weight
+    (``weight_orig`` when pruned) of every ``all-linear`` target module. Biases are not among them."""
+    from ..checkpoint_format import STORE_NAME
+    from ..config import RoastConfig
+    from ..targets import find_targets
+
+    store = getattr(model, STORE_NAME, None)
+    if store is not None:
+        return [store.z]
+    targets = find_targets(model, RoastConfig(target_modules="all-linear"))
+    found = []
+    for _, module, _ in targets:
+        weight = getattr(module, "weight_orig", None)
+        found.append(weight if isinstance(weight, nn.Parameter) else module.weight)
+    return found
+
+
+def split_rate_groups(model: nn.Module, projection_lr: float, rest_lr: float) -> list[dict]:
+    """Two optimizer groups: the projection weights at ``projection_lr`` (z's in weight units, see
+    :func:`hf_roast.optim.z_weight_multiplier`) and every other trainable parameter at ``rest_lr``.
+
+    Every arm shares ``rest_lr``: the embeddings, norms and LM head are the same in every arm but the
+    narrower one, and one uniform rate cannot suit both them and the projections (see README, "From scratch").
+    """
+    from ..checkpoint_format import STORE_NAME
+    from ..optim import z_weight_multiplier
+
+    projections = projection_weights(model)
+    multiplier = z_weight_multiplier(model) if getattr(model, STORE_NAME, None) is not None else 1.0
+    ids = {id(p) for p in projections}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return [
+        {"params": projections, "lr": projection_lr * multiplier, "name": "projections"},
+        {"params": rest, "lr": rest_lr, "name": "rest"},
+    ]
+
+
 def train_from_scratch(
-    model: nn.Module, setup: ScratchSetup, lr: float, batches, recipe: tuple | None = None
+    model: nn.Module,
+    setup: ScratchSetup,
+    lr: float,
+    batches,
+    recipe: tuple | None = None,
+    rest_lr: float | None = None,
 ) -> list[float]:
     """AdamW, linear warm-up then cosine decay to 10%; z gets ``lr`` in weight units (times the recipe's
-    z ratio when given, see :mod:`hf_roast.optim`); pruning masks stay fixed."""
+    z ratio when given, see :mod:`hf_roast.optim`); with ``rest_lr``, ``lr`` is the projections' rate and
+    every other parameter trains at ``rest_lr`` (:func:`split_rate_groups`); pruning masks stay fixed."""
     if recipe:
         from ..optim import RoastRecipe, roast_parameter_groups
 
         groups = roast_parameter_groups(model, lr, recipe=RoastRecipe(*recipe))
+    elif rest_lr:
+        groups = split_rate_groups(model, lr, rest_lr)
     else:
         groups, _ = single_rate_groups(model, lr)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=setup.weight_decay, betas=(0.9, 0.95))
@@ -331,7 +377,7 @@ def run_scratch_arm(
             else:
                 model, storage = build_scratch_model(arm, setup)
                 with ResourceMeter() as meter:
-                    losses = train_from_scratch(model, setup, lr, batches, arm.recipe)
+                    losses = train_from_scratch(model, setup, lr, batches, arm.recipe, arm.rest_lr)
                 diverged = not math.isfinite(losses[-1])
                 run = {"lr": lr, "final_train_loss": losses[-1], "diverged": diverged}
                 run["val_bits_per_byte"] = (
