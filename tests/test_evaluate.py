@@ -238,6 +238,10 @@ def test_tiny_sweep_writes_every_arm_and_the_summary(tiny_sweep):
     assert (
         lm["roast-stable-4x-rec"]["recovery_losses"] and lm["roast-stable-4x-rec"]["train_wall_seconds"] > 0
     )
+    # the user's default on an LM: calibrated on windows of the training text, recovered with the recipe
+    cal = lm["roast-stable-4x-cal-rec"]
+    assert cal["arm"]["calibrate"] and cal["arm"]["recipe"] and len(cal["recovery_losses"]) == 2
+    assert cal["perplexity"] != lm["roast-stable-4x-rec"]["perplexity"]
     compute = summary["experiments"]["classification"]["compute"]
     assert compute["arms"] == len(cls)
     assert compute["arm_seconds_total"] == pytest.approx(

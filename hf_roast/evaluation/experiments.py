@@ -215,15 +215,24 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     return arms
 
 
+def _lm_recipe(c, **kw) -> Arm:
+    """An LM arm as a user would run it: calibrated init, and the recipe at the LM's dense rate (the setup's)."""
+    return _recipe(c, lrs=None, **kw)
+
+
 def lm_arms(mode: str, recovery_steps: int) -> list[tuple[int, Arm]]:
     steps = recovery_steps
     if mode == "tiny":
         arms = [Arm("dense", "dense"), _roast(1), _roast(4), _prune(4)]
-        return [(1, a) for a in arms] + [(3, _roast(4, recovery_steps=steps, suffix="-rec"))]
+        arms = [(1, a) for a in arms] + [(3, _roast(4, recovery_steps=steps, suffix="-rec"))]
+        return arms + [(3, _lm_recipe(4, recovery_steps=steps, suffix="-cal-rec"))]
     arms = [(1, a) for a in (Arm("dense", "dense"), _roast(1), _roast(4), _prune(4), _roast(8), _prune(8))]
     arms += [(2, _roast(2)), (2, _prune(2)), (2, _roast(4, norm_init=True, suffix="-norminit"))]
     arms += [(3, _roast(c, recovery_steps=steps, suffix=f"-rec{steps}")) for c in (4, 8)]
     arms += [(3, _prune(c, recovery_steps=steps, suffix=f"-rec{steps}")) for c in (4, 8)]
+    # the user's default: calibrated init, then recovery with the fine-tuning recipe at the dense rate
+    arms += [(3, _lm_recipe(c, suffix="-cal")) for c in (4, 8)]
+    arms += [(3, _lm_recipe(c, recovery_steps=steps, suffix=f"-cal-rec{steps}")) for c in (4, 8)]
     if mode == "full":
         arms += [(4, _roast(c, mapper=m)) for m in ("roast", "hashednet") for c in (4, 8)]
     return arms

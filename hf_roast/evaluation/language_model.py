@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..optim import single_rate_groups
+from ..optim import RoastRecipe, roast_parameter_groups, single_rate_groups
 from .arms import Arm, build_arm_model
 from .measure import ResourceMeter
 
@@ -27,6 +27,7 @@ class LanguageModelSetup:
     train_context: int = 256
     lr: float = 1e-4
     seed: int = 0
+    calibration_batches: int = 8
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,10 +85,16 @@ def recovery_batches(
     ]
 
 
-def recover(model: nn.Module, batches: list[torch.Tensor], lr: float) -> list[float]:
-    """A short AdamW fine-tune with constant learning rate (z's in weight units, see ``hf_roast.optim.single_rate_groups``);
-    pruned masks stay fixed (their hooks)."""
-    groups, _ = single_rate_groups(model, lr)
+def recover(
+    model: nn.Module, batches: list[torch.Tensor], lr: float, recipe: tuple | None = None
+) -> list[float]:
+    """A short AdamW fine-tune with constant learning rate (z's in weight units, see ``hf_roast.optim.single_rate_groups``),
+    or with ``recipe`` the library's per-group rates (``create_roast_optimizer``'s) around ``lr``; pruned masks stay
+    fixed (their hooks)."""
+    if recipe:
+        groups = roast_parameter_groups(model, lr, recipe=RoastRecipe(*recipe))
+    else:
+        groups, _ = single_rate_groups(model, lr)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     model.train()
     losses = []
@@ -112,12 +119,22 @@ def run_lm_arm(
     eval_tokens = cache["eval_tokens"]
     with ResourceMeter() as whole:
         set_seed(arm.seed)
-        model, storage = build_arm_model(source.load_model(), arm)
+        if (arm.recovery_steps or arm.calibrate) and "train_tokens" not in cache:
+            cache["train_tokens"] = token_stream(source.tokenizer, source.train_texts)
+        calibration = None
+        if arm.calibrate:  # windows of the training articles, drawn apart from the recovery batches
+            calibration = recovery_batches(
+                cache["train_tokens"],
+                setup.calibration_batches,
+                setup.train_batch_size,
+                setup.train_context,
+                setup.seed + 1,
+            )
+        with ResourceMeter() as init_meter:
+            model, storage = build_arm_model(source.load_model(), arm, calibration)
         losses: list[float] = []
         train_meter = None
         if arm.recovery_steps:
-            if "train_tokens" not in cache:
-                cache["train_tokens"] = token_stream(source.tokenizer, source.train_texts)
             batches = recovery_batches(
                 cache["train_tokens"],
                 arm.recovery_steps,
@@ -126,7 +143,7 @@ def run_lm_arm(
                 setup.seed,
             )
             with ResourceMeter() as train_meter:
-                losses = recover(model, batches, arm.lrs[0] if arm.lrs else setup.lr)
+                losses = recover(model, batches, arm.lrs[0] if arm.lrs else setup.lr, arm.recipe)
         with ResourceMeter() as eval_meter:
             ppl, first_logits = perplexity(model, eval_tokens, setup.context)
     if arm.method == "prune":
@@ -143,6 +160,7 @@ def run_lm_arm(
         "perplexity": ppl,
         "recovery_losses": losses,
         "storage": storage,
+        "init_wall_seconds": round(init_meter.seconds, 2),
         "train_wall_seconds": round(train_meter.seconds, 2) if train_meter else 0.0,
         "train_peak_rss_mb": round(train_meter.peak_rss / 2**20, 1) if train_meter else None,
         "eval_wall_seconds": round(eval_meter.seconds, 2),
