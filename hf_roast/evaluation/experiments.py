@@ -132,12 +132,16 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
     arms += [(2, _recipe(16, calibrate=False, suffix="-lsinit"))]
     # a second seed where hf-roast and pruning are closest (8x)
     arms += [(2, _recipe(8, seed=1)), (2, _prune(8, seed=1, lrs=one))]
+    # recovery by distillation from the dense fine-tuned model, logits and every layer's hidden states: it decides
+    # the 4x target (two seeds); pruning gets the same distillation
+    kdh = {"distill": True, "distill_hidden": DISTILL_HIDDEN, "suffix": "-kdh"}
+    arms += [(2, _recipe(4, **kdh)), (2, _recipe(4, seed=1, **kdh)), (2, _prune(4, lrs=one, **kdh))]
+    arms += [(2, _recipe(c, **kdh)) for c in (8, 16)]
     if mode == "full":
         more = [_prune(c, lrs=BASELINE_LRS, suffix="-grid") for c in (4, 16)]
         more += [_recipe(c, seed=1) for c in (4, 16, 32)] + [_prune(c, seed=1, lrs=one) for c in (4, 16, 32)]
         more += [_recipe(c, mapper=m) for m in ("roast", "hashednet") for c in (8, 32)]
         more += [_recipe(c, distill=True, suffix="-kd") for c in (4, 16)]
-        more += [_recipe(4, distill=True, distill_hidden=DISTILL_HIDDEN, suffix="-kdh")]
         more += [_recipe(c, schedule=3.0, suffix="-sched3") for c in (4, 16)]
         more += [Arm("dense-sched3", "dense", schedule=3.0, lrs=DENSE_LRS)]
         more += [_recipe(2), _prune(2, lrs=one), _smaller(2, lrs=one)]
