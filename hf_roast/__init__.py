@@ -19,6 +19,11 @@ def __getattr__(name: str):
         from .optim import roast_trainer_class
 
         return roast_trainer_class()
+    if name == "RoastDistillationTrainer":  # the recipe + distillation from a dense teacher (README)
+        from .distill import DistillationTrainer
+        from .optim import roast_trainer_class
+
+        return roast_trainer_class(DistillationTrainer)
     raise AttributeError(f"module 'hf_roast' has no attribute {name!r}")
 
 
@@ -27,6 +32,7 @@ __all__ = [
     "DistillationTrainer",
     "MappingPlan",
     "RoastConfig",
+    "RoastDistillationTrainer",
     "RoastEmbedding",
     "RoastLinear",
     "RoastModel",

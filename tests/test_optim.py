@@ -158,5 +158,6 @@ def test_recipe_combines_with_the_distillation_trainer():
     cls = roast_trainer_class(DistillationTrainer)
     assert issubclass(cls, DistillationTrainer) and cls.__name__ == "RoastDistillationTrainer"
     assert roast_trainer_class(DistillationTrainer) is cls
+    assert hf_roast.RoastDistillationTrainer is cls, "exported under the name it reports"
     with pytest.raises(TypeError, match="Trainer"):
         roast_trainer_class(torch.nn.Module)
