@@ -349,6 +349,9 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
     for c in (8, 32):  # global-vs-local mapper comparison
         assert {f"roast-roast-{c}x", f"roast-hashednet-{c}x"} <= full
     assert {"roast-stable-4x-kd", "roast-stable-16x-kd", "roast-stable-4x-sched3", "dense-sched3"} <= full
+    # distillation with hidden states decides the 4x target: two seeds, and pruning gets the same recovery
+    kdh = {"roast-stable-4x-kdh", "roast-stable-4x-s1-kdh", "prune-4x-kdh"}
+    assert kdh <= set(default) and all(default[n].distill and default[n].distill_hidden > 0 for n in kdh)
     scratch = [a for _, a in scratch_arms("default")]
     for c in (4, 8, 16, 32):  # every method at every compression of the issue, on the short budget
         assert {a.method for a in scratch if a.compression == c and a.steps == 300} == {
