@@ -499,6 +499,11 @@ def test_scaler_and_tile_variants_are_not_the_base_arm():
         _variant({"scaler": "none", "tile": [8, 8], "steps": 300}, "scratch")
         == "scaler none, tile 8x8, 300 steps"
     )
+    # the split-rate protocol is its own comparison, checked against baselines of the same protocol
+    assert (
+        _variant({"rest_lr": 0.01, "steps": 300}, "scratch")
+        == "projections' rate searched, the rest at 0.01, 300 steps"
+    )
 
 
 def test_per_module_budget_arms_store_exactly_what_the_plain_arm_stores():

@@ -66,6 +66,8 @@ def _variant(arm: dict, experiment: str = "classification") -> str:
         parts.append(f"scaler {arm['scaler']}")
     if list(arm.get("tile", (32, 32))) != [32, 32]:
         parts.append("tile {}x{}".format(*arm["tile"]))
+    if arm.get("rest_lr"):  # from scratch, the split-rate protocol
+        parts.append(f"projections' rate searched, the rest at {arm['rest_lr']:g}")
     if arm.get("steps"):
         parts.append(f"{arm['steps']} steps")
     if arm.get("compression_pattern"):  # (key, factor): the key's modules compressed factor x the rest's
