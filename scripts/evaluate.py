@@ -78,7 +78,7 @@ def _reuse_base_lr(arm, folder: Path):
 
     if arm.lrs or not (arm.distill or arm.schedule != 1.0):
         return arm
-    base = re.sub(r"(-kdh?)?(-sched\d+)?$", "", arm.name)
+    base = re.sub(r"(-kdh?\d*)?(-sched\d+)?$", "", arm.name)
     path = folder / f"{base}.json"
     if path.is_file():
         return replace(arm, lrs=(json.loads(path.read_text())["selected_lr"],))
