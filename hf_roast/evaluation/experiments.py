@@ -112,10 +112,12 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
         ]
     one = (BASELINE_LR,)
     if mode == "quick":
-        # at most 40 minutes on 2 cores: dense, the 4x and 16x comparison, and the smallest smaller model
+        # at most 40 minutes on 2 cores: dense, the 4x (with and without distillation) and 16x comparison, and the
+        # smallest smaller model
         return [
             (1, Arm("dense", "dense", lrs=(RECIPE_LR,))),
             (1, _recipe(4)),
+            (1, _recipe(4, distill=True, distill_hidden=DISTILL_HIDDEN, suffix="-kdh")),
             (1, _prune(4, lrs=one)),
             (1, _smaller(1, lrs=one)),
             (1, _recipe(16)),
