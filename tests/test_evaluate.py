@@ -353,6 +353,9 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
     kdh = {"roast-stable-4x-kdh", "roast-stable-4x-s1-kdh", "prune-4x-kdh"}
     assert kdh <= set(default) and all(default[n].distill and default[n].distill_hidden > 0 for n in kdh)
     scratch = [a for _, a in scratch_arms("default")]
+    quick_scratch = [a for _, a in scratch_arms("quick")]
+    assert {a.name for a in quick_scratch} < {a.name for a in scratch}
+    assert all(a.lrs and len(a.lrs) == 1 for a in quick_scratch), "--quick searches no rate"
     for c in (4, 8, 16, 32):  # every method at every compression of the issue, on the short budget
         assert {a.method for a in scratch if a.compression == c and a.steps == 300} == {
             "roast",

@@ -112,14 +112,12 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
         ]
     one = (BASELINE_LR,)
     if mode == "quick":
-        # at most 40 minutes on 2 cores: dense, the 4x (with and without distillation) and 16x comparison, and the
-        # smallest smaller model
+        # at most 40 minutes on 2 cores with the scratch subset: dense (the teacher), hf-roast at 4x with distillation
+        # against pruning, and at 16x (within 1/8 of the bytes) against pruning
         return [
             (1, Arm("dense", "dense", lrs=(RECIPE_LR,))),
-            (1, _recipe(4)),
             (1, _recipe(4, distill=True, distill_hidden=DISTILL_HIDDEN, suffix="-kdh")),
             (1, _prune(4, lrs=one)),
-            (1, _smaller(1, lrs=one)),
             (1, _recipe(16)),
             (1, _prune(16, lrs=one)),
         ]
@@ -180,6 +178,10 @@ SCRATCH_REST_LR = 1e-2
 the rate pruning's one-rate grid chose, at which dense's projections already break (README, "From scratch")."""
 
 
+SCRATCH_SPLIT_RATES = {"roast": 1e-3, "narrower": 3e-3, "prune": 1e-2}
+"""The projections' rates the split-rate grids chose at 8x (``--quick`` reuses them instead of searching)."""
+
+
 def _scratch(method: str, c: float, steps: int, mapper="stable", lrs=None, suffix="", **kw) -> Arm:
     tags = {"roast": f"roast-{mapper}", "narrower": "narrower", "prune": "prune-init", "dense": "dense"}
     name = (
@@ -199,6 +201,11 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
         ]
     short, long = SCRATCH_BUDGETS
     methods = ("roast", "narrower", "prune")
+    split = {"rest_lr": SCRATCH_REST_LR, "suffix": "-split"}
+    if (
+        mode == "quick"
+    ):  # the 4x comparison of the split-rate protocol at the rates its grids chose (about 6 min)
+        return [(1, _scratch(m, 4, short, lrs=(lr,), **split)) for m, lr in SCRATCH_SPLIT_RATES.items()]
     arms = [(1, _scratch("dense", 1, short, lrs=SCRATCH_LRS))]
     arms += [(1, _scratch(m, 8, short, lrs=SCRATCH_LRS)) for m in methods]
     arms += [(1, _scratch(m, c, short)) for c in (4, 16, 32) for m in methods]
@@ -206,7 +213,6 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     arms += [(1, _scratch("roast", 8, short, recipe=(3.0, 1.0, 1.0), suffix="-zlr3"))]
     arms += [(1, _scratch("roast", 8, short, recipe=(0.3, 1.0, 1.0), suffix="-zlr0.3"))]
     # the split-rate protocol: the rest at SCRATCH_REST_LR in every arm, each method's grid on its projections
-    split = {"rest_lr": SCRATCH_REST_LR, "suffix": "-split"}
     arms += [(1, _scratch("dense", 1, short, lrs=SCRATCH_LRS, **split))]
     arms += [(1, _scratch(m, 8, short, lrs=SCRATCH_LRS, **split)) for m in methods]
     arms += [(1, _scratch(m, c, short, **split)) for c in (4, 16, 32) for m in methods]
