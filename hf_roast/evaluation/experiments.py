@@ -138,8 +138,9 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
     arms += [(2, _recipe(4, **kdh)), (2, _recipe(4, seed=1, **kdh)), (2, _prune(4, lrs=one, **kdh))]
     arms += [(2, _recipe(c, **kdh)) for c in (8, 16)]
     # a heavier hidden-state term (how far the weight of DISTILL_HIDDEN is from its best)
-    kdh10 = {**kdh, "distill_hidden": 10.0, "suffix": "-kdh10"}
-    arms += [(3, _recipe(4, **kdh10)), (3, _recipe(4, seed=1, **kdh10))]
+    for weight in (10, 30):
+        heavier = {**kdh, "distill_hidden": float(weight), "suffix": f"-kdh{weight}"}
+        arms += [(3, _recipe(4, **heavier)), (3, _recipe(4, seed=1, **heavier))]
     if mode == "full":
         more = [_prune(c, lrs=BASELINE_LRS, suffix="-grid") for c in (4, 16)]
         more += [_recipe(c, seed=1) for c in (4, 16, 32)] + [_prune(c, seed=1, lrs=one) for c in (4, 16, 32)]
