@@ -127,12 +127,14 @@ def test_split_is_stratified_disjoint_and_deterministic():
     assert sum(a.test_labels) == 20  # class balance kept: 1/3 positives
 
 
-def _row(label, budget, mean, model_bytes=0, target_bytes=0):
+def _row(label, budget, mean, model_bytes=0, target_bytes=0, variant="base", schedule=1.0, values=None):
     return {
         "label": label,
         "budget": budget,
-        "variant": "base",
+        "variant": variant,
+        "schedule": schedule,
         "mean": mean,
+        "values": values or [mean],
         "storage": {"model_bytes": model_bytes, "target_bytes": target_bytes},
     }
 
@@ -153,6 +155,16 @@ def test_check_targets_decides_from_measured_rows_only():
     assert checks[f"hf-roast stable at 8x {same_values}"]["met"] is True
     assert checks[f"hf-roast stable at 16x {same_values}"]["met"] is False
     rows[1]["mean"] = 77.0
+    assert check_targets(rows)[0]["met"] is False
+    # a recovery recipe on dense's schedule counts, by its mean over seeds; a longer schedule does not
+    rows.append(_row("hf-roast stable", 4.0, 79.0, 60, variant="3x schedule", schedule=3.0))
+    assert check_targets(rows)[0]["met"] is False
+    rows.append(_row("hf-roast stable", 4.0, 78.25, 60, variant="distilled", values=[79.0, 77.5]))
+    four = check_targets(rows)[0]
+    assert (
+        four["met"] is True and "distilled, mean of 2 seeds" in four["detail"] and "77.00" in four["detail"]
+    )
+    rows[-1]["mean"] = 77.9
     assert check_targets(rows)[0]["met"] is False
 
 
