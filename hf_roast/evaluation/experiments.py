@@ -203,9 +203,8 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     short, long = SCRATCH_BUDGETS
     methods = ("roast", "narrower", "prune")
     split = {"rest_lr": SCRATCH_REST_LR, "suffix": "-split"}
-    if (
-        mode == "quick"
-    ):  # the 4x comparison of the split-rate protocol at the rates its grids chose (about 6 min)
+    if mode == "quick":
+        # the 4x comparison of the split-rate protocol, at the rates its grids chose (about 6 min)
         return [(1, _scratch(m, 4, short, lrs=(lr,), **split)) for m, lr in SCRATCH_SPLIT_RATES.items()]
     arms = [(1, _scratch("dense", 1, short, lrs=SCRATCH_LRS))]
     arms += [(1, _scratch(m, 8, short, lrs=SCRATCH_LRS)) for m in methods]
