@@ -218,6 +218,8 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     arms += [(1, _scratch(m, c, short, **split)) for c in (4, 16, 32) for m in methods]
     arms += [(2, _scratch("dense", 1, long))] + [(2, _scratch(m, 8, long)) for m in methods]
     arms += [(2, _scratch("dense", 1, long, **split))] + [(2, _scratch(m, 8, long, **split)) for m in methods]
+    # does the gap close with training at a higher compression too?
+    arms += [(2, _scratch(m, 16, long, **split)) for m in methods]
     # what the papers vary: the mapper, the gradient scaler, the tile
     arms += [(2, _scratch("roast", 8, short, mapper=mp)) for mp in ("roast", "hashednet")]
     arms += [(2, _scratch("roast", 8, short, scaler=sc, suffix=f"-{sc}scaler")) for sc in ("v1", "none")]
