@@ -161,7 +161,7 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
             if arm.distill and teacher is None:
                 teacher = _load_teacher(source, folder)
             result, model = run_classification_arm(arm, source, setup, teacher)
-            if arm.method == "dense":
+            if arm.name == "dense":  # the teacher of the distillation arms (not a second seed or schedule)
                 teacher = model
                 _save_teacher(model, folder)
             metric = f"test acc {100 * result['test_accuracy']:.2f}% (lr {result['selected_lr']:g})"

@@ -141,6 +141,9 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
     for weight in (10, 30):
         heavier = {**kdh, "distill_hidden": float(weight), "suffix": f"-kdh{weight}"}
         arms += [(3, _recipe(4, **heavier)), (3, _recipe(4, seed=1, **heavier))]
+    # more seeds where the 4x target is decided: dense (at the rate its grid chose) and the best distillation arm
+    arms += [(3, Arm("dense-s1", "dense", seed=1, lrs=(DENSE_LRS[1],)))]
+    arms += [(3, _recipe(4, seed=2, **{**kdh, "distill_hidden": 10.0, "suffix": "-kdh10"}))]
     if mode == "full":
         more = [_prune(c, lrs=BASELINE_LRS, suffix="-grid") for c in (4, 16)]
         more += [_recipe(c, seed=1) for c in (4, 16, 32)] + [_prune(c, seed=1, lrs=one) for c in (4, 16, 32)]
