@@ -166,6 +166,13 @@ def test_check_targets_decides_from_measured_rows_only():
     )
     rows[-1]["mean"] = 77.9
     assert check_targets(rows)[0]["met"] is False
+    # --quick has only the distilled 4x arm: the target is still decided from it
+    quick = [_row("dense", 1.0, 80.0, 100), _row("hf-roast stable", 4.0, 78.5, 60, variant="distilled")]
+    four = check_targets(quick)[0]
+    assert (
+        four["met"] is True and "distilled" in four["detail"] and "without that recipe" not in four["detail"]
+    )
+    assert check_targets(quick[1:])[0]["met"] is None  # no dense: not measured
 
 
 def test_accuracy_targets_at_byte_budgets_let_each_method_bring_its_own_layout():
@@ -348,6 +355,8 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
         assert roast.calibrate, "hf-roast starts from the calibrated init, as a user's default"
         assert default[f"prune-{c}x"].lrs == (BASELINE_LR,)
     assert len(default["dense"].lrs) == 2, "the dense reference picks its rate on validation"
+    quick_dense = next(a for _, a in classification_arms("quick") if a.name == "dense")
+    assert len(quick_dense.lrs) == 1 and set(quick_dense.lrs) <= set(default["dense"].lrs)
     assert {"dense", "smaller-1layers", "smaller-0layers"} <= set(default)
     assert {"roast-stable-4x-onelr", "roast-stable-4x-lsinit", "roast-stable-16x-lsinit"} <= set(default)
     assert {"prune-4x-grid", "prune-16x-grid"} <= full
