@@ -131,7 +131,7 @@ def compress_model(
     # float z (or the QAT master) while it is fitted; packed at the end when config.z_bits asks for it
     store = RoastStore(
         plan, scaler=config.scaler, dtype=config.torch_dtype, device=device, z_bits=config.z_bits if config.z_qat
-        else None, z_group_size=config.z_group_size, z_qat=config.z_qat,
+        else None, z_group_size=config.z_group_size, z_qat=config.z_qat, module_balance=config.module_balance,
     )  # fmt: skip
     store.backend = config.backend
     if show_progress is None:
@@ -253,7 +253,7 @@ def apply_plan(model: nn.Module, config: RoastConfig, plan: MappingPlan, device=
     """Swap the plan's modules into a freshly built skeleton; z is left empty on ``device`` for a loader."""
     store = RoastStore(
         plan, scaler=config.scaler, dtype=config.torch_dtype, device=device, z_bits=config.z_bits,
-        z_group_size=config.z_group_size, z_qat=config.z_qat,
+        z_group_size=config.z_group_size, z_qat=config.z_qat, module_balance=config.module_balance,
     )  # fmt: skip
     store.backend = config.backend
     for spec in plan.modules:

@@ -102,6 +102,15 @@ class RoastConfig:
         default="v5",
         metadata={"help": "STABLE-RPS gradient scaler applied to dz: 'v5' (default), 'v1' or 'none'."},
     )
+    module_balance: bool = field(
+        default=False,
+        metadata={
+            "help": "Training only: scale each module's gradient on z to the modules' common RMS before they are "
+            "summed (one running scalar per module). Under Adam a shared slot otherwise steps for whichever module "
+            "has the largest gradients there, and modules with small ones (attention queries and keys) barely "
+            "train. Not part of the mapping or the checkpoint's weights. See hf_roast.balance."
+        },
+    )
     dtype: str = field(
         default="float32",
         metadata={"help": "Storage dtype of z. It is cast to the activation dtype when read."},
@@ -216,6 +225,8 @@ class RoastConfig:
         if isinstance(self.exclude_modules, tuple):
             self.exclude_modules = list(self.exclude_modules)
         self._check_z_bits()
+        if not isinstance(self.module_balance, bool):
+            raise ValueError(f"module_balance must be True or False, got {self.module_balance!r}.")
         check_mapping_version(self.mapping_version)
 
     def _check_compression_pattern(self) -> None:

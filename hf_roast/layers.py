@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from .balance import BalanceModuleGradient, balance_state
 from .dispatch import roast_embedding, roast_linear
 from .mapping import LayerMapping, MappingPlan, ModuleSpec, gradient_scaler
 from .quant import QuantizedZ, check_bits, check_group
@@ -43,10 +44,13 @@ class RoastStore(nn.Module):
         z_bits: int | None = None,
         z_group_size: int = 128,
         z_qat: bool = False,
+        module_balance: bool = False,
     ):
         super().__init__()
         self.plan = plan
         self.scaler = scaler
+        self.module_balance = module_balance
+        self._module_index = {spec.name: i for i, spec in enumerate(plan.modules)}
         self.backend = "auto"
         self.z_bits = z_bits or torch.finfo(dtype).bits
         self.z_group_size = z_group_size
@@ -66,6 +70,8 @@ class RoastStore(nn.Module):
         else:
             self.z = nn.Parameter(torch.zeros(plan.num_slots, dtype=dtype, device=device))
         self.register_buffer("scaler_inv", torch.empty(0), persistent=False)
+        # module_balance: running mean square of each module's dz and its step count (training state, not stored)
+        self.register_buffer("grad_balance", torch.empty(0), persistent=False)
         self._layers: list[nn.Module] = []
 
     @property
@@ -87,6 +93,19 @@ class RoastStore(nn.Module):
         if self.packed:
             return QuantizedZ(self.z_codes, self.z_scales, self.z_bits, self.z_group_size)
         return self.z
+
+    def balanced_z(self, z: torch.Tensor | QuantizedZ, name: str) -> torch.Tensor | QuantizedZ:
+        """z as module ``name`` reads it while training with ``module_balance`` (an identity whose backward
+        balances that module's dz, see :mod:`hf_roast.balance`); z itself otherwise."""
+        if not (self.module_balance and isinstance(z, torch.Tensor) and z.requires_grad):
+            return z
+        if not torch.is_grad_enabled():
+            return z
+        state = self.grad_balance
+        if state.numel() == 0 or state.device != z.device:
+            state = balance_state(len(self.plan.modules), z.device)
+            self.grad_balance = state
+        return BalanceModuleGradient.apply(z, state, self._module_index[name])
 
     def z_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors of z by state-dict name (relative to the store)."""
@@ -132,7 +151,9 @@ class RoastStore(nn.Module):
         p = self.plan
         return (
             f"num_slots={p.num_slots}, mapper={p.mapper!r}, tile={p.tile}, sign={p.sign!r}, scaler={self.scaler!r}, "
-            f"z_bits={self.z_bits}" + (" (qat)" if self.z_qat else "")
+            f"z_bits={self.z_bits}"
+            + (" (qat)" if self.z_qat else "")
+            + (", module_balance" if self.module_balance else "")
         )
 
 
@@ -297,7 +318,9 @@ class RoastLinear(RoastLayer):
         bias = self._parameters.get(
             "bias"
         )  # (not self.bias: Module.__getattr__ costs a microsecond per call)
-        return roast_linear(x, z, bias, self.layer_mapping(), self._roast_store.backend)
+        store = self._roast_store
+        z = store.balanced_z(z, self.spec.name) if store.module_balance else z
+        return roast_linear(x, z, bias, self.layer_mapping(), store.backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, roast={self.spec.name!r}"
@@ -347,9 +370,9 @@ class RoastEmbedding(RoastLayer):
             ((input_ids >= 0) & (input_ids < self.num_embeddings)).all(),
             f"{self.spec.name}: token ids must lie in [0, {self.num_embeddings}) (the embedding's size)",
         )
-        out = roast_embedding(
-            input_ids, z, self.layer_mapping(), self._dtype_probe.dtype, self._roast_store.backend
-        )
+        store = self._roast_store
+        z = store.balanced_z(z, self.spec.name) if store.module_balance else z
+        out = roast_embedding(input_ids, z, self.layer_mapping(), self._dtype_probe.dtype, store.backend)
         if self.padding_idx is not None:
             pad = (input_ids == self.padding_idx).unsqueeze(-1)
             out = torch.where(pad, self.padding_row.to(out.dtype), out)

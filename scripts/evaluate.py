@@ -94,7 +94,8 @@ def _reuse_method_lr(arm, folder: Path, mode: str):
     if arm.lrs:
         return arm
     grid_arms = [a for _, a in scratch_arms(mode) if a.lrs and len(a.lrs) > 1]
-    source = next((a for a in grid_arms if (a.method, a.rest_lr) == (arm.method, arm.rest_lr)), None)
+    key = (arm.method, arm.rest_lr, arm.module_balance)
+    source = next((a for a in grid_arms if (a.method, a.rest_lr, a.module_balance) == key), None)
     path = folder / f"{source.name}.json" if source else None
     if path is None or not path.is_file():
         raise FileNotFoundError(

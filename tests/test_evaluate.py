@@ -22,7 +22,12 @@ from hf_roast.evaluation.baselines import (
     truncate_layers,
 )
 from hf_roast.evaluation.data import split_classification
-from hf_roast.evaluation.results import check_bytes_budget_targets, check_bytes_targets, check_targets
+from hf_roast.evaluation.results import (
+    check_bytes_budget_targets,
+    check_bytes_targets,
+    check_scratch_targets,
+    check_targets,
+)
 from hf_roast.targets import find_targets
 
 
@@ -173,6 +178,32 @@ def test_check_targets_decides_from_measured_rows_only():
         four["met"] is True and "distilled" in four["detail"] and "without that recipe" not in four["detail"]
     )
     assert check_targets(quick[1:])[0]["met"] is None  # no dense: not measured
+
+
+def test_scratch_targets_compare_within_a_protocol_and_an_hf_roast_option_against_its_protocol():
+    split = "projections' rate searched, the rest at 0.01, 300 steps"
+    balanced = f"module-balanced gradients, {split}"
+    rows = [
+        _row("hf-roast stable", 8.0, 3.47, variant=split),
+        _row("narrower model (same stored values)", 8.0, 3.33, variant=split),
+        _row("magnitude pruning", 8.0, 3.06, variant=split),
+        _row("hf-roast stable", 8.0, 3.00, variant=balanced),
+        _row("hf-roast stable", 16.0, 3.20, variant=balanced),  # no baseline measured at 16x
+        _row("hf-roast stable", 8.0, 3.10, variant="recipe z x3, 300 steps"),  # hf-roast alone: skipped
+        _row("magnitude pruning", 8.0, 2.00, variant="300 steps"),  # another protocol: never compared across
+    ]
+    checks = {c["target"]: c for c in check_scratch_targets(rows)}
+    assert len(checks) == 3
+    name = "from scratch ({}), {}x: hf-roast stable has lower bits per byte than the narrower model and pruning at init"
+    assert checks[name.format(split, 8)]["met"] is False
+    won = checks[name.format(balanced, 8)]
+    assert (
+        won["met"] is True and "pruning at init 3.060" in won["detail"] and "hf-roast 3.000" in won["detail"]
+    )
+    assert checks[name.format(balanced, 16)]["met"] is None
+    rows[3]["mean"] = 3.1  # ahead of the narrower model only
+    again = {c["target"]: c for c in check_scratch_targets(rows)}
+    assert again[name.format(balanced, 8)]["met"] is False
 
 
 def test_accuracy_targets_at_byte_budgets_let_each_method_bring_its_own_layout():
@@ -387,7 +418,7 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
     assert {a.method for a in scratch if a.steps == 1200} == {"dense", "roast", "narrower", "prune"}
     grids = [a for a in scratch if a.lrs and len(a.lrs) > 1]
     for rest_lr in (None, SCRATCH_REST_LR):  # one rate for everything, and the split-rate protocol
-        assert sorted(a.method for a in grids if a.rest_lr == rest_lr) == [
+        assert sorted(a.method for a in grids if a.rest_lr == rest_lr and not a.module_balance) == [
             "dense",
             "narrower",
             "prune",
@@ -407,6 +438,12 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
             "narrower",
             "prune",
         }
+    # module-balanced hf-roast: its own grid at 8x, every compression on the short budget, two on the long one
+    balanced = [a for a in scratch if a.module_balance]
+    assert {a.method for a in balanced} == {"roast"} and all(a.rest_lr == SCRATCH_REST_LR for a in balanced)
+    assert [a.compression for a in balanced if a.lrs and len(a.lrs) > 1] == [8.0]
+    assert {a.compression for a in balanced if a.steps == 300} == {4.0, 8.0, 16.0, 32.0}
+    assert {a.compression for a in balanced if a.steps == 1200} == {8.0, 16.0}
 
 
 def test_init_relative_error_matches_theory_for_gaussian_weights():

@@ -60,6 +60,9 @@ class Arm:
     # matches (RoastConfig.compression_pattern's rules) are compressed `factor` times harder than the rest; the
     # absolute compressions are solved from the model's module sizes (see solve_compression_pattern)
     compression_pattern: tuple[tuple[str, float], ...] | None = None
+    module_balance: bool = (
+        False  # roast: RoastConfig.module_balance (each module's dz scaled to a common RMS)
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -78,6 +81,8 @@ class Arm:
             raise ValueError(f"Arm {self.name}: rest_lr must be a positive rate, and excludes a recipe.")
         if self.compression_pattern is not None and self.method != "roast":
             raise ValueError(f"Arm {self.name}: a compression pattern is for hf-roast arms.")
+        if self.module_balance and self.method != "roast":
+            raise ValueError(f"Arm {self.name}: module_balance is for hf-roast arms.")
 
     @property
     def label(self) -> str:
@@ -123,6 +128,7 @@ def roast_config_for(arm: Arm, init: str = "pretrained") -> RoastConfig:
         z_bits=arm.z_bits if arm.method == "roast" and arm.z_bits < 32 else None,
         z_group_size=Z_GROUP_SIZE,
         z_qat=arm.method == "roast" and arm.z_bits < 32,
+        module_balance=arm.module_balance,
     )
 
 

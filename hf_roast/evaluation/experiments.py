@@ -134,6 +134,8 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
     arms += [(2, _recipe(16, calibrate=False, suffix="-lsinit"))]
     # a second seed where hf-roast and pruning are closest (8x)
     arms += [(2, _recipe(8, seed=1)), (2, _prune(8, seed=1, lrs=one))]
+    # module-balanced gradients on z (it decides from-scratch training): does fine-tuning want it too?
+    arms += [(2, _recipe(c, module_balance=True, suffix="-bal")) for c in (4, 16)]
     # recovery by distillation from the dense fine-tuned model, logits and every layer's hidden states: it decides
     # the 4x target (two seeds); pruning gets the same distillation
     kdh = {"distill": True, "distill_hidden": DISTILL_HIDDEN, "suffix": "-kdh"}
@@ -225,6 +227,11 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     arms += [(2, _scratch("dense", 1, long, **split))] + [(2, _scratch(m, 8, long, **split)) for m in methods]
     # does the gap close with training at a higher compression too?
     arms += [(2, _scratch(m, 16, long, **split)) for m in methods]
+    # module-balanced gradients on z (RoastConfig.module_balance), in the split-rate protocol: its own grid at 8x
+    balanced = {"rest_lr": SCRATCH_REST_LR, "suffix": "-bal-split", "module_balance": True}
+    arms += [(1, _scratch("roast", 8, short, lrs=SCRATCH_LRS, **balanced))]
+    arms += [(1, _scratch("roast", c, short, **balanced)) for c in (4, 16, 32)]
+    arms += [(2, _scratch("roast", c, long, **balanced)) for c in (8, 16)]
     # what the papers vary: the mapper, the gradient scaler, the tile
     arms += [(2, _scratch("roast", 8, short, mapper=mp)) for mp in ("roast", "hashednet")]
     arms += [(2, _scratch("roast", 8, short, scaler=sc, suffix=f"-{sc}scaler")) for sc in ("v1", "none")]

@@ -142,6 +142,7 @@ def build_scratch_model(arm: Arm, setup: ScratchSetup) -> tuple[nn.Module, dict]
         init="random",
         scaler=arm.scaler,
         tile=arm.tile,
+        module_balance=arm.module_balance,
     )
     storage: dict = {"dense_target_values": dense_values, "dense_target_bytes": 4 * dense_values}
     if arm.method == "narrower":
