@@ -86,14 +86,15 @@ def _reuse_base_lr(arm, folder: Path):
 
 
 def _reuse_method_lr(arm, folder: Path, mode: str):
-    """From-scratch arms without a grid take the rate their method's grid arm chose (see ``scratch_arms``)."""
+    """From-scratch arms without a grid take the rate their method's grid arm at 8x (or dense) chose (see
+    ``scratch_arms``)."""
     from dataclasses import replace
 
     from hf_roast.evaluation.experiments import scratch_arms
 
     if arm.lrs:
         return arm
-    grid_arms = [a for _, a in scratch_arms(mode) if a.lrs and len(a.lrs) > 1]
+    grid_arms = [a for _, a in scratch_arms(mode) if a.lrs and len(a.lrs) > 1 and a.compression in (1.0, 8.0)]
     key = (arm.method, arm.rest_lr, arm.module_balance)
     source = next((a for a in grid_arms if (a.method, a.rest_lr, a.module_balance) == key), None)
     path = folder / f"{source.name}.json" if source else None

@@ -199,8 +199,9 @@ def _scratch(method: str, c: float, steps: int, mapper="stable", lrs=None, suffi
 
 
 def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
-    """From-scratch LM arms. The learning-rate grid runs once per method (at 8x, short budget, or dense);
-    every other arm of that method reuses the chosen rate (``hf-roast evaluate`` fills it in)."""
+    """From-scratch LM arms. The learning-rate grid runs once per method (at 8x, short budget, or dense; in the
+    split-rate protocol also at 4x); every other arm of that method reuses the rate chosen at 8x (``hf-roast
+    evaluate`` fills it in)."""
     if mode == "tiny":
         arms = [(1, _scratch(m, 4, 8, lrs=(3e-3,))) for m in ("dense", "roast", "narrower", "prune")]
         arms += [(2, _scratch("roast", 4, 8, lrs=(3e-3,), scaler="none", tile=(8, 8), suffix="-v"))]
@@ -222,15 +223,18 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     # the split-rate protocol: the rest at SCRATCH_REST_LR in every arm, each method's grid on its projections
     arms += [(1, _scratch("dense", 1, short, lrs=SCRATCH_LRS, **split))]
     arms += [(1, _scratch(m, 8, short, lrs=SCRATCH_LRS, **split)) for m in methods]
-    arms += [(1, _scratch(m, c, short, **split)) for c in (4, 16, 32) for m in methods]
+    # 4x gets its own grid in this protocol (the rate that suits 8x is not the one that suits 4x: fewer weights
+    # share a slot, so a step of z moves each weight more coherently)
+    arms += [(1, _scratch(m, 4, short, lrs=SCRATCH_LRS, **split)) for m in methods]
+    arms += [(1, _scratch(m, c, short, **split)) for c in (16, 32) for m in methods]
     arms += [(2, _scratch("dense", 1, long))] + [(2, _scratch(m, 8, long)) for m in methods]
     arms += [(2, _scratch("dense", 1, long, **split))] + [(2, _scratch(m, 8, long, **split)) for m in methods]
     # does the gap close with training at a higher compression too?
     arms += [(2, _scratch(m, 16, long, **split)) for m in methods]
     # module-balanced gradients on z (RoastConfig.module_balance), in the split-rate protocol: its own grid at 8x
     balanced = {"rest_lr": SCRATCH_REST_LR, "suffix": "-bal-split", "module_balance": True}
-    arms += [(1, _scratch("roast", 8, short, lrs=SCRATCH_LRS, **balanced))]
-    arms += [(1, _scratch("roast", c, short, **balanced)) for c in (4, 16, 32)]
+    arms += [(1, _scratch("roast", c, short, lrs=SCRATCH_LRS, **balanced)) for c in (8, 4)]
+    arms += [(1, _scratch("roast", c, short, **balanced)) for c in (16, 32)]
     arms += [(2, _scratch("roast", c, long, **balanced)) for c in (8, 16)]
     # what the papers vary: the mapper, the gradient scaler, the tile
     arms += [(2, _scratch("roast", 8, short, mapper=mp)) for mp in ("roast", "hashednet")]
