@@ -20,6 +20,8 @@ see the same balanced gradient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 BALANCE_BETA = 0.95
@@ -60,3 +62,28 @@ def balanced(dz: torch.Tensor, state: torch.Tensor, index: int, beta: float = BA
 def balance_state(num_modules: int, device=None) -> torch.Tensor:
     """A fresh state for :func:`balanced`: [2, num_modules] zeros."""
     return torch.zeros(2, num_modules, dtype=torch.float32, device=device)
+
+
+def module_gradients(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each compressed module's own dz for the loss ``loss_fn()`` computes (a forward pass of ``model``), by
+    module name: the gradients that autograd sums into ``z.grad``, before the sum (and before any balance).
+
+    Every layer reads z through a view of its own while ``loss_fn`` runs; the gradient of the loss with
+    respect to each view is that module's contribution. ``z.grad`` is left untouched.
+    """
+    from .checkpoint_format import STORE_NAME
+
+    store = getattr(model, STORE_NAME, None)
+    if store is None:
+        raise ValueError("module_gradients needs a model returned by get_roast_model (it has no shared z).")
+    if store.z is None or not store.z.requires_grad:
+        raise ValueError("z is packed or frozen: it has no gradient to split by module.")
+    views: dict[str, torch.Tensor] = {}
+    store._module_views = views
+    try:
+        with torch.enable_grad():
+            loss = loss_fn()
+    finally:
+        store._module_views = None
+    grads = torch.autograd.grad(loss, list(views.values()))
+    return dict(zip(views, grads))

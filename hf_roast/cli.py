@@ -1,4 +1,4 @@
-"""The ``hf-roast`` console command: ``hf-roast {demo,compress,evaluate,bench,memory,recipe-probe} ...``.
+"""The ``hf-roast`` console command: ``hf-roast {demo,compress,evaluate,bench,memory,grad-probe,recipe-probe} ...``.
 
 Each subcommand lives in ``scripts/`` (installed as ``hf_roast.scripts``) and is imported lazily.
 """
@@ -19,6 +19,10 @@ SUBCOMMANDS = {
     "memory": (
         "hf_roast.scripts.memory",
         "Train a 134M-parameter Llama dense and compressed; print memory and step time side by side.",
+    ),
+    "grad-probe": (
+        "hf_roast.scripts.grad_probe",
+        "Print how unevenly the compressed modules' gradients pull on z (why module_balance exists).",
     ),
     "recipe-probe": (
         "hf_roast.scripts.recipe_probe",

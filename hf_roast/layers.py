@@ -51,6 +51,7 @@ class RoastStore(nn.Module):
         self.scaler = scaler
         self.module_balance = module_balance
         self._module_index = {spec.name: i for i, spec in enumerate(plan.modules)}
+        self._module_views: dict[str, torch.Tensor] | None = None  # see hf_roast.balance.module_gradients
         self.backend = "auto"
         self.z_bits = z_bits or torch.finfo(dtype).bits
         self.z_group_size = z_group_size
@@ -97,9 +98,11 @@ class RoastStore(nn.Module):
     def balanced_z(self, z: torch.Tensor | QuantizedZ, name: str) -> torch.Tensor | QuantizedZ:
         """z as module ``name`` reads it while training with ``module_balance`` (an identity whose backward
         balances that module's dz, see :mod:`hf_roast.balance`); z itself otherwise."""
-        if not (self.module_balance and isinstance(z, torch.Tensor) and z.requires_grad):
+        if not (isinstance(z, torch.Tensor) and z.requires_grad and torch.is_grad_enabled()):
             return z
-        if not torch.is_grad_enabled():
+        if self._module_views is not None:  # each module's own dz is being read (module_gradients)
+            return self._module_views.setdefault(name, z.view_as(z))
+        if not self.module_balance:
             return z
         state = self.grad_balance
         if state.numel() == 0 or state.device != z.device:
@@ -319,7 +322,8 @@ class RoastLinear(RoastLayer):
             "bias"
         )  # (not self.bias: Module.__getattr__ costs a microsecond per call)
         store = self._roast_store
-        z = store.balanced_z(z, self.spec.name) if store.module_balance else z
+        if store.module_balance or store._module_views is not None:
+            z = store.balanced_z(z, self.spec.name)
         return roast_linear(x, z, bias, self.layer_mapping(), store.backend)
 
     def extra_repr(self) -> str:
@@ -371,7 +375,8 @@ class RoastEmbedding(RoastLayer):
             f"{self.spec.name}: token ids must lie in [0, {self.num_embeddings}) (the embedding's size)",
         )
         store = self._roast_store
-        z = store.balanced_z(z, self.spec.name) if store.module_balance else z
+        if store.module_balance or store._module_views is not None:
+            z = store.balanced_z(z, self.spec.name)
         out = roast_embedding(input_ids, z, self.layer_mapping(), self._dtype_probe.dtype, store.backend)
         if self.padding_idx is not None:
             pad = (input_ids == self.padding_idx).unsqueeze(-1)

@@ -7,7 +7,7 @@ import torch
 from helpers import VOCAB, lm_losses, tiny_llama
 
 from hf_roast import RoastConfig, RoastModel, get_roast_model
-from hf_roast.balance import BALANCE_BETA, balance_state, balanced
+from hf_roast.balance import BALANCE_BETA, balance_state, balanced, module_gradients
 
 
 def _model(balance: bool, backend: str = "auto", embeddings: bool = False):
@@ -19,21 +19,6 @@ def _model(balance: bool, backend: str = "auto", embeddings: bool = False):
 
 def _ids(seed: int) -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(seed))
-
-
-def _per_module_dz(model, ids) -> dict[str, torch.Tensor]:
-    """Each compressed module's own dz, taken by autograd on a per-module view of z (balance off)."""
-    store = model.roast_store
-    views: dict[str, torch.Tensor] = {}
-    store.module_balance = True  # route every read of z through balanced_z, replaced here by a plain view
-    store.balanced_z = lambda z, name: views.setdefault(name, z.view_as(z))
-    try:
-        loss = model(input_ids=ids, labels=ids).loss
-        grads = torch.autograd.grad(loss, list(views.values()))
-    finally:
-        del store.balanced_z
-        store.module_balance = False
-    return dict(zip(views, grads))
 
 
 def test_balanced_function_against_a_hand_computed_running_rms():
@@ -63,7 +48,7 @@ def test_each_module_dz_is_scaled_to_the_common_rms_before_the_sum(embeddings):
     backward does not matter). Scaling the summed dz instead would fail it: the factors differ by ~10x here."""
     ids = _ids(0)
     plain = _model(False, embeddings=embeddings)
-    parts = _per_module_dz(plain, ids)
+    parts = module_gradients(plain, lambda: plain(input_ids=ids, labels=ids).loss)
     assert len(parts) == len(plain.plan.modules)
     mean_square = {n: g.pow(2).sum() / torch.count_nonzero(g) for n, g in parts.items()}
     rms = {n: ms.sqrt() for n, ms in mean_square.items()}
@@ -125,3 +110,32 @@ def test_training_with_balance_lowers_the_loss_and_the_flag_survives_save_and_lo
     model.save_pretrained(tmp_path)
     loaded = RoastModel.from_pretrained(tmp_path)
     assert loaded.roast_config.module_balance is True and loaded.roast_store.module_balance is True
+
+
+def test_module_gradients_split_z_grad_by_module():
+    model = _model(False, embeddings=True)
+    ids = _ids(5)
+    parts = module_gradients(model, lambda: model(input_ids=ids, labels=ids).loss)
+    assert model.roast_store.z.grad is None  # left untouched
+    assert set(parts) == {spec.name for spec in model.plan.modules}
+    model(input_ids=ids, labels=ids).loss.backward()
+    grad = model.roast_store.z.grad
+    # the same terms summed in another order: fp32 rounding relative to the gradient's scale, not each entry's
+    torch.testing.assert_close(sum(parts.values()), grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item())
+    assert model.roast_store._module_views is None  # layers read z directly again
+    with pytest.raises(ValueError, match="get_roast_model"):
+        module_gradients(tiny_llama(), lambda: None)
+
+
+def test_grad_probe_prints_every_module_before_and_after_training(capsys, tmp_path):
+    from hf_roast.cli import main
+
+    out_json = tmp_path / "probe.json"
+    assert main(["grad-probe", "--tiny", "--steps", "2", "--batches", "1", "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "largest / smallest after training" in printed
+    import json
+
+    table = json.loads(out_json.read_text())
+    assert len(table["trained"]) == 28 == len(table["init"])  # 4 layers x 7 projections
+    assert all(v > 0 for v in table["trained"].values())
