@@ -408,6 +408,11 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
     quick_scratch = [a for _, a in scratch_arms("quick")]
     assert {a.name for a in quick_scratch} < {a.name for a in scratch}
     assert all(a.lrs and len(a.lrs) == 1 for a in quick_scratch), "--quick searches no rate"
+    assert {(a.method, a.compression, a.module_balance) for a in quick_scratch} == {
+        ("roast", 4.0, True),
+        ("narrower", 4.0, False),
+        ("prune", 4.0, False),
+    }
     for c in (4, 8, 16, 32):  # every method at every compression of the issue, on the short budget
         assert {a.method for a in scratch if a.compression == c and a.steps == 300} == {
             "roast",

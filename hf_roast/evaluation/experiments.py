@@ -186,8 +186,9 @@ SCRATCH_REST_LR = 1e-2
 the rate pruning's one-rate grid chose, at which dense's projections already break (README, "From scratch")."""
 
 
-SCRATCH_SPLIT_RATES = {"roast": 1e-3, "narrower": 3e-3, "prune": 1e-2}
-"""The projections' rates the split-rate grids chose at 8x (``--quick`` reuses them instead of searching)."""
+SCRATCH_QUICK_RATES = {"roast": 1e-3, "narrower": 1e-3, "prune": 3e-3}
+"""The projections' rates the split-rate grids chose at 4x, hf-roast with ``module_balance`` (``--quick`` runs
+these three 4x arms at them instead of searching)."""
 
 
 def _scratch(method: str, c: float, steps: int, mapper="stable", lrs=None, suffix="", **kw) -> Arm:
@@ -211,9 +212,13 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     short, long = SCRATCH_BUDGETS
     methods = ("roast", "narrower", "prune")
     split = {"rest_lr": SCRATCH_REST_LR, "suffix": "-split"}
+    balanced = {"rest_lr": SCRATCH_REST_LR, "suffix": "-bal-split", "module_balance": True}
     if mode == "quick":
-        # the 4x comparison of the split-rate protocol, at the rates its grids chose (about 6 min)
-        return [(1, _scratch(m, 4, short, lrs=(lr,), **split)) for m, lr in SCRATCH_SPLIT_RATES.items()]
+        # the 4x comparison of the split-rate protocol, at the rates its 4x grids chose (about 6 min)
+        return [
+            (1, _scratch(m, 4, short, lrs=(lr,), **(balanced if m == "roast" else split)))
+            for m, lr in SCRATCH_QUICK_RATES.items()
+        ]
     arms = [(1, _scratch("dense", 1, short, lrs=SCRATCH_LRS))]
     arms += [(1, _scratch(m, 8, short, lrs=SCRATCH_LRS)) for m in methods]
     arms += [(1, _scratch(m, c, short)) for c in (4, 16, 32) for m in methods]
@@ -231,8 +236,7 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     arms += [(2, _scratch("dense", 1, long, **split))] + [(2, _scratch(m, 8, long, **split)) for m in methods]
     # does the gap close with training at a higher compression too?
     arms += [(2, _scratch(m, 16, long, **split)) for m in methods]
-    # module-balanced gradients on z (RoastConfig.module_balance), in the split-rate protocol: its own grid at 8x
-    balanced = {"rest_lr": SCRATCH_REST_LR, "suffix": "-bal-split", "module_balance": True}
+    # module-balanced gradients on z (RoastConfig.module_balance), in the split-rate protocol: its own grids
     arms += [(1, _scratch("roast", c, short, lrs=SCRATCH_LRS, **balanced)) for c in (8, 4)]
     arms += [(1, _scratch("roast", c, short, **balanced)) for c in (16, 32)]
     arms += [(2, _scratch("roast", c, long, **balanced)) for c in (8, 16)]
