@@ -24,7 +24,7 @@ LAYERS = {
     2: ["mapping", "quant", "checkpoint_format"],
     3: ["torch_path", "cpu_path", "kernels_available", "kernels", "kernels.*"],
     4: ["dispatch"],
-    5: ["layers"],
+    5: ["layers", "balance"],
     6: ["targets", "calibration", "compress", "report"],
     7: ["model_card", "hub", "serialization", "quantizer"],
     8: ["model", "optim", "distill"],
