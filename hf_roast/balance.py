@@ -42,19 +42,23 @@ class BalanceModuleGradient(torch.autograd.Function):
         return balanced(dz, ctx.state, ctx.index), None, None
 
 
+def slot_mean_square(dz: torch.Tensor) -> torch.Tensor:
+    """Mean square of one module's dz over the slots it touches (nonzero), in fp32: the size of its pull on
+    each of them, whatever the share of z it reads."""
+    dz = dz.float()
+    return dz.pow(2).sum() / torch.count_nonzero(dz).clamp_min(1)
+
+
 @torch.no_grad()
 def balanced(dz: torch.Tensor, state: torch.Tensor, index: int, beta: float = BALANCE_BETA) -> torch.Tensor:
     """``dz * ref / rms_index`` after folding this dz into ``state`` (row 0: running mean square of each
     module's dz over its nonzero slots; row 1: steps seen). Tensor ops only: no host synchronisation."""
     acc = dz.float()
-    touched = torch.count_nonzero(acc).clamp_min(1)
-    mean_square = acc.pow(2).sum() / touched
-    state[0, index] = beta * state[0, index] + (1 - beta) * mean_square
+    state[0, index] = beta * state[0, index] + (1 - beta) * slot_mean_square(acc)
     state[1, index] += 1
-    seen = state[1] > 0
     corrected = state[0] / (1 - beta ** state[1].clamp_min(1))
-    rms = corrected.sqrt()
-    ref = torch.where(seen, rms, torch.zeros_like(rms)).sum() / seen.sum().clamp_min(1)
+    rms = corrected.sqrt()  # 0 for modules not seen yet: they add nothing to the sum, and are not counted
+    ref = rms.sum() / (state[1] > 0).sum().clamp_min(1)
     factor = torch.where(rms[index] > 0, ref / rms[index].clamp_min(torch.finfo(torch.float32).tiny), 1.0)
     return (acc * factor).to(dz.dtype)
 

@@ -35,9 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def gradient_rms(model, stream, setup, batches: int) -> dict[str, float]:
     """Per module: RMS of its own dz over its nonzero slots, averaged over ``batches`` held-out windows."""
-    import torch
-
-    from hf_roast.balance import module_gradients
+    from hf_roast.balance import module_gradients, slot_mean_square
     from hf_roast.evaluation.scratch import training_windows
 
     window = training_windows(stream, setup)
@@ -46,8 +44,7 @@ def gradient_rms(model, stream, setup, batches: int) -> dict[str, float]:
         ids = window(10_000 + i)[:, :-1]
         parts = module_gradients(model, lambda ids=ids: model(input_ids=ids, labels=ids).loss)
         for name, dz in parts.items():
-            rms = float(dz.pow(2).sum() / torch.count_nonzero(dz).clamp_min(1)) ** 0.5
-            sums.setdefault(name, []).append(rms)
+            sums.setdefault(name, []).append(float(slot_mean_square(dz)) ** 0.5)
     return {name: statistics.fmean(v) for name, v in sums.items()}
 
 

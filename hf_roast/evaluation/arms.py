@@ -60,9 +60,8 @@ class Arm:
     # matches (RoastConfig.compression_pattern's rules) are compressed `factor` times harder than the rest; the
     # absolute compressions are solved from the model's module sizes (see solve_compression_pattern)
     compression_pattern: tuple[tuple[str, float], ...] | None = None
-    module_balance: bool = (
-        False  # roast: RoastConfig.module_balance (each module's dz scaled to a common RMS)
-    )
+    # roast: RoastConfig.module_balance (each module's dz scaled to a common running RMS before the sum)
+    module_balance: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
