@@ -86,24 +86,38 @@ def _reuse_base_lr(arm, folder: Path):
 
 
 def _reuse_method_lr(arm, folder: Path, mode: str):
-    """From-scratch arms without a grid take the rate their method's grid arm at 8x (or dense) chose (see
-    ``scratch_arms``)."""
+    """From-scratch arms without a grid take their rate from their method's grid arm (same protocol): the grid
+    at the arm's own compression where there is one (a longer budget, another seed or mapper), else the grid at
+    8x (or dense's). An arm of the same budget takes the rate the grid chose; an arm of a longer budget searches
+    the grid's two best rates on validation, because the best rate of a short run is not always the best of a
+    long one (pruning at 16x: 3e-2 after 300 steps, 1e-2 after 1,200). See ``scratch_arms``."""
     from dataclasses import replace
 
     from hf_roast.evaluation.experiments import scratch_arms
 
     if arm.lrs:
         return arm
-    grid_arms = [a for _, a in scratch_arms(mode) if a.lrs and len(a.lrs) > 1 and a.compression in (1.0, 8.0)]
     key = (arm.method, arm.rest_lr, arm.module_balance)
-    source = next((a for a in grid_arms if (a.method, a.rest_lr, a.module_balance) == key), None)
+    grid_arms = [
+        a
+        for _, a in scratch_arms(mode)
+        if a.lrs and len(a.lrs) > 1 and (a.method, a.rest_lr, a.module_balance) == key
+    ]
+    source = next((a for a in grid_arms if a.compression == arm.compression), None) or next(
+        (a for a in grid_arms if a.compression in (1.0, 8.0)), None
+    )
     path = folder / f"{source.name}.json" if source else None
     if path is None or not path.is_file():
         raise FileNotFoundError(
             f"{arm.name} reuses the learning rate chosen by its method's grid arm "
             f"{source.name if source else '?'}: run that arm first (it comes first in the default order)."
         )
-    return replace(arm, lrs=(json.loads(path.read_text())["selected_lr"],))
+    chosen = json.loads(path.read_text())
+    if (arm.steps or 0) <= (source.steps or 0):
+        return replace(arm, lrs=(chosen["selected_lr"],))
+    runs = [r for r in chosen["lr_search"] if not r.get("diverged")]
+    best_two = sorted(runs, key=lambda r: r["val_bits_per_byte"])[:2]
+    return replace(arm, lrs=tuple(sorted(r["lr"] for r in best_two)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -446,15 +446,36 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
             "narrower",
             "prune",
         }
-    # module-balanced hf-roast: its own grid at 8x, every compression on the short budget, two on the long one
+    # module-balanced hf-roast: its own grid at every compression, every compression on both budgets
     balanced = [a for a in scratch if a.module_balance]
     assert {a.method for a in balanced} == {"roast"} and all(a.rest_lr == SCRATCH_REST_LR for a in balanced)
-    assert sorted(a.compression for a in balanced if a.lrs and len(a.lrs) > 1) == [4.0, 8.0]
-    # the split-rate protocol searches the rate at 4x too, for every method
-    split_4x = [a for a in grids if a.rest_lr == SCRATCH_REST_LR and a.compression == 4]
-    assert sorted(a.method for a in split_4x if not a.module_balance) == ["narrower", "prune", "roast"]
-    assert {a.compression for a in balanced if a.steps == 300} == {4.0, 8.0, 16.0, 32.0}
-    assert {a.compression for a in balanced if a.steps == 1200} == {8.0, 16.0}
+    stable = [a for a in balanced if a.mapper == "stable" and a.seed == 0]
+    assert sorted(a.compression for a in stable if a.lrs and len(a.lrs) > 1) == [4.0, 8.0, 16.0, 32.0]
+    # the split-rate protocol searches the rate at every compression for the baselines, and at 4x and 8x
+    # for hf-roast without module_balance
+    for c in (4, 8, 16, 32):
+        split_at_c = [a for a in grids if a.rest_lr == SCRATCH_REST_LR and a.compression == c]
+        assert sorted(a.method for a in split_at_c if not a.module_balance) == (
+            ["narrower", "prune", "roast"] if c in (4, 8) else ["narrower", "prune"]
+        )
+        # both budgets, for the balanced hf-roast and both baselines of its protocol
+        for steps in (300, 1200):
+            assert {
+                a.method
+                for a in scratch
+                if (a.compression, a.steps, a.rest_lr, a.seed) == (c, steps, SCRATCH_REST_LR, 0)
+                and (a.module_balance or a.method != "roast")
+            } == {"roast", "narrower", "prune"}, (c, steps)
+        # the papers' three mappers with module_balance
+        assert {a.mapper for a in balanced if a.compression == c and a.steps == 300} == {
+            "stable",
+            "roast",
+            "hashednet",
+        }
+    # a second init seed where the gaps are smallest, for all three methods
+    assert {(a.method, a.compression) for a in scratch if a.seed == 1} == {
+        (m, c) for m in ("roast", "narrower", "prune") for c in (4.0, 32.0)
+    }
 
 
 def test_init_relative_error_matches_theory_for_gaussian_weights():
@@ -493,6 +514,48 @@ def test_longer_schedule_and_distilled_arms_reuse_the_base_learning_rate(tmp_pat
     assert _reuse_base_lr(base, tmp_path) is base  # base arms search the grid
     missing = Arm("roast-stable-8x-sched3", "roast", 8.0, schedule=3.0)
     assert _reuse_base_lr(missing, tmp_path).lrs is None  # no base result yet: search the grid
+
+
+def test_scratch_arms_without_a_grid_take_the_rate_of_their_compressions_grid(tmp_path):
+    """A longer budget, another seed or mapper takes the rate its method's grid chose at its own compression,
+    in its own protocol; where no grid ran at that compression, the 8x one (dense's for dense)."""
+    from hf_roast.scripts.evaluate import _reuse_method_lr
+
+    from hf_roast.evaluation.experiments import scratch_arms
+
+    arms = {a.name: a for _, a in scratch_arms("default")}
+    picks = {
+        "roast-stable-8x-bal-split-300steps": 3e-3,
+        "roast-stable-32x-bal-split-300steps": 1e-2,
+        "prune-init-32x-split-300steps": 3e-2,
+        "prune-init-8x-split-300steps": 1e-2,
+        "roast-stable-8x-300steps": 1e-3,  # the one-rate protocol's grid: 8x only
+        "dense-split-300steps": 3e-4,
+    }
+    for name, lr in picks.items():
+        # the grid's runs by validation score: the chosen rate best, 1e-3 second, 1e-2 diverged
+        runs = [{"lr": r, "val_bits_per_byte": 3.5 - (r == lr) - (r == 1e-3) / 2} for r in (3e-4, 1e-3, 3e-3)]
+        runs += [{"lr": 1e-2, "val_bits_per_byte": float("inf"), "diverged": True}]
+        runs = [r for r in runs if r["lr"] != lr] + [{"lr": lr, "val_bits_per_byte": 2.0}]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"selected_lr": lr, "lr_search": runs}))
+    expected = {  # same budget: the grid's choice; a longer budget: the grid's two best rates, in grid order
+        "roast-stable-32x-bal-split-1200steps": (1e-3, 1e-2),
+        "roast-stable-32x-bal-split-seed1-300steps": (1e-2,),
+        "roast-hashednet-32x-bal-split-300steps": (1e-2,),
+        "roast-roast-8x-bal-split-300steps": (3e-3,),
+        "roast-stable-8x-bal-split-1200steps": (1e-3, 3e-3),
+        "prune-init-32x-split-1200steps": (1e-3, 3e-2),
+        "prune-init-8x-split-1200steps": (1e-3, 1e-2),
+        "roast-stable-32x-300steps": (1e-3,),
+        "roast-stable-8x-1200steps": (3e-4, 1e-3),
+        "dense-split-1200steps": (3e-4, 1e-3),
+    }
+    for name, lrs in expected.items():
+        assert _reuse_method_lr(arms[name], tmp_path, "default").lrs == lrs, name
+    grid = arms["roast-stable-32x-bal-split-300steps"]
+    assert _reuse_method_lr(grid, tmp_path, "default") is grid  # grid arms search their grid
+    with pytest.raises(FileNotFoundError, match="narrower-32x-split-300steps"):
+        _reuse_method_lr(arms["narrower-32x-split-1200steps"], tmp_path, "default")
 
 
 def test_schedule_table_compares_each_schedule_with_dense_trained_as_long():

@@ -200,9 +200,11 @@ def _scratch(method: str, c: float, steps: int, mapper="stable", lrs=None, suffi
 
 
 def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
-    """From-scratch LM arms. The learning-rate grid runs once per method (at 8x, short budget, or dense; in the
-    split-rate protocol also at 4x); every other arm of that method reuses the rate chosen at 8x (``hf-roast
-    evaluate`` fills it in)."""
+    """From-scratch LM arms. The learning-rate grids run on the short budget: once per method at 8x (or dense)
+    in the one-rate protocol; at every compression in the split-rate protocol (hf-roast without
+    ``module_balance``: at 4x and 8x). Every other arm takes its rate from its method's grid at its compression
+    (else at 8x): the chosen rate on the same budget, the grid's two best on the long one (``hf-roast evaluate``
+    fills it in, see ``scripts/evaluate.py``)."""
     if mode == "tiny":
         arms = [(1, _scratch(m, 4, 8, lrs=(3e-3,))) for m in ("dense", "roast", "narrower", "prune")]
         arms += [(2, _scratch("roast", 4, 8, lrs=(3e-3,), scaler="none", tile=(8, 8), suffix="-v"))]
@@ -231,15 +233,33 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     # 4x gets its own grid in this protocol (the rate that suits 8x is not the one that suits 4x: fewer weights
     # share a slot, so a step of z moves each weight more coherently)
     arms += [(1, _scratch(m, 4, short, lrs=SCRATCH_LRS, **split)) for m in methods]
-    arms += [(1, _scratch(m, c, short, **split)) for c in (16, 32) for m in methods]
+    arms += [(1, _scratch("roast", c, short, **split)) for c in (16, 32)]
+    # the baselines get grids at 16x and 32x too (pruning's best rate grows with sparsity: 3e-3 at 4x, 1e-2 at
+    # 8x); hf-roast's arms there are the module-balanced ones below, with their own grids
+    arms += [(1, _scratch(m, c, short, lrs=SCRATCH_LRS, **split)) for c in (16, 32) for m in methods[1:]]
     arms += [(2, _scratch("dense", 1, long))] + [(2, _scratch(m, 8, long)) for m in methods]
     arms += [(2, _scratch("dense", 1, long, **split))] + [(2, _scratch(m, 8, long, **split)) for m in methods]
     # does the gap close with training at a higher compression too?
     arms += [(2, _scratch(m, 16, long, **split)) for m in methods]
     # module-balanced gradients on z (RoastConfig.module_balance), in the split-rate protocol: its own grids
     arms += [(1, _scratch("roast", c, short, lrs=SCRATCH_LRS, **balanced)) for c in (8, 4)]
-    arms += [(1, _scratch("roast", c, short, **balanced)) for c in (16, 32)]
+    arms += [(1, _scratch("roast", c, short, lrs=SCRATCH_LRS, **balanced)) for c in (16, 32)]
     arms += [(2, _scratch("roast", c, long, **balanced)) for c in (8, 16)]
+    # the long budget at the ends of the range too (a 1,200-step arm takes the rate its compression's grid chose)
+    arms += [(2, _scratch("roast", c, long, **balanced)) for c in (32, 4)]
+    arms += [(2, _scratch(m, c, long, **split)) for c in (32, 4) for m in methods if m != "roast"]
+    # seeds of the init where the gap to a baseline is small (4x: the narrower model; 32x: pruning)
+    for c in (32, 4):
+        arms += [(2, _scratch("roast", c, short, seed=1, **{**balanced, "suffix": "-bal-split-seed1"}))]
+        arms += [
+            (2, _scratch(m, c, short, seed=1, **{**split, "suffix": "-split-seed1"})) for m in methods[1:]
+        ]
+    # the papers' other mappers, in the same protocol
+    arms += [
+        (2, _scratch("roast", c, short, mapper=mp, **balanced))
+        for c in (8, 32, 4, 16)
+        for mp in ("roast", "hashednet")
+    ]
     # what the papers vary: the mapper, the gradient scaler, the tile
     arms += [(2, _scratch("roast", 8, short, mapper=mp)) for mp in ("roast", "hashednet")]
     arms += [(2, _scratch("roast", 8, short, scaler=sc, suffix=f"-{sc}scaler")) for sc in ("v1", "none")]
