@@ -450,6 +450,8 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
     balanced = [a for a in scratch if a.module_balance]
     assert {a.method for a in balanced} == {"roast"} and all(a.rest_lr == SCRATCH_REST_LR for a in balanced)
     stable = [a for a in balanced if a.mapper == "stable" and a.seed == 0]
+    for steps in (300, 1200):
+        assert {a.compression for a in stable if a.steps == steps} == {4.0, 8.0, 16.0, 32.0}
     assert sorted(a.compression for a in stable if a.lrs and len(a.lrs) > 1) == [4.0, 8.0, 16.0, 32.0]
     # the split-rate protocol searches the rate at every compression for the baselines, and at 4x and 8x
     # for hf-roast without module_balance

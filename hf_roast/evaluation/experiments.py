@@ -245,10 +245,12 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     arms += [(1, _scratch("roast", c, short, lrs=SCRATCH_LRS, **balanced)) for c in (8, 4)]
     arms += [(1, _scratch("roast", c, short, lrs=SCRATCH_LRS, **balanced)) for c in (16, 32)]
     arms += [(2, _scratch("roast", c, long, **balanced)) for c in (8, 16)]
-    # the long budget at the ends of the range too (a 1,200-step arm takes the rate its compression's grid chose)
+    # the long budget at the ends of the range too (a 1,200-step arm searches the two best rates of its
+    # compression's grid)
     arms += [(2, _scratch("roast", c, long, **balanced)) for c in (32, 4)]
-    arms += [(2, _scratch(m, c, long, **split)) for c in (32, 4) for m in methods if m != "roast"]
-    # seeds of the init where the gap to a baseline is small (4x: the narrower model; 32x: pruning)
+    arms += [(2, _scratch(m, c, long, **split)) for c in (32, 4) for m in methods[1:]]
+    # a second init seed where a gap to a baseline was within 0.03 before the 16x/32x grids (4x: the narrower
+    # model; 32x: pruning)
     for c in (32, 4):
         arms += [(2, _scratch("roast", c, short, seed=1, **{**balanced, "suffix": "-bal-split-seed1"}))]
         arms += [
