@@ -9,7 +9,7 @@ reduces it against every input row while it sits in L1. The only per-call alloca
 
 Element signs and the HashedNet mapper need the mapping formulas inside the loop. They are not written
 again here: :func:`c_formulas` translates the Python functions of :func:`hf_roast.mapping.formula_functions`
-into C (the way ``hf_roast.kernels.mapping_jit`` recompiles them for Triton), and the tests check both
+into C (the way ``hf_roast.backends.triton.mapping_jit`` recompiles them for Triton), and the tests check both
 paths read bit-identical weights. Weights are rounded into the activation dtype exactly as the PyTorch
 path rounds them (``(z * lambda * sign).to(dtype)``), and accumulated in fp32.
 

@@ -51,7 +51,7 @@ def resolve_backend(requested: str, device: torch.device, dtypes: tuple[torch.dt
         return "cpu"
     if backend == "auto" and device.type != "cuda":
         return "torch"  # auto takes the kernels on CUDA only; this early exit is the per-call fast path
-    from .kernels_available import triton_unavailable_reason
+    from .backends.triton.available import triton_unavailable_reason
 
     reason = triton_unavailable_reason(device, dtypes)
     if backend == "triton":
@@ -159,7 +159,7 @@ def roast_linear(
                 return RoastLinearFunction.apply(x, z, bias, layer_map)
     path = _path(backend, x.device, (x.dtype, read_dtype(z)), layer_map)
     if path == "triton":
-        from .kernels.ops import triton_roast_linear
+        from .backends.triton.ops import triton_roast_linear
 
         return triton_roast_linear(x, z, bias, layer_map)
     return RoastLinearFunction.apply(x, z, bias, layer_map)
@@ -169,7 +169,7 @@ def roast_embedding(
     ids: torch.Tensor, z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, dtype: torch.dtype, backend: str
 ):
     if _path(backend, ids.device, (dtype, read_dtype(z)), layer_map) == "triton":
-        from .kernels.ops import triton_roast_embedding
+        from .backends.triton.ops import triton_roast_embedding
 
         return triton_roast_embedding(ids, z, layer_map, dtype)
     return RoastEmbeddingFunction.apply(ids, z, layer_map, dtype)

@@ -2,7 +2,7 @@
 
 This module is the single home of every mapping formula. The PyTorch path calls the formulas on
 int64 tensors; the Triton kernels compile the *same* Python functions (see :func:`formula_functions`
-and ``hf_roast.kernels.mapping_jit``), so the two paths cannot drift apart.
+and ``hf_roast.backends.triton.mapping_jit``), so the two paths cannot drift apart.
 
 Layout (ROAST_SPEC.md §3.1, tile-compatible RandomFold):
 

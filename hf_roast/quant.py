@@ -18,7 +18,7 @@ Storage (:class:`QuantizedZ`):
 
 The element formulas (:func:`storage_index`, :func:`group_of`, :func:`code_of`, :func:`dequantize_value`)
 use plain integer arithmetic, so the PyTorch path calls them on tensors and the Triton kernels recompile the
-very same functions (``hf_roast.kernels.quant_jit``), as for the mapping formulas.
+very same functions (``hf_roast.backends.triton.mapping_jit``), as for the mapping formulas.
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ def describe(device: torch.device, backend: str, dtype: torch.dtype) -> str:
     else:
         name = f"CPU, {torch.get_num_threads()} threads"
     path = (
-        "Triton kernels (hf_roast.kernels)"
+        "Triton kernels (hf_roast.backends.triton)"
         if backend == "triton"
         else "PyTorch path (hf_roast.torch_path); no-grad forwards of at most "
         f"{cpu_path.MAX_ROWS} rows on the CPU path (hf_roast.cpu_path)"

@@ -1,10 +1,11 @@
 """The import structure of hf_roast, checked from the source (see docs/architecture.md).
 
-Every ``import`` of ``hf_roast/``, ``kernels/`` (installed as ``hf_roast.kernels``) and ``scripts/``
+Every ``import`` of ``hf_roast/`` and ``scripts/``
 (``hf_roast.scripts``) is parsed with ``ast``, module-level and lazy (inside functions) alike, with
 relative imports resolved. The test fails on any import circle, on an import that goes up the layers,
-on a module that no layer lists, and on any import from ``kernels/`` into hf_roast other than the
-vocabularies, the mapping layer and the availability probe.
+on a module that no layer lists, and on any import from the Triton backend (``hf_roast/backends/triton/``)
+into hf_roast other than the vocabularies and the mapping layer. Nothing in the repo may be importable as a
+top-level ``kernels``: that name is Hugging Face's kernel-hub package, which transformers imports.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIRS = {
     "hf_roast": ROOT / "hf_roast",
-    "hf_roast.kernels": ROOT / "kernels",
     "hf_roast.scripts": ROOT / "scripts",
 }
 
 LAYERS = {
     1: ["vocab", "config", "atomic"],
     2: ["mapping", "quant", "checkpoint_format"],
-    3: ["torch_path", "cpu_path", "kernels_available", "kernels", "kernels.*"],
+    3: ["torch_path", "cpu_path", "backends", "backends.triton", "backends.triton.*"],
     4: ["dispatch"],
     5: ["layers", "balance"],
     6: ["targets", "calibration", "compress", "report"],
@@ -33,7 +33,8 @@ LAYERS = {
 """Layer of each module (names relative to ``hf_roast``; ``""`` is the package itself). A module may import
 from its own layer (without a circle) and from the layers below it, never from above."""
 
-KERNELS_MAY_IMPORT = {"hf_roast.vocab", "hf_roast.mapping", "hf_roast.quant", "hf_roast.kernels_available"}
+TRITON = "hf_roast.backends.triton"
+KERNELS_MAY_IMPORT = {"hf_roast.vocab", "hf_roast.mapping", "hf_roast.quant"}
 
 
 def _modules() -> dict[str, Path]:
@@ -99,10 +100,10 @@ def _layer(name: str) -> int | None:
 
 
 def test_the_parser_sees_lazy_and_relative_imports():
-    assert "hf_roast.kernels.ops" in GRAPH["hf_roast.dispatch"]  # lazy, relative, into kernels/
-    assert "hf_roast.kernels_available" in GRAPH["hf_roast.dispatch"]
-    assert "hf_roast.kernels.roast_matmul" in GRAPH["hf_roast.kernels.ops"]  # `from . import roast_matmul`
-    assert "hf_roast.mapping" in GRAPH["hf_roast.kernels.roast_matmul"]  # absolute into hf_roast
+    assert f"{TRITON}.ops" in GRAPH["hf_roast.dispatch"]  # lazy, relative, into the Triton backend
+    assert f"{TRITON}.available" in GRAPH["hf_roast.dispatch"]
+    assert f"{TRITON}.roast_matmul" in GRAPH[f"{TRITON}.ops"]  # `from . import roast_matmul`
+    assert "hf_roast.mapping" in GRAPH[f"{TRITON}.roast_matmul"]  # absolute into hf_roast
     assert "hf_roast.torch_path" in GRAPH["hf_roast.calibration"]  # inside a function
     assert "hf_roast" in GRAPH["hf_roast.scripts.compress_folder"]  # scripts/ is hf_roast.scripts
 
@@ -140,21 +141,20 @@ def test_every_module_has_a_layer_and_imports_only_downward():
     assert not upward, "imports that go up the layers:\n" + "\n".join(upward)
 
 
-def test_kernels_import_only_the_mapping_layer_and_the_probe():
+def test_triton_backend_imports_only_the_mapping_layer():
     outside = sorted(
         f"{name} imports {target}"
         for name, targets in GRAPH.items()
-        if name == "hf_roast.kernels" or name.startswith("hf_roast.kernels.")
+        if name == TRITON or name.startswith(TRITON + ".")
         for target in targets
-        if not (target == "hf_roast.kernels" or target.startswith("hf_roast.kernels."))
-        and target not in KERNELS_MAY_IMPORT
+        if not (target == TRITON or target.startswith(TRITON + ".")) and target not in KERNELS_MAY_IMPORT
     )
-    assert not outside, (
-        "kernels/ reaches into hf_roast beyond the mapping layer and the probe:\n" + "\n".join(outside)
+    assert not outside, "the Triton backend reaches into hf_roast beyond the mapping layer:\n" + "\n".join(
+        outside
     )
 
 
-PATHS = ("hf_roast.torch_path", "hf_roast.cpu_path", "hf_roast.kernels_available")
+PATHS = ("hf_roast.torch_path", "hf_roast.cpu_path")
 PATH_EDGES_ALLOWED = {("hf_roast.torch_path", "hf_roast.cpu_path")}
 """The one edge between execution paths: on CPU the PyTorch path builds an fp32 W with the CPU path's
 compiled loop (``cpu_path.build_weight``; same values, one pass)."""
@@ -162,19 +162,16 @@ compiled loop (``cpu_path.build_weight``; same values, one pass)."""
 
 def test_execution_paths_import_one_another_only_where_documented():
     def is_path(name: str) -> bool:
-        return name in PATHS or name == "hf_roast.kernels" or name.startswith("hf_roast.kernels.")
+        return name in PATHS or name == TRITON or name.startswith(TRITON + ".")
 
     def path_of(name: str) -> str:
-        return "hf_roast.kernels" if name.startswith("hf_roast.kernels") else name
+        return TRITON if name.startswith(TRITON) else name
 
     edges = sorted(
         f"{name} imports {target}"
         for name, targets in GRAPH.items()
         if is_path(name)
         for target in targets
-        if is_path(target)
-        and path_of(target) != path_of(name)
-        and (name, target) not in PATH_EDGES_ALLOWED
-        and not (path_of(name) == "hf_roast.kernels" and target == "hf_roast.kernels_available")
+        if is_path(target) and path_of(target) != path_of(name) and (name, target) not in PATH_EDGES_ALLOWED
     )
     assert not edges, "execution paths importing one another (docs/architecture.md):\n" + "\n".join(edges)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hf_roast import dispatch
-from hf_roast.kernels_available import interpreter_active
+from hf_roast.backends.triton.available import interpreter_active
 from hf_roast.layers import RoastLinear, RoastStore
 from hf_roast.mapping import (
     MAPPERS,
@@ -34,8 +34,9 @@ from hf_roast.torch_path import RoastEmbeddingFunction, RoastLinearFunction, mat
 
 triton = pytest.importorskip("triton")
 from helpers import assert_close_scaled  # noqa: E402
-from hf_roast.kernels import ops  # noqa: E402  (after TRITON_INTERPRET)
-from hf_roast.kernels.roast_matmul import Blocks, forced_blocks  # noqa: E402
+
+from hf_roast.backends.triton import ops  # noqa: E402  (after TRITON_INTERPRET)
+from hf_roast.backends.triton.roast_matmul import Blocks, forced_blocks  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not interpreter_active() else "cpu")
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ TILE = (8, 16)
 def test_kernels_can_run_here():
     """Fails loudly (instead of skipping every test) if the kernels were compiled for a GPU we lack."""
     assert DEVICE.type == "cuda" or interpreter_active(), (
-        "TRITON_INTERPRET=1 came too late: another module imported hf_roast.kernels before this test file."
+        "TRITON_INTERPRET=1 came too late: another module imported hf_roast.backends.triton before this test file."
     )
 
 
@@ -381,7 +382,7 @@ def test_auto_backend_uses_kernels_only_on_cuda():
 def test_forced_triton_explains_why_it_cannot_run(monkeypatch):
     with pytest.raises(RuntimeError, match="float64"):
         dispatch.resolve_backend("triton", DEVICE, (torch.float64,))
-    import hf_roast.kernels_available as available
+    import hf_roast.backends.triton.available as available
 
     monkeypatch.setattr(available, "interpreter_active", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -405,11 +406,12 @@ def test_unknown_backend_error(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # 4. torch.library registration: once, fake/meta, opcheck, torch.compile.
 # --------------------------------------------------------------------------------------------------
-def test_ops_registered_once_even_when_imported_as_top_level_kernels():
+def test_ops_registered_once_even_when_the_kernel_package_is_imported_twice():
     assert ops.ops_registered()
-    name = "kernels_copy_for_test"
+    name = "triton_backend_copy_for_test"
+    source = REPO / "hf_roast" / "backends" / "triton"
     spec = importlib.util.spec_from_file_location(
-        name, REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")]
+        name, source / "__init__.py", submodule_search_locations=[str(source)]
     )
     package = importlib.util.module_from_spec(spec)
     sys.modules[name] = package

@@ -9,7 +9,7 @@ import sys
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_KERNEL_MODULE = "hf_roast.kernels.roast_matmul"
+_KERNEL_MODULE = "hf_roast.backends.triton.roast_matmul"
 
 
 # once: cheap, and trivial for torch.compile

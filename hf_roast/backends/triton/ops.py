@@ -11,7 +11,7 @@ graph breaks and the meta device / FakeTensor can infer their shapes:
   from a packed z (``RoastConfig.z_bits`` 8 or 4: integer codes and group scales, dequantised in registers;
   ``zformat`` is ``[bits, group_size]``). A packed z is no parameter, so only x and the bias get gradients.
 
-``geometry`` is :class:`~hf_roast.kernels.roast_matmul.Geometry` as a list of ints: custom ops take
+``geometry`` is :class:`~hf_roast.backends.triton.roast_matmul.Geometry` as a list of ints: custom ops take
 tensors and scalars, not Python objects. Registration runs once per process, on first import of this
 module, and is skipped when the ops already exist (e.g. the same file imported again under another
 module name), so a second import can never fail or shadow the first.
@@ -19,7 +19,7 @@ module name), so a second import can never fail or shadow the first.
 
 import torch
 
-from hf_roast.kernels_available import triton_unavailable_reason
+from hf_roast.backends.triton.available import triton_unavailable_reason
 from hf_roast.mapping import LayerMapping
 from hf_roast.quant import QuantizedZ
 
