@@ -21,7 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-EXPERIMENT_DIRS = {"classification": "classification", "lm": "language_model", "scratch": "scratch"}
+EXPERIMENT_DIRS = {
+    "classification": "classification",
+    "lm": "language_model",
+    "scratch": "scratch",
+    "scratch-high": "scratch_high",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,12 +96,13 @@ def _reuse_method_lr(arm, folder: Path, mode: str):
     8x (or dense's). An arm of the same budget takes the rate the grid chose; an arm of a longer budget searches
     the grid's two best rates on validation, because the best rate of a short run is not always the best of a
     long one (pruning at 16x: 3e-2 after 300 steps, 1e-2 after 1,200). See ``scratch_arms``."""
-    from dataclasses import replace
 
     from hf_roast.evaluation.experiments import scratch_arms
 
     if arm.lrs:
         return arm
+    if arm.grid_from:
+        return _rates_of(arm, folder / f"{arm.grid_from}.json", arm.grid_from, steps_of_grid=None)
     key = (arm.method, arm.rest_lr, arm.module_balance)
     grid_arms = [
         a
@@ -112,8 +118,21 @@ def _reuse_method_lr(arm, folder: Path, mode: str):
             f"{arm.name} reuses the learning rate chosen by its method's grid arm "
             f"{source.name if source else '?'}: run that arm first (it comes first in the default order)."
         )
+    return _rates_of(arm, path, source.name, source.steps)
+
+
+def _rates_of(arm, path: Path, source: str, steps_of_grid: int | None):
+    """The grid's choice on the same budget, else its two best rates on validation."""
+    from dataclasses import replace
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{arm.name} takes its learning rate from {source}: run that arm first.")
     chosen = json.loads(path.read_text())
-    if (arm.steps or 0) <= (source.steps or 0):
+    if chosen.get("complete") is False:
+        raise FileNotFoundError(f"{arm.name} takes its learning rate from {source}, which is unfinished.")
+    if steps_of_grid is None:
+        steps_of_grid = chosen["setup"]["steps"]
+    if (arm.steps or 0) <= (steps_of_grid or 0):
         return replace(arm, lrs=(chosen["selected_lr"],))
     runs = [r for r in chosen["lr_search"] if not r.get("diverged")]
     best_two = sorted(runs, key=lambda r: r["val_bits_per_byte"])[:2]
@@ -181,15 +200,28 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
                 teacher = model
                 _save_teacher(model, folder)
             metric = f"test acc {100 * result['test_accuracy']:.2f}% (lr {result['selected_lr']:g})"
-        elif experiment == "scratch":
+        elif experiment in ("scratch", "scratch-high"):
             from hf_roast.evaluation.scratch import run_scratch_arm, up_to_date
 
-            arm = _reuse_method_lr(arm, folder, mode)
+            try:
+                arm = _reuse_method_lr(arm, folder, mode)
+            except FileNotFoundError as missing:
+                if experiment == "scratch":
+                    raise
+                # its grid arm is unfinished (another worker's, or later in this queue): a later run takes it
+                tqdm.write(f"[{experiment}] {arm.name}: skipped, {missing}", file=sys.stdout)
+                continue
             path = results.arm_path(out, EXPERIMENT_DIRS[experiment], arm.name)
             previous = None if args.rerun or not path.is_file() else json.loads(path.read_text())
             if up_to_date(previous, arm, setup):
                 continue
-            result, model = run_scratch_arm(arm, source, setup, previous)
+
+            def save_partial(partial, experiment=experiment):
+                results.write_arm(
+                    out, EXPERIMENT_DIRS[experiment], {**partial, "mode": mode, "complete": False}
+                )
+
+            result, model = run_scratch_arm(arm, source, setup, previous, on_run=save_partial)
             metric = f"{result['bits_per_byte']:.3f} bits/byte (lr {result['selected_lr']:g})"
         else:
             from hf_roast.evaluation.language_model import run_lm_arm
@@ -211,8 +243,14 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
 def _prepare(experiment: str, mode: str, args):
     from hf_roast.evaluation import sources
 
-    if experiment == "scratch":
+    if experiment in ("scratch", "scratch-high"):
         from hf_roast.evaluation.scratch import ScratchSetup, tiny_bytes_source, wikipedia_bytes_source
+
+        curve = 0
+        if experiment == "scratch-high":
+            from hf_roast.evaluation.experiments import HIGH_CURVE_EVERY
+
+            curve = 4 if mode == "tiny" else HIGH_CURVE_EVERY
 
         if mode == "tiny":
             setup = ScratchSetup(
@@ -224,9 +262,11 @@ def _prepare(experiment: str, mode: str, args):
                 batch_size=4,
                 val_bytes=256,
                 eval_bytes=256,
+                curve_every=curve,
             )
             return tiny_bytes_source(), setup, None
-        return wikipedia_bytes_source(), ScratchSetup(batch_size=args.scratch_batch), None
+        setup = ScratchSetup(batch_size=args.scratch_batch, curve_every=curve)
+        return wikipedia_bytes_source(), setup, None
     if experiment == "classification":
         from hf_roast.evaluation.classification import ClassificationSetup
 

@@ -42,7 +42,7 @@ def test_narrower_model_stores_the_budget_in_whole_heads(c):
     setup = ScratchSetup()
     dense = projection_values(setup.hidden_size, setup.intermediate_size, setup.num_layers)
     budget = dense // c
-    hidden, intermediate = narrower_shape(setup, budget)
+    hidden, intermediate, _ = narrower_shape(setup, budget)
     assert hidden % setup.head_dim == 0 and intermediate >= 1
     # the MLP width absorbs the rounding of the width to whole heads: within one MLP column of the budget
     assert (

@@ -23,7 +23,8 @@ from ..quant import QuantizedZ
 from ..targets import find_targets, pattern_segments
 from .baselines import magnitude_prune, parameter_bytes, round_to_nearest, truncate_layers
 
-METHODS = ("dense", "roast", "prune", "smaller", "narrower", "rtn")
+METHODS = ("dense", "roast", "prune", "smaller", "narrower", "rtn", "floor")
+PRUNE_CRITERIA = ("magnitude", "random")
 Z_GROUP_SIZE = 128
 """Values per scale of every quantised arm (a quantised z, and the round-to-nearest baseline)."""
 
@@ -62,6 +63,11 @@ class Arm:
     compression_pattern: tuple[tuple[str, float], ...] | None = None
     # roast: RoastConfig.module_balance (each module's dz scaled to a common running RMS before the sum)
     module_balance: bool = False
+    # prune: which weights the fixed mask keeps at init, the largest ("magnitude") or a seeded draw ("random")
+    prune_by: str = "magnitude"
+    # from scratch, an arm without ``lrs``: the arm whose grid gives its rate (the grid's choice on the same
+    # budget, its two best on a longer one); None: its method's grid at its compression, else at 8x
+    grid_from: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -82,6 +88,8 @@ class Arm:
             raise ValueError(f"Arm {self.name}: a compression pattern is for hf-roast arms.")
         if self.module_balance and self.method != "roast":
             raise ValueError(f"Arm {self.name}: module_balance is for hf-roast arms.")
+        if self.prune_by not in PRUNE_CRITERIA or (self.prune_by != "magnitude" and self.method != "prune"):
+            raise ValueError(f"Arm {self.name}: prune_by is one of {PRUNE_CRITERIA}, for pruning arms.")
 
     @property
     def label(self) -> str:
@@ -94,7 +102,9 @@ class Arm:
                 + (" (norm-preserving init)" if self.norm_init else "")
             )
         if self.method == "prune":
-            return "magnitude pruning" + (" (+embeddings)" if self.compress_embeddings else "")
+            return f"{self.prune_by} pruning" + (" (+embeddings)" if self.compress_embeddings else "")
+        if self.method == "floor":
+            return "floor (no projection weights)"
         if self.method == "rtn":
             return f"round-to-nearest int{self.z_bits} (dense targets)"
         if self.method == "smaller":

@@ -34,8 +34,13 @@ def kept_per_module(numels: list[int], keep_total: int) -> list[int]:
 
 
 @torch.no_grad()
-def magnitude_prune(model: nn.Module, config: RoastConfig, keep_total: int) -> dict:
+def magnitude_prune(
+    model: nn.Module, config: RoastConfig, keep_total: int, random_generator: torch.Generator | None = None
+) -> dict:
     """Prune the target modules to ``keep_total`` kept weights, layer-wise by magnitude, with a fixed mask.
+
+    With ``random_generator`` the kept weights are a seeded uniform draw instead (random pruning at init,
+    the control that tells whether the magnitude criterion matters at all).
 
     The mask is installed with ``torch.nn.utils.prune.custom_from_mask``: the forward uses
     ``weight_orig * weight_mask``, so pruned weights get zero gradient and stay zero while fine-tuning.
@@ -49,7 +54,12 @@ def magnitude_prune(model: nn.Module, config: RoastConfig, keep_total: int) -> d
         w = module.weight
         mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
         if k > 0:
-            mask[torch.topk(w.detach().abs().flatten(), k, sorted=False).indices] = True
+            score = (
+                w.detach().abs().flatten()
+                if random_generator is None
+                else torch.rand(w.numel(), generator=random_generator).to(w.device)
+            )
+            mask[torch.topk(score, k, sorted=False).indices] = True
         prune.custom_from_mask(module, "weight", mask.view_as(w).to(w.dtype))
         rows_total += dense_weight(module, kind).shape[0] if kind != "embedding" else w.shape[0]
     return pruning_storage(

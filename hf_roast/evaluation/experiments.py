@@ -274,6 +274,79 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     return arms
 
 
+HIGH_COMPRESSIONS = (1024, 256, 64)
+"""The from-scratch compressions where the STABLE-RPS paper says sharing pulls ahead; 1024x and 256x decide."""
+HIGH_BUDGETS = (1200, 4800)
+"""The grids' budget and the long one, at which dense should have levelled off on validation (its curve)."""
+HIGH_CURVE_EVERY = 400
+"""Steps between two points of every arm's validation curve."""
+HIGH_GRIDS = {
+    "roast": (1e-3, 3e-3, 1e-2),
+    "prune": (1e-2, 3e-2, 1e-1),
+    "narrower": (3e-3, 1e-2, 3e-2),
+}
+"""Each method's projection rates (rest at SCRATCH_REST_LR), centred on what its grids chose at 16x and 32x
+(hf-roast with module_balance 3e-3, pruning 3e-2, the narrower model 1e-2) and one step either side."""
+HIGH_DENSE_LRS = (3e-4, 1e-3)
+"""Dense's two best projection rates of its 1,200-step split-rate grid (``scratch/dense-split-1200steps``)."""
+
+
+def high_tile(c: float) -> tuple[int, int]:
+    """The mapping tile at a high compression: z holds ~3k values at 1024x, about three 32x32 tiles."""
+    return (8, 8) if c >= 256 else (16, 16)
+
+
+def _high(method: str, c: float, steps: int, seed: int = 0, lrs=None, grid_from=None, **kw) -> Arm:
+    tile = high_tile(c)
+    tags = {
+        ("roast", "magnitude"): f"roast-stable-{c:g}x-t{tile[0]}-bal",
+        ("prune", "magnitude"): f"prune-magnitude-{c:g}x",
+        ("prune", "random"): f"prune-random-{c:g}x",
+        ("narrower", "magnitude"): f"narrower-{c:g}x",
+        ("dense", "magnitude"): "dense",
+        ("floor", "magnitude"): "floor",
+    }
+    name = tags[method, kw.get("prune_by", "magnitude")] + (f"-seed{seed}" if seed else "") + f"-{steps}steps"
+    extra = {"module_balance": True} if method == "roast" else {}
+    compression = float(c) if method in ("roast", "prune", "narrower") else 1.0
+    return Arm(
+        name, method, compression, steps=steps, seed=seed, lrs=lrs, rest_lr=SCRATCH_REST_LR, tile=tile,
+        grid_from=grid_from, **extra, **kw,
+    )  # fmt: skip
+
+
+def scratch_high_arms(mode: str) -> list[tuple[int, Arm]]:
+    """From scratch at 64-1024x (``hf-roast evaluate --experiments scratch-high``): hf-roast with
+    ``module_balance`` and small tiles against pruning at init (magnitude and random), the narrower model and
+    the floor (no projection weights at all), each on its own rate grid at 1,200 steps, then the grid's two best
+    rates at 4,800 steps, then a second init seed at the long budget's chosen rate. Every arm records its
+    validation curve. Tiers: what decides first (1024x, 256x), 64x last."""
+    methods = [("roast", {}), ("prune", {}), ("prune", {"prune_by": "random"}), ("narrower", {})]
+    if mode == "tiny":
+        arms = [(1, _high(m, 64, 8, lrs=HIGH_GRIDS[m][:2], **kw)) for m, kw in methods]
+        arms += [(1, _high("floor", 1, 8, lrs=(SCRATCH_REST_LR,)))]
+        arms += [(2, _high(m, 64, 16, grid_from=a.name, **kw)) for (m, kw), (_, a) in zip(methods, arms)]
+        return arms
+    short, long = HIGH_BUDGETS
+    arms = []
+    for tier, c in ((1, 1024), (1, 256), (4, 64)):
+        grids = [_high(m, c, short, lrs=HIGH_GRIDS[m], **kw) for m, kw in methods]
+        arms += [(tier, a) for a in grids]
+        longs = [_high(m, c, long, grid_from=g.name, **kw) for (m, kw), g in zip(methods, grids)]
+        arms += [(tier + 1, a) for a in longs]
+        if c != 64:
+            arms += [
+                (3, _high(m, c, long, seed=1, grid_from=a.name, **kw)) for (m, kw), a in zip(methods, longs)
+            ]
+    arms += [
+        (1, _high("floor", 1, short, lrs=(SCRATCH_REST_LR,))),
+        (2, _high("floor", 1, long, lrs=(SCRATCH_REST_LR,))),
+    ]
+    arms += [(1, _high("dense", 1, long, lrs=HIGH_DENSE_LRS))]
+    arms += [(3, _high("dense", 1, long, seed=1, grid_from=_high("dense", 1, long).name))]
+    return arms
+
+
 def _lm_recipe(c, **kw) -> Arm:
     """An LM arm as a user would run it: calibrated init, and the recipe at the LM's dense rate (the setup's)."""
     return _recipe(c, lrs=None, **kw)
@@ -305,6 +378,8 @@ def run_order(experiments: list[str], mode: str, recovery_steps: int) -> list[tu
             arms = classification_arms(mode)
         elif experiment == "scratch":
             arms = scratch_arms(mode)
+        elif experiment == "scratch-high":
+            arms = scratch_high_arms(mode)
         else:
             arms = lm_arms(mode, recovery_steps)
         tiered += [(tier, order, i, experiment, arm) for i, (tier, arm) in enumerate(arms)]

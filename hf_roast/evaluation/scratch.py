@@ -51,9 +51,14 @@ class ScratchSetup:
     val_bytes: int = 65_536
     eval_bytes: int = 131_072
     seed: int = 0
+    # every this many steps, score the validation bytes (the curve that shows whether training levelled off);
+    # 0: no curve
+    curve_every: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if not self.curve_every:
+            d.pop("curve_every")  # results written before the curve existed stay comparable
         d["lr_grid"] = list(self.lr_grid)
         d["tokens_per_arm"] = self.steps * self.batch_size * self.context
         return d
@@ -86,13 +91,19 @@ def split_bytes(train_articles: list[str], held_out: list[str], val_every: int =
     return bytes_of(train), bytes_of(val), bytes_of(held_out)
 
 
-def llama_config(setup: ScratchSetup, hidden: int | None = None, intermediate: int | None = None):
+def llama_config(
+    setup: ScratchSetup,
+    hidden: int | None = None,
+    intermediate: int | None = None,
+    head_dim: int | None = None,
+):
     from transformers import LlamaConfig
 
     hidden = hidden or setup.hidden_size
-    heads = max(1, hidden // setup.head_dim)
+    head_dim = head_dim or setup.head_dim
+    heads = max(1, hidden // head_dim)
     if hidden % heads:
-        raise ValueError(f"hidden size {hidden} is not a multiple of the head dim {setup.head_dim}.")
+        raise ValueError(f"hidden size {hidden} is not a multiple of the head dim {head_dim}.")
     return LlamaConfig(
         vocab_size=BYTE_VOCAB,
         hidden_size=hidden,
@@ -100,6 +111,7 @@ def llama_config(setup: ScratchSetup, hidden: int | None = None, intermediate: i
         num_hidden_layers=setup.num_layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
+        head_dim=hidden // heads,
         max_position_embeddings=setup.context,
         tie_word_embeddings=False,
         bos_token_id=None,
@@ -113,15 +125,22 @@ def projection_values(hidden: int, intermediate: int, num_layers: int) -> int:
     return num_layers * (4 * hidden * hidden + 3 * hidden * intermediate)
 
 
-def narrower_shape(setup: ScratchSetup, budget: int) -> tuple[int, int]:
-    """(hidden, intermediate) of the narrower arm: width ~ dense / sqrt(c) in whole heads, then the MLP
-    width that brings the projection count as close as possible to ``budget``."""
+def narrower_shape(setup: ScratchSetup, budget: int) -> tuple[int, int, int]:
+    """(hidden, intermediate, head_dim) of the narrower arm: width ~ dense / sqrt(c) in whole heads, then the
+    MLP width that brings the projection count as close as possible to ``budget``.
+
+    Below one head of ``setup.head_dim`` (from about 64x on the default model) the model keeps one head, as
+    wide as the model: the power of two nearest the width, at least 4 (rotary embeddings need an even head).
+    """
     dense = projection_values(setup.hidden_size, setup.intermediate_size, setup.num_layers)
     width = setup.hidden_size / math.sqrt(dense / budget)
-    hidden = max(setup.head_dim, setup.head_dim * round(width / setup.head_dim))
+    head_dim = setup.head_dim
+    if width < setup.head_dim * 0.75:
+        head_dim = max(4, 2 ** round(math.log2(width)))
+    hidden = max(head_dim, head_dim * round(width / head_dim))
     per_layer = budget / setup.num_layers
     intermediate = max(1, round((per_layer - 4 * hidden * hidden) / (3 * hidden)))
-    return hidden, intermediate
+    return hidden, intermediate, head_dim
 
 
 def build_scratch_model(arm: Arm, setup: ScratchSetup) -> tuple[nn.Module, dict]:
@@ -147,11 +166,19 @@ def build_scratch_model(arm: Arm, setup: ScratchSetup) -> tuple[nn.Module, dict]
     storage: dict = {"dense_target_values": dense_values, "dense_target_bytes": 4 * dense_values}
     if arm.method == "narrower":
         budget = _roast_budget(setup, arm)
-        hidden, intermediate = narrower_shape(setup, budget)
-        model = LlamaForCausalLM(llama_config(setup, hidden, intermediate))
+        hidden, intermediate, head_dim = narrower_shape(setup, budget)
+        model = LlamaForCausalLM(llama_config(setup, hidden, intermediate, head_dim))
         target = projection_values(hidden, intermediate, setup.num_layers)
-        storage.update(hidden_size=hidden, intermediate_size=intermediate)
+        storage.update(hidden_size=hidden, intermediate_size=intermediate, head_dim=head_dim)
         values, nbytes = parameter_bytes(model)
+    elif arm.method == "floor":
+        model = LlamaForCausalLM(llama_config(setup))
+        for weight in projection_weights(model):
+            weight.requires_grad_(False)
+            weight.zero_()  # no attention and no MLP: the residual stream is the byte's embedding
+        target = 0
+        values, nbytes = parameter_bytes(model)
+        values, nbytes = values - dense_values, nbytes - 4 * dense_values
     else:
         model = LlamaForCausalLM(llama_config(setup))
         target = dense_values
@@ -161,7 +188,8 @@ def build_scratch_model(arm: Arm, setup: ScratchSetup) -> tuple[nn.Module, dict]
             target = model.compression_report()["target"]["stored_parameters"]
             values, nbytes = parameter_bytes(model)
         elif arm.method == "prune":
-            pruned = magnitude_prune(model, roast_config, _roast_budget(setup, arm))
+            generator = torch.Generator().manual_seed(arm.seed) if arm.prune_by == "random" else None
+            pruned = magnitude_prune(model, roast_config, _roast_budget(setup, arm), generator)
             target = pruned["kept_values"]
             # the dense weight_orig stays a parameter while training; storage counts the kept values and
             # the sparsity pattern in place of the dense projections
@@ -180,9 +208,36 @@ def build_scratch_model(arm: Arm, setup: ScratchSetup) -> tuple[nn.Module, dict]
         + storage.get("index_overhead_bytes", 0),
         model_values=values,
         model_bytes=nbytes,
-        target_ratio=dense_values / target,
+        target_ratio=dense_values / target if target else math.inf,
     )
+    storage["training_memory"] = training_memory(model, storage)
     return model, storage
+
+
+def training_memory(model: nn.Module, storage: dict) -> dict:
+    """Bytes that training holds besides activations: trainable parameters, their gradients, AdamW's two
+    moments, and the masks of pruning at init, as this harness trains (all fp32).
+
+    Pruning here trains dense-sized ``weight_orig`` tensors under a dense fp32 mask; ``with_sparse_kernels``
+    is what it would hold with kernels that store and update only the kept values (values, gradients and
+    moments of the kept weights, plus the cheaper of a bitmask and CSR indices). The floor's frozen zero
+    projections are not counted: a model without projections does not need them.
+    """
+    trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    masks = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("weight_mask"))
+    memory = {
+        "parameter_bytes": 4 * trainable,
+        "gradient_bytes": 4 * trainable,
+        "optimizer_bytes": 8 * trainable,
+        "mask_bytes": masks,
+    }
+    memory["total_bytes"] = sum(memory.values())
+    if "index_overhead_bytes" in storage:
+        dense, kept = storage["dense_target_values"], storage["target_values"]
+        memory["with_sparse_kernels_bytes"] = (
+            16 * (trainable - dense + kept) + storage["index_overhead_bytes"]
+        )
+    return memory
 
 
 def _roast_budget(setup: ScratchSetup, arm: Arm) -> int:
@@ -194,7 +249,7 @@ def _roast_budget(setup: ScratchSetup, arm: Arm) -> int:
 
     with torch.device("meta"):
         probe = LlamaForCausalLM(llama_config(setup))
-    cfg = RoastConfig(compression=arm.compression, target_modules="all-linear", init="random")
+    cfg = RoastConfig(compression=arm.compression, target_modules="all-linear", init="random", tile=arm.tile)
     return get_roast_model(probe, cfg).compression_report()["target"]["stored_parameters"]
 
 
@@ -259,7 +314,7 @@ def split_rate_groups(model: nn.Module, projection_lr: float, rest_lr: float) ->
     from ..checkpoint_format import STORE_NAME
     from ..optim import z_weight_multiplier
 
-    projections = projection_weights(model)
+    projections = [p for p in projection_weights(model) if p.requires_grad]
     multiplier = z_weight_multiplier(model) if getattr(model, STORE_NAME, None) is not None else 1.0
     ids = {id(p) for p in projections}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
@@ -276,10 +331,12 @@ def train_from_scratch(
     batches,
     recipe: tuple | None = None,
     rest_lr: float | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> list[float]:
     """AdamW, linear warm-up then cosine decay to 10%; z gets ``lr`` in weight units (times the recipe's
     z ratio when given, see :mod:`hf_roast.optim`); with ``rest_lr``, ``lr`` is the projections' rate and
-    every other parameter trains at ``rest_lr`` (:func:`split_rate_groups`); pruning masks stay fixed."""
+    every other parameter trains at ``rest_lr`` (:func:`split_rate_groups`); pruning masks stay fixed.
+    ``on_checkpoint(step)`` is called every ``setup.curve_every`` steps (the validation curve)."""
     if recipe:
         from ..optim import RoastRecipe, roast_parameter_groups
 
@@ -312,6 +369,8 @@ def train_from_scratch(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        if on_checkpoint is not None and setup.curve_every and (step + 1) % setup.curve_every == 0:
+            on_checkpoint(step + 1)
     return losses
 
 
@@ -358,69 +417,90 @@ def up_to_date(previous: dict | None, arm: Arm, setup: ScratchSetup) -> bool:
 
 
 def run_scratch_arm(
-    arm: Arm, source: ScratchSource, setup: ScratchSetup, previous: dict | None = None
+    arm: Arm,
+    source: ScratchSource,
+    setup: ScratchSetup,
+    previous: dict | None = None,
+    on_run: Callable[[dict], None] | None = None,
 ) -> tuple[dict, nn.Module | None]:
     """Train the arm once per learning rate, keep the best on validation, score it on held-out text.
 
     Every run is scored on held-out text too (selection uses validation only), so that a later, wider
     grid reuses the runs of ``previous`` (an earlier result of the same arm) and trains only new rates.
-    Returns the result and the selected model (None when the selected run was reused).
+    ``on_run`` receives the result so far after each newly trained rate (saved, it makes a long arm resumable
+    rate by rate). Returns the result and the selected model (None when the selected run was reused).
     """
     setup = arm_setup(arm, setup)
     batches = training_windows(source.train, setup)
-    grid = setup.lr_grid
     reused = reusable_runs(previous, arm, setup)
     runs, best, best_model = [], None, None
     with ResourceMeter() as whole:
-        for lr in grid:
+        for lr in setup.lr_grid:
             if lr in reused:
                 run, model = reused[lr], None
             else:
-                model, storage = build_scratch_model(arm, setup)
-                with ResourceMeter() as meter:
-                    losses = train_from_scratch(model, setup, lr, batches, arm.recipe, arm.rest_lr)
-                diverged = not math.isfinite(losses[-1])
-                run = {"lr": lr, "final_train_loss": losses[-1], "diverged": diverged}
-                run["val_bits_per_byte"] = (
-                    float("inf")
-                    if diverged
-                    else bits_per_byte(model, source.val, setup.context, setup.val_bytes)
-                )
-                run["test_bits_per_byte"] = (
-                    float("inf")
-                    if diverged
-                    else bits_per_byte(model, source.test, setup.context, setup.eval_bytes)
-                )
-                run["loss_curve"] = [round(x, 4) for x in losses[:: max(1, len(losses) // 50)]]
-                run.update(meter.as_dict())
-                run["storage"] = storage
+                model, run = _train_one_rate(arm, source, setup, lr, batches)
             runs.append(run)
             if best is None or run["val_bits_per_byte"] < best["val_bits_per_byte"]:
                 best, best_model = run, model
-    storage = best["storage"]
-    runs = [{k: v for k, v in r.items() if k != "storage"} for r in runs]
-    test = best["test_bits_per_byte"]
+            if on_run is not None and lr not in reused and len(runs) < len(setup.lr_grid):
+                on_run(_scratch_result(arm, source, setup, runs, best, whole))
+    result = _scratch_result(arm, source, setup, runs, best, whole)
     if arm.method == "prune" and best_model is not None:
         from .baselines import finalize_pruning
 
-        storage["kept_values_after_training"] = finalize_pruning(best_model)
-    result = {
+        result["storage"]["kept_values_after_training"] = finalize_pruning(best_model)
+    return result, best_model
+
+
+def _train_one_rate(arm: Arm, source: ScratchSource, setup: ScratchSetup, lr: float, batches) -> tuple:
+    model, storage = build_scratch_model(arm, setup)
+    curve: list[list[float]] = []
+
+    def checkpoint(step: int) -> None:
+        curve.append([step, round(bits_per_byte(model, source.val, setup.context, setup.val_bytes), 4)])
+
+    with ResourceMeter() as meter:
+        losses = train_from_scratch(
+            model, setup, lr, batches, arm.recipe, arm.rest_lr, on_checkpoint=checkpoint
+        )
+    diverged = not math.isfinite(losses[-1])
+    run = {"lr": lr, "final_train_loss": losses[-1], "diverged": diverged}
+    for split, stream, limit in (
+        ("val", source.val, setup.val_bytes),
+        ("test", source.test, setup.eval_bytes),
+    ):
+        run[f"{split}_bits_per_byte"] = (
+            float("inf") if diverged else bits_per_byte(model, stream, setup.context, limit)
+        )
+    run["loss_curve"] = [round(x, 4) for x in losses[:: max(1, len(losses) // 50)]]
+    if curve:
+        run["val_curve"] = curve
+    run.update(meter.as_dict())
+    run["storage"] = storage
+    return model, run
+
+
+def _scratch_result(
+    arm: Arm, source: ScratchSource, setup: ScratchSetup, runs: list, best: dict, whole
+) -> dict:
+    test = best["test_bits_per_byte"]
+    return {
         "experiment": "scratch",
         "arm": arm.to_dict(),
         "source": source.name,
         "data": source.description,
         "setup": setup.to_dict(),
-        "lr_search": runs,
+        "lr_search": [{k: v for k, v in r.items() if k != "storage"} for r in runs],
         "selected_lr": best["lr"],
         "val_bits_per_byte": best["val_bits_per_byte"],
         "bits_per_byte": test,
         "perplexity_per_byte": 2.0**test,
-        "storage": storage,
+        "storage": dict(best["storage"]),
         "train_wall_seconds": best["wall_seconds"],
         "arm_wall_seconds": round(whole.seconds, 2),
         "arm_peak_rss_mb": round(whole.peak_rss / 2**20, 1),
     }
-    return result, best_model
 
 
 def wikipedia_bytes_source() -> ScratchSource:
