@@ -126,7 +126,9 @@ def test_a_wider_grid_trains_only_the_new_rates(monkeypatch):
     trained = []
     real = scratch.train_from_scratch
     monkeypatch.setattr(
-        scratch, "train_from_scratch", lambda m, s, lr, *a: trained.append(lr) or real(m, s, lr, *a)
+        scratch,
+        "train_from_scratch",
+        lambda m, s, lr, *a, **kw: trained.append(lr) or real(m, s, lr, *a, **kw),
     )
     second, _ = run_scratch_arm(wider, source, setup, previous=json.loads(json.dumps(first)))
     assert trained == [3e-3]
