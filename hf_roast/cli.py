@@ -1,6 +1,7 @@
-"""The ``hf-roast`` console command: ``hf-roast {demo,compress,evaluate,bench,memory,grad-probe,recipe-probe} ...``.
+"""The ``hf-roast`` console command: ``hf-roast {demo,compress,bench,memory} ...``.
 
-Each subcommand lives in ``scripts/`` (installed as ``hf_roast.scripts``) and is imported lazily.
+Each subcommand lives in ``scripts/`` (installed as ``hf_roast.scripts``) and is imported lazily. The research
+harness is not a subcommand: it lives in ``benchmarks/`` of a clone (``python -m benchmarks.evaluate``).
 """
 
 from __future__ import annotations
@@ -14,19 +15,10 @@ SUBCOMMANDS = {
         "hf_roast.scripts.compress_folder",
         "Compress a local HF model folder into a ROAST checkpoint.",
     ),
-    "evaluate": ("hf_roast.scripts.evaluate", "Run the memory-accuracy evaluation experiments."),
     "bench": ("hf_roast.scripts.bench_kernels", "Benchmark ROAST matmuls against dense and HashedNet."),
     "memory": (
         "hf_roast.scripts.memory",
         "Train a 134M-parameter Llama dense and compressed; print memory and step time side by side.",
-    ),
-    "grad-probe": (
-        "hf_roast.scripts.grad_probe",
-        "Print how unevenly the compressed modules' gradients pull on z (why module_balance exists).",
-    ),
-    "recipe-probe": (
-        "hf_roast.scripts.recipe_probe",
-        "Fine-tune one recipe setting on a Rotten Tomatoes subset (how the defaults were chosen).",
     ),
 }
 

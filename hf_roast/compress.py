@@ -303,24 +303,3 @@ def merge_model(model: nn.Module) -> nn.Module:
         replace_module(model, name, _dense_layer_like(layer))
     delattr(model, STORE_NAME)
     return model
-
-
-@torch.no_grad()
-def rescale_to_dense_norm(model: nn.Module, dense_sq: float) -> float:
-    """Multiply z so the compressed target weights keep the dense weights' total Frobenius norm.
-
-    The least-squares projection at c-fold sharing keeps about 1/c of each weight and adds the other
-    c-1 weights of its slot as noise, so ||W'|| is about ||W||/sqrt(c): attention logits (Q K^T) shrink
-    about c-fold, attention turns uniform and the token representations collapse. This variant
-    trades the L2-optimal start for the dense model's scale. One global factor suffices because the
-    stable mapper shares evenly across modules (under a compression_pattern, segments at other compressions
-    shrink by other factors, and the one factor restores the total norm only). ``model`` is the compressed HF model; ``dense_sq`` the sum of
-    its dense target weights' squares before compression. Returns the factor (an init variant of the
-    evaluation).
-    """
-    roast_sq = float(
-        sum(layer.materialize_weight().double().pow(2).sum() for _, layer in roast_layers(model))
-    )
-    factor = (dense_sq / roast_sq) ** 0.5
-    getattr(model, STORE_NAME).z.mul_(factor)
-    return factor

@@ -73,22 +73,6 @@ def z_weight_multiplier(model: nn.Module) -> float:
     return 1.0 / rms
 
 
-def single_rate_groups(model: nn.Module, lr: float) -> tuple[list[dict], float]:
-    """One learning rate for every parameter, in weight units: z gets ``lr * z_weight_multiplier``.
-
-    The baselines' recipe (and hf-roast's before the per-group recipe above), kept so that the
-    evaluation's arms reproduce. Returns the groups and z's multiplier (1.0 for an uncompressed model).
-    """
-    store = getattr(model, STORE_NAME, None)
-    if store is None:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}], 1.0
-    multiplier = z_weight_multiplier(model)
-    z = store.z  # None when z is packed (model.quantize_z): nothing of it trains
-    others = [p for p in model.parameters() if p.requires_grad and p is not z]
-    z_groups = [{"params": [z], "lr": lr * multiplier}] if z is not None else []
-    return [*z_groups, {"params": others, "lr": lr}], multiplier
-
-
 def _store_of(model: nn.Module):
     store = getattr(model, STORE_NAME, None)
     if store is None:

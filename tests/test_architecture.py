@@ -28,7 +28,7 @@ LAYERS = {
     6: ["targets", "calibration", "compress", "report"],
     7: ["model_card", "hub", "serialization", "quantizer"],
     8: ["model", "optim", "distill"],
-    9: ["", "cli", "scripts", "scripts.*", "evaluation", "evaluation.*"],
+    9: ["", "cli", "scripts", "scripts.*"],
 }
 """Layer of each module (names relative to ``hf_roast``; ``""`` is the package itself). A module may import
 from its own layer (without a circle) and from the layers below it, never from above."""
@@ -175,3 +175,21 @@ def test_execution_paths_import_one_another_only_where_documented():
         if is_path(target) and path_of(target) != path_of(name) and (name, target) not in PATH_EDGES_ALLOWED
     )
     assert not edges, "execution paths importing one another (docs/architecture.md):\n" + "\n".join(edges)
+
+
+def test_the_library_never_imports_the_research_harness():
+    """``benchmarks/`` lives in a clone, not in the wheel: nothing installed may import it."""
+    found = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            modules = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
+            found += [
+                f"{name} imports {m}" for m in modules if m == "benchmarks" or m.startswith("benchmarks.")
+            ]
+    assert not found, "\n".join(found)

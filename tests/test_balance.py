@@ -125,17 +125,3 @@ def test_module_gradients_split_z_grad_by_module():
     assert model.roast_store._module_views is None  # layers read z directly again
     with pytest.raises(ValueError, match="get_roast_model"):
         module_gradients(tiny_llama(), lambda: None)
-
-
-def test_grad_probe_prints_every_module_before_and_after_training(capsys, tmp_path):
-    from hf_roast.cli import main
-
-    out_json = tmp_path / "probe.json"
-    assert main(["grad-probe", "--tiny", "--steps", "2", "--batches", "1", "--json", str(out_json)]) == 0
-    printed = capsys.readouterr().out
-    assert "largest / smallest after training" in printed
-    import json
-
-    table = json.loads(out_json.read_text())
-    assert len(table["trained"]) == 28 == len(table["init"])  # 4 layers x 7 projections
-    assert all(v > 0 for v in table["trained"].values())

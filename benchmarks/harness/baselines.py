@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from ..compress import dense_weight
-from ..config import RoastConfig
-from ..quant import QuantizedZ, fake_quantize_groups
-from ..targets import find_targets
+from hf_roast.compress import dense_weight
+from hf_roast.config import RoastConfig
+from hf_roast.quant import QuantizedZ, fake_quantize_groups
+from hf_roast.targets import find_targets
 
 
 def kept_per_module(numels: list[int], keep_total: int) -> list[int]:

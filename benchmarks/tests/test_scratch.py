@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from hf_roast.evaluation.arms import Arm
-from hf_roast.evaluation.scratch import (
+from benchmarks.harness.arms import Arm
+from benchmarks.harness.scratch import (
     EOS,
     ScratchSetup,
     bits_per_byte,
@@ -112,7 +112,7 @@ def test_bits_per_byte_of_a_uniform_model_is_eight_point_something():
 
 def test_a_wider_grid_trains_only_the_new_rates(monkeypatch):
     """Resuming a sweep with a wider grid keeps earlier runs (same arm, same setup) and trains the rest."""
-    import hf_roast.evaluation.scratch as scratch
+    import benchmarks.harness.scratch as scratch
 
     setup = ScratchSetup(
         hidden_size=32, intermediate_size=64, num_layers=1, head_dim=16, context=16, batch_size=2,

@@ -1,13 +1,13 @@
-"""``hf-roast evaluate``: the memory-accuracy frontier of hf-roast against pruning and smaller models.
+"""``python -m benchmarks.evaluate``: the memory-accuracy frontier of hf-roast against pruning and smaller models.
 
 Runs the named experiments arm by arm, writes each arm's JSON as soon as it finishes (a rerun skips
 finished arms, so an interrupted sweep resumes), then aggregates everything into ``results.json``,
 ``results.md`` and one PNG per experiment in the results folder.
 
-    hf-roast evaluate                      # default sweep, real models (hours on 2 cores; resumable)
-    hf-roast evaluate --quick              # the headline arms in at most 40 minutes on 2 cores
-    hf-roast evaluate --full               # every arm, with seeds, mappers and recovery variants
-    hf-roast evaluate --tiny               # tiny synthetic models and text, seconds (the smoke test)
+    python -m benchmarks.evaluate                      # default sweep, real models (hours on 2 cores; resumable)
+    python -m benchmarks.evaluate --quick              # the headline arms in at most 40 minutes on 2 cores
+    python -m benchmarks.evaluate --full               # every arm, with seeds, mappers and recovery variants
+    python -m benchmarks.evaluate --tiny               # tiny synthetic models and text, seconds (the smoke test)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ EXPERIMENT_DIRS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="hf-roast evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--experiments", nargs="+", choices=list(EXPERIMENT_DIRS), default=["classification", "scratch"]
     )
@@ -97,7 +97,7 @@ def _reuse_method_lr(arm, folder: Path, mode: str):
     the grid's two best rates on validation, because the best rate of a short run is not always the best of a
     long one (pruning at 16x: 3e-2 after 300 steps, 1e-2 after 1,200). See ``scratch_arms``."""
 
-    from hf_roast.evaluation.experiments import scratch_arms
+    from benchmarks.harness.experiments import scratch_arms
 
     if arm.lrs:
         return arm
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from hf_roast.evaluation import experiments, results
+    from benchmarks.harness import experiments, results
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "mode": mode,
-        "command": "hf-roast evaluate " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.evaluate " + " ".join(sys.argv[1:] if argv is None else argv),
         "hardware": hardware(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -190,7 +190,7 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
         source, setup, cache = prepared[experiment]
         t0 = time.perf_counter()
         if experiment == "classification":
-            from hf_roast.evaluation.classification import run_classification_arm
+            from benchmarks.harness.classification import run_classification_arm
 
             arm = _reuse_base_lr(arm, folder)
             if arm.distill and teacher is None:
@@ -201,7 +201,7 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
                 _save_teacher(model, folder)
             metric = f"test acc {100 * result['test_accuracy']:.2f}% (lr {result['selected_lr']:g})"
         elif experiment in ("scratch", "scratch-high"):
-            from hf_roast.evaluation.scratch import run_scratch_arm, up_to_date
+            from benchmarks.harness.scratch import run_scratch_arm, up_to_date
 
             try:
                 arm = _reuse_method_lr(arm, folder, mode)
@@ -224,7 +224,7 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
             result, model = run_scratch_arm(arm, source, setup, previous, on_run=save_partial)
             metric = f"{result['bits_per_byte']:.3f} bits/byte (lr {result['selected_lr']:g})"
         else:
-            from hf_roast.evaluation.language_model import run_lm_arm
+            from benchmarks.harness.language_model import run_lm_arm
 
             result, model = run_lm_arm(arm, source, setup, cache)
             metric = f"ppl {result['perplexity']:.3f}"
@@ -241,14 +241,14 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
 
 
 def _prepare(experiment: str, mode: str, args):
-    from hf_roast.evaluation import sources
+    from benchmarks.harness import sources
 
     if experiment in ("scratch", "scratch-high"):
-        from hf_roast.evaluation.scratch import ScratchSetup, tiny_bytes_source, wikipedia_bytes_source
+        from benchmarks.harness.scratch import ScratchSetup, tiny_bytes_source, wikipedia_bytes_source
 
         curve = 0
         if experiment == "scratch-high":
-            from hf_roast.evaluation.experiments import HIGH_CURVE_EVERY
+            from benchmarks.harness.experiments import HIGH_CURVE_EVERY
 
             curve = 4 if mode == "tiny" else HIGH_CURVE_EVERY
 
@@ -268,7 +268,7 @@ def _prepare(experiment: str, mode: str, args):
         setup = ScratchSetup(batch_size=args.scratch_batch, curve_every=curve)
         return wikipedia_bytes_source(), setup, None
     if experiment == "classification":
-        from hf_roast.evaluation.classification import ClassificationSetup
+        from benchmarks.harness.classification import ClassificationSetup
 
         if mode == "tiny":
             source = sources.tiny_classification_source(n=64)
@@ -277,7 +277,7 @@ def _prepare(experiment: str, mode: str, args):
             source = sources.minilm_classification_source(args.train_size, args.val_size)
             setup = ClassificationSetup(epochs=args.epochs, lr_grid=tuple(args.lr_grid))
         return source, setup, None
-    from hf_roast.evaluation.language_model import LanguageModelSetup
+    from benchmarks.harness.language_model import LanguageModelSetup
 
     if mode == "tiny":
         return sources.tiny_lm_source(), LanguageModelSetup(context=32, eval_tokens=128, train_context=16), {}
@@ -287,7 +287,7 @@ def _prepare(experiment: str, mode: str, args):
 
 def _teacher_path(folder: Path) -> Path:
     """The dense fine-tuned teacher lives in the gitignored cache, keyed by the results folder."""
-    from hf_roast.evaluation.data import cache_dir
+    from benchmarks.harness.data import cache_dir
 
     key = str(folder.resolve()).strip("/").replace("/", "_")
     return cache_dir() / "teachers" / key / "dense.pt"
@@ -308,7 +308,7 @@ def _load_teacher(source, folder: Path):
     if not path.is_file():
         raise FileNotFoundError(
             f"Distillation needs the dense fine-tuned teacher at {path}: rerun the dense arm "
-            "(hf-roast evaluate --arms dense --rerun)."
+            "(python -m benchmarks.evaluate --arms dense --rerun)."
         )
     model = source.load_model(len(source.data.label_names))
     model.load_state_dict(torch.load(path, weights_only=True))

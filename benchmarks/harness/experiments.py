@@ -72,7 +72,7 @@ def _rtn(bits, **kw) -> Arm:
 
 def _recipe(c, **kw) -> Arm:
     """hf-roast as a user runs it: output-calibrated init, the fine-tuning recipe at the dense rate."""
-    from ..optim import DEFAULT_HEAD_LR_RATIO, DEFAULT_UNCOMPRESSED_LR_RATIO, DEFAULT_Z_LR_RATIO
+    from hf_roast.optim import DEFAULT_HEAD_LR_RATIO, DEFAULT_UNCOMPRESSED_LR_RATIO, DEFAULT_Z_LR_RATIO
 
     recipe = kw.pop("recipe", (DEFAULT_Z_LR_RATIO, DEFAULT_UNCOMPRESSED_LR_RATIO, DEFAULT_HEAD_LR_RATIO))
     kw.setdefault("calibrate", True)
@@ -86,7 +86,7 @@ DISTILL_HIDDEN = 3.0
 def classification_arms(mode: str) -> list[tuple[int, Arm]]:
     """(tier, arm): tier 1 decides the issue's targets; later tiers add the recipe's ablations and seeds.
 
-    Every arm trains on the full Rotten Tomatoes training split for one epoch (``hf-roast evaluate``'s
+    Every arm trains on the full Rotten Tomatoes training split for one epoch (``python -m benchmarks.evaluate``'s
     defaults). hf-roast arms use the calibrated init and the fine-tuning recipe at the dense rate. The
     dense model picks its rate from a grid on validation; the baselines train at the rate that won
     their grids before (``BASELINE_LR``; ``--full`` adds their grids) because each run costs minutes.
@@ -203,7 +203,7 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     """From-scratch LM arms. The learning-rate grids run on the short budget: once per method at 8x (or dense)
     in the one-rate protocol; at every compression in the split-rate protocol (hf-roast without
     ``module_balance``: at 4x and 8x). Every other arm takes its rate from its method's grid at its compression
-    (else at 8x): the chosen rate on the same budget, the grid's two best on the long one (``hf-roast evaluate``
+    (else at 8x): the chosen rate on the same budget, the grid's two best on the long one (``python -m benchmarks.evaluate``
     fills it in, see ``scripts/evaluate.py``)."""
     if mode == "tiny":
         arms = [(1, _scratch(m, 4, 8, lrs=(3e-3,))) for m in ("dense", "roast", "narrower", "prune")]
@@ -316,7 +316,7 @@ def _high(method: str, c: float, steps: int, seed: int = 0, lrs=None, grid_from=
 
 
 def scratch_high_arms(mode: str) -> list[tuple[int, Arm]]:
-    """From scratch at 64-1024x (``hf-roast evaluate --experiments scratch-high``): hf-roast with
+    """From scratch at 64-1024x (``python -m benchmarks.evaluate --experiments scratch-high``): hf-roast with
     ``module_balance`` and small tiles against pruning at init (magnitude and random), the narrower model and
     the floor (no projection weights at all), each on its own rate grid at 1,200 steps, then the grid's two best
     rates at 4,800 steps, then a second init seed at the long budget's chosen rate. Every arm records its

@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..optim import RoastRecipe, roast_trainer_class, single_rate_groups, z_weight_multiplier
+from hf_roast.optim import RoastRecipe, roast_trainer_class, z_weight_multiplier
+
 from .arms import Arm, build_arm_model, finish_training
 from .data import TextClassificationData, cache_dir
 from .measure import ResourceMeter
+from .training import single_rate_groups
 
 
 @dataclass
@@ -102,7 +104,7 @@ def train(
 ):
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from ..distill import DistillationTrainer
+    from hf_roast.distill import DistillationTrainer
 
     args = TrainingArguments(
         output_dir=str(cache_dir() / "trainer"),

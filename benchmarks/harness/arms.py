@@ -15,13 +15,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..compress import dense_weight, rescale_to_dense_norm
-from ..config import RoastConfig
-from ..mapping import tiles_along
-from ..model import get_roast_model
-from ..quant import QuantizedZ
-from ..targets import find_targets, pattern_segments
+from hf_roast.compress import dense_weight
+from hf_roast.config import RoastConfig
+from hf_roast.mapping import tiles_along
+from hf_roast.model import get_roast_model
+from hf_roast.quant import QuantizedZ
+from hf_roast.targets import find_targets, pattern_segments
+
 from .baselines import magnitude_prune, parameter_bytes, round_to_nearest, truncate_layers
+from .training import rescale_to_dense_norm
 
 METHODS = ("dense", "roast", "prune", "smaller", "narrower", "rtn", "floor")
 PRUNE_CRITERIA = ("magnitude", "random")

@@ -7,7 +7,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from ..optim import DEFAULT_HEAD_LR_RATIO, DEFAULT_UNCOMPRESSED_LR_RATIO, DEFAULT_Z_LR_RATIO
+from hf_roast.optim import DEFAULT_HEAD_LR_RATIO, DEFAULT_UNCOMPRESSED_LR_RATIO, DEFAULT_Z_LR_RATIO
 
 MB = 1e6
 DEFAULT_RECIPE = (DEFAULT_Z_LR_RATIO, DEFAULT_UNCOMPRESSED_LR_RATIO, DEFAULT_HEAD_LR_RATIO)

@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..optim import RoastRecipe, roast_parameter_groups, single_rate_groups
+from hf_roast.optim import RoastRecipe, roast_parameter_groups
+
 from .arms import Arm, build_arm_model
 from .measure import ResourceMeter
+from .training import single_rate_groups
 
 
 @dataclass
@@ -88,7 +90,7 @@ def recovery_batches(
 def recover(
     model: nn.Module, batches: list[torch.Tensor], lr: float, recipe: tuple | None = None
 ) -> list[float]:
-    """A short AdamW fine-tune with constant learning rate (z's in weight units, see ``hf_roast.optim.single_rate_groups``),
+    """A short AdamW fine-tune with constant learning rate (z's in weight units, see ``benchmarks.harness.training.single_rate_groups``),
     or with ``recipe`` the library's per-group rates (``create_roast_optimizer``'s) around ``lr``; pruned masks stay
     fixed (their hooks)."""
     if recipe:

@@ -1,12 +1,12 @@
-"""``hf-roast grad-probe``: how unevenly the compressed modules pull on the shared z (why ``module_balance``).
+"""``python -m benchmarks.grad_probe``: how unevenly the compressed modules pull on the shared z (why ``module_balance``).
 
 Builds the from-scratch experiment's byte-level Llama (4 layers, width 256) with hf-roast on its projections,
 trains it a few steps with the split-rate recipe (README, "From scratch"), and prints the RMS of each module's
 own dz over the slots it touches (:func:`hf_roast.balance.module_gradients`), at init and after training, on
 held-out batches. Under Adam, a slot of z steps for the largest of the gradients summed into it.
 
-    hf-roast grad-probe --compression 8 --steps 150
-    hf-roast grad-probe --compression 8 --steps 150 --module-balance
+    python -m benchmarks.grad_probe --compression 8 --steps 150
+    python -m benchmarks.grad_probe --compression 8 --steps 150 --module-balance
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import statistics
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="hf-roast grad-probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.grad_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--compression", type=float, default=8.0)
     p.add_argument("--steps", type=int, default=150, help="Training steps between the two measurements.")
     p.add_argument(
@@ -35,8 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def gradient_rms(model, stream, setup, batches: int) -> dict[str, float]:
     """Per module: RMS of its own dz over its nonzero slots, averaged over ``batches`` held-out windows."""
+    from benchmarks.harness.scratch import training_windows
     from hf_roast.balance import module_gradients, slot_mean_square
-    from hf_roast.evaluation.scratch import training_windows
 
     window = training_windows(stream, setup)
     sums: dict[str, list[float]] = {}
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from hf_roast.evaluation.arms import Arm
-    from hf_roast.evaluation.scratch import (
+    from benchmarks.harness.arms import Arm
+    from benchmarks.harness.scratch import (
         ScratchSetup,
         build_scratch_model,
         tiny_bytes_source,

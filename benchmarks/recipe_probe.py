@@ -1,11 +1,11 @@
-"""``hf-roast recipe-probe``: fine-tune one recipe setting on a Rotten Tomatoes subset, print validation accuracy.
+"""``python -m benchmarks.recipe_probe``: fine-tune one recipe setting on a Rotten Tomatoes subset, print validation accuracy.
 
 The probes that chose the defaults of :mod:`hf_roast.optim` and the calibrated init (README, "The
 fine-tuning recipe and how its defaults were chosen"). One setting per call, one JSON line per result
 (appended to ``--output``), so a grid runs as a shell loop and resumes by skipping finished lines.
 
-    hf-roast recipe-probe --method dense --lr 5e-5
-    hf-roast recipe-probe --compression 4 --init output --z-ratio 4 --uncompressed-ratio 20 --head-ratio 20
+    python -m benchmarks.recipe_probe --method dense --lr 5e-5
+    python -m benchmarks.recipe_probe --compression 4 --init output --z-ratio 4 --uncompressed-ratio 20 --head-ratio 20
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="hf-roast recipe-probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.recipe_probe", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--method", choices=["roast", "dense"], default="roast")
     p.add_argument("--compression", type=float, default=4.0)
     p.add_argument("--lr", type=float, default=5e-5, help="The dense fine-tuning rate the recipe scales.")
@@ -43,11 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
+    from benchmarks.harness.arms import Arm, roast_config_for
+    from benchmarks.harness.classification import _encode, accuracy, calibration_batches
+    from benchmarks.harness.data import cache_dir
+    from benchmarks.harness.sources import minilm_classification_source
     from hf_roast import RoastRecipe, get_roast_model
-    from hf_roast.evaluation.arms import Arm, roast_config_for
-    from hf_roast.evaluation.classification import _encode, accuracy, calibration_batches
-    from hf_roast.evaluation.data import cache_dir
-    from hf_roast.evaluation.sources import minilm_classification_source
     from hf_roast.optim import roast_trainer_class
 
     if args.threads:
@@ -98,3 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     with Path(args.output).open("a") as f:
         f.write(json.dumps(result) + "\n")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from ..optim import single_rate_groups
 from .arms import Arm
 from .measure import ResourceMeter
+from .training import single_rate_groups
 
 BYTE_VOCAB = 257
 """256 byte values and an end-of-article token."""
@@ -147,8 +147,9 @@ def build_scratch_model(arm: Arm, setup: ScratchSetup) -> tuple[nn.Module, dict]
     """The arm's freshly initialised model (seeded) and its storage accounting."""
     from transformers import LlamaForCausalLM, set_seed
 
-    from ..config import RoastConfig
-    from ..model import get_roast_model
+    from hf_roast.config import RoastConfig
+    from hf_roast.model import get_roast_model
+
     from .baselines import magnitude_prune, parameter_bytes
 
     dense_values = projection_values(setup.hidden_size, setup.intermediate_size, setup.num_layers)
@@ -244,8 +245,8 @@ def _roast_budget(setup: ScratchSetup, arm: Arm) -> int:
     """The length of z hf-roast gets at the arm's compression: every compressed arm stores this many."""
     from transformers import LlamaForCausalLM
 
-    from ..config import RoastConfig
-    from ..model import get_roast_model
+    from hf_roast.config import RoastConfig
+    from hf_roast.model import get_roast_model
 
     with torch.device("meta"):
         probe = LlamaForCausalLM(llama_config(setup))
@@ -289,9 +290,9 @@ def bits_per_byte(model: nn.Module, stream: torch.Tensor, context: int, max_byte
 def projection_weights(model: nn.Module) -> list[nn.Parameter]:
     """The trainable values that stand for the projection weights: ``z`` for hf-roast, else the weight
     (``weight_orig`` when pruned) of every ``all-linear`` target module. Biases are not among them."""
-    from ..checkpoint_format import STORE_NAME
-    from ..config import RoastConfig
-    from ..targets import find_targets
+    from hf_roast.checkpoint_format import STORE_NAME
+    from hf_roast.config import RoastConfig
+    from hf_roast.targets import find_targets
 
     store = getattr(model, STORE_NAME, None)
     if store is not None:
@@ -311,8 +312,8 @@ def split_rate_groups(model: nn.Module, projection_lr: float, rest_lr: float) ->
     Every arm shares ``rest_lr``: the embeddings, norms and LM head are the same in every arm but the
     narrower one, and one uniform rate cannot suit both them and the projections (see README, "From scratch").
     """
-    from ..checkpoint_format import STORE_NAME
-    from ..optim import z_weight_multiplier
+    from hf_roast.checkpoint_format import STORE_NAME
+    from hf_roast.optim import z_weight_multiplier
 
     projections = [p for p in projection_weights(model) if p.requires_grad]
     multiplier = z_weight_multiplier(model) if getattr(model, STORE_NAME, None) is not None else 1.0
@@ -338,7 +339,7 @@ def train_from_scratch(
     every other parameter trains at ``rest_lr`` (:func:`split_rate_groups`); pruning masks stay fixed.
     ``on_checkpoint(step)`` is called every ``setup.curve_every`` steps (the validation curve)."""
     if recipe:
-        from ..optim import RoastRecipe, roast_parameter_groups
+        from hf_roast.optim import RoastRecipe, roast_parameter_groups
 
         groups = roast_parameter_groups(model, lr, recipe=RoastRecipe(*recipe))
     elif rest_lr:

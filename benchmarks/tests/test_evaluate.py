@@ -12,22 +12,22 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from hf_roast import RoastConfig
-from hf_roast.evaluation.arms import Arm, build_arm_model, roast_config_for
-from hf_roast.evaluation.baselines import (
+from benchmarks.harness.arms import Arm, build_arm_model, roast_config_for
+from benchmarks.harness.baselines import (
     finalize_pruning,
     kept_per_module,
     magnitude_prune,
     pruning_storage,
     truncate_layers,
 )
-from hf_roast.evaluation.data import split_classification
-from hf_roast.evaluation.results import (
+from benchmarks.harness.data import split_classification
+from benchmarks.harness.results import (
     check_bytes_budget_targets,
     check_bytes_targets,
     check_scratch_targets,
     check_targets,
 )
+from hf_roast import RoastConfig
 from hf_roast.targets import find_targets
 
 
@@ -246,7 +246,7 @@ def test_check_bytes_targets_compares_arms_at_equal_bytes_only():
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
-    from hf_roast.scripts.evaluate import main
+    from benchmarks.evaluate import main
 
     out = tmp_path_factory.mktemp("results")
     experiments = ["--experiments", "classification", "lm", "scratch"]
@@ -255,7 +255,7 @@ def tiny_sweep(tmp_path_factory):
 
 
 def test_tiny_sweep_writes_every_arm_and_the_summary(tiny_sweep):
-    from hf_roast.evaluation.experiments import classification_arms, lm_arms
+    from benchmarks.harness.experiments import classification_arms, lm_arms
 
     summary = json.loads((tiny_sweep / "results.json").read_text())
     cls = {r["arm"]["name"]: r for r in summary["experiments"]["classification"]["arms"]}
@@ -306,7 +306,7 @@ def test_tiny_sweep_writes_every_arm_and_the_summary(tiny_sweep):
 
 
 def test_tiny_sweep_trains_every_scratch_arm_on_the_same_budget(tiny_sweep):
-    from hf_roast.evaluation.experiments import scratch_arms
+    from benchmarks.harness.experiments import scratch_arms
 
     summary = json.loads((tiny_sweep / "results.json").read_text())
     block = summary["experiments"]["scratch"]
@@ -331,7 +331,7 @@ def test_tiny_sweep_trains_every_scratch_arm_on_the_same_budget(tiny_sweep):
 
 
 def test_rerun_skips_finished_arms(tiny_sweep, capsys):
-    from hf_roast.scripts.evaluate import main
+    from benchmarks.evaluate import main
 
     before = {p: p.stat().st_mtime_ns for p in (tiny_sweep / "classification").glob("*.json")}
     assert main(["--tiny", "--output", str(tiny_sweep)]) == 0
@@ -339,17 +339,35 @@ def test_rerun_skips_finished_arms(tiny_sweep, capsys):
     assert "[classification]" not in capsys.readouterr().out
 
 
-def test_cli_dispatches_evaluate(tmp_path):
-    from hf_roast.cli import main
+def test_the_harness_runs_from_the_root_of_a_clone_and_not_from_the_cli(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    # only the summary: proves `hf-roast evaluate` reaches scripts/evaluate.py:main
-    assert main(["evaluate", "--tiny", "--summary-only", "--output", str(tmp_path)]) == 0
+    from hf_roast.cli import SUBCOMMANDS
+
+    root = Path(__file__).resolve().parents[2]
+    # only the summary: proves `python -m benchmarks.evaluate` reaches benchmarks/evaluate.py:main
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.evaluate",
+        "--tiny",
+        "--summary-only",
+        "--output",
+        str(tmp_path),
+    ]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "results.json").is_file()
+    assert not {"evaluate", "grad-probe", "recipe-probe"} & set(
+        SUBCOMMANDS
+    )  # research jobs are not in the wheel
 
 
 def test_optimizer_groups_give_z_the_learning_rate_in_weight_units():
+    from benchmarks.harness.training import single_rate_groups as optimizer_groups
     from hf_roast import get_roast_model
-    from hf_roast.optim import single_rate_groups as optimizer_groups
 
     dense_groups, one = optimizer_groups(tiny_bert(), 1e-4)
     assert one == 1.0 and len(dense_groups) == 1
@@ -367,7 +385,7 @@ def test_optimizer_groups_give_z_the_learning_rate_in_weight_units():
 
 
 def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
-    from hf_roast.evaluation.experiments import (
+    from benchmarks.harness.experiments import (
         BASELINE_LR,
         RECIPE_LR,
         SCRATCH_REST_LR,
@@ -503,7 +521,7 @@ def test_init_relative_error_matches_theory_for_gaussian_weights():
 
 
 def test_longer_schedule_and_distilled_arms_reuse_the_base_learning_rate(tmp_path):
-    from hf_roast.scripts.evaluate import _reuse_base_lr
+    from benchmarks.evaluate import _reuse_base_lr
 
     (tmp_path / "roast-stable-4x.json").write_text(json.dumps({"selected_lr": 3e-4}))
     for name, kw in [
@@ -521,9 +539,8 @@ def test_longer_schedule_and_distilled_arms_reuse_the_base_learning_rate(tmp_pat
 def test_scratch_arms_without_a_grid_take_the_rate_of_their_compressions_grid(tmp_path):
     """A longer budget, another seed or mapper takes the rate its method's grid chose at its own compression,
     in its own protocol; where no grid ran at that compression, the 8x one (dense's for dense)."""
-    from hf_roast.scripts.evaluate import _reuse_method_lr
-
-    from hf_roast.evaluation.experiments import scratch_arms
+    from benchmarks.evaluate import _reuse_method_lr
+    from benchmarks.harness.experiments import scratch_arms
 
     arms = {a.name: a for _, a in scratch_arms("default")}
     picks = {
@@ -561,7 +578,7 @@ def test_scratch_arms_without_a_grid_take_the_rate_of_their_compressions_grid(tm
 
 
 def test_schedule_table_compares_each_schedule_with_dense_trained_as_long():
-    from hf_roast.evaluation.results import schedule_table
+    from benchmarks.harness.results import schedule_table
 
     def row(label, budget, schedule, mean, distilled=False):
         return {
@@ -598,8 +615,8 @@ def test_schedule_table_compares_each_schedule_with_dense_trained_as_long():
 def test_quantised_arms_at_equal_bytes():
     """hf-roast x int8 / int4 at 16x of the dense targets' bytes stores about what fp32 hf-roast at 16x stores;
     the QAT arm is scored packed; round-to-nearest quantises the dense targets on the same grid."""
-    from hf_roast.evaluation.arms import Z_GROUP_SIZE, finish_training
-    from hf_roast.evaluation.experiments import sharing_for_bytes
+    from benchmarks.harness.arms import Z_GROUP_SIZE, finish_training
+    from benchmarks.harness.experiments import sharing_for_bytes
     from hf_roast.quant import QuantizedZ
 
     assert sharing_for_bytes(16, 8) == pytest.approx(16 * (1 + 4 / Z_GROUP_SIZE) / 4)
@@ -629,7 +646,7 @@ def test_quantised_arms_at_equal_bytes():
 
 def test_scaler_and_tile_variants_are_not_the_base_arm():
     """The target check compares the base hf-roast arm only; scaler and tile arms are variants of it."""
-    from hf_roast.evaluation.results import _variant
+    from benchmarks.harness.results import _variant
 
     assert _variant({"steps": 300}, "scratch") == "300 steps"
     assert (
@@ -644,7 +661,7 @@ def test_scaler_and_tile_variants_are_not_the_base_arm():
 
 
 def test_per_module_budget_arms_store_exactly_what_the_plain_arm_stores():
-    from hf_roast.evaluation.experiments import classification_arms
+    from benchmarks.harness.experiments import classification_arms
 
     full = {a.name: a for _, a in classification_arms("full")}
     assert {"roast-stable-16x-attn2x", "roast-stable-16x-mlp2x"} <= set(full)

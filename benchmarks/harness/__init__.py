@@ -6,5 +6,5 @@
 - ``classification`` / ``language_model``: the two experiments; ``experiments``: the named sweeps.
 - ``results``: per-arm JSON, the aggregate JSON, markdown tables, plots, and the target checks.
 
-Entry point: ``hf-roast evaluate`` (``scripts/evaluate.py``).
+Entry point: ``python -m benchmarks.evaluate`` from the root of a clone (``benchmarks/evaluate.py``).
 """

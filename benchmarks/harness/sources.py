@@ -109,10 +109,11 @@ def tiny_lm_source() -> LanguageModelSource:
 
 
 def minilm_classification_source(train_size: int | None, val_size: int = 1000) -> ClassificationSource:
+    from hf_roast.scripts.pinned_models import minilm_dir
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .data import PINNED, load_rotten_tomatoes, minilm_dir
+    from .data import PINNED, load_rotten_tomatoes
 
     path = minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -126,9 +127,10 @@ def minilm_classification_source(train_size: int | None, val_size: int = 1000) -
 
 
 def smollm2_source() -> LanguageModelSource:
+    from hf_roast.scripts.pinned_models import smollm2_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import PINNED, load_wikipedia_articles, smollm2_dir, split_articles
+    from .data import PINNED, load_wikipedia_articles, split_articles
 
     path = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
