@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         ]
         _run_queue(todo, mode, args, out, tqdm, results)
     results.write_summary(out, meta)
+    from benchmarks.harness import scratch_high
+
+    scratch_high.write(out)
     print(f"results written to {out}/results.md")
     return 0
 

@@ -138,3 +138,78 @@ def test_a_wider_grid_trains_only_the_new_rates(monkeypatch):
     # a different arm (here another scaler) or another budget never reuses runs
     assert not up_to_date(first, Arm("r", "roast", 4.0, lrs=(1e-3,), scaler="none"), setup)
     assert not up_to_date(first, Arm("r", "roast", 4.0, lrs=(1e-3,)), ScratchSetup(steps=4))
+
+
+@pytest.mark.parametrize("c", [256, 1024])
+def test_narrower_model_below_one_head_keeps_one_narrow_head_within_the_budget(c):
+    setup = ScratchSetup()
+    budget = projection_values(setup.hidden_size, setup.intermediate_size, setup.num_layers) // c
+    hidden, intermediate, head_dim = narrower_shape(setup, budget)
+    assert head_dim < setup.head_dim and hidden == head_dim and head_dim % 2 == 0
+    assert (
+        abs(projection_values(hidden, intermediate, setup.num_layers) - budget)
+        <= 3 * hidden * setup.num_layers
+    )
+    model, storage = build_scratch_model(Arm("n", "narrower", float(c), tile=(8, 8)), setup)
+    assert model.config.num_attention_heads == 1 and model.config.head_dim == head_dim
+    ids = torch.randint(0, 256, (1, 8))
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_the_floor_has_no_projection_weights_to_learn():
+    model, storage = build_scratch_model(Arm("f", "floor", rest_lr=1e-2), TINY)
+    weights = projection_weights(model)
+    assert weights and all(not w.requires_grad and not w.any() for w in weights)
+    assert storage["target_values"] == 0 and storage["target_bytes"] == 0
+    groups = split_rate_groups(model, 1e-3, 1e-2)
+    assert groups[0]["params"] == []  # nothing to train among the projections
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert storage["training_memory"]["parameter_bytes"] == 4 * trainable
+
+
+def test_random_pruning_keeps_the_same_count_as_magnitude_pruning_but_other_weights():
+    _, magnitude = build_scratch_model(Arm("m", "prune", 8.0), TINY)
+    model_m, _ = build_scratch_model(Arm("m", "prune", 8.0), TINY)
+    model_r, random_ = build_scratch_model(Arm("r", "prune", 8.0, prune_by="random"), TINY)
+    assert random_["target_values"] == magnitude["target_values"]
+    masks_m = [b for n, b in model_m.named_buffers() if n.endswith("weight_mask")]
+    masks_r = [b for n, b in model_r.named_buffers() if n.endswith("weight_mask")]
+    assert [int(m.sum()) for m in masks_m] == [int(m.sum()) for m in masks_r]
+    assert any(not torch.equal(a, b) for a, b in zip(masks_m, masks_r))
+    with pytest.raises(ValueError, match="prune_by"):
+        Arm("x", "roast", 8.0, prune_by="random")
+
+
+def test_training_memory_counts_what_each_method_trains():
+    _, dense = build_scratch_model(Arm("d", "dense"), TINY)
+    _, roast = build_scratch_model(Arm("r", "roast", 8.0), TINY)
+    _, pruned = build_scratch_model(Arm("p", "prune", 8.0), TINY)
+    saved = dense["training_memory"]["total_bytes"] - roast["training_memory"]["total_bytes"]
+    # sharing trains z instead of the projections: parameters, gradients and both AdamW moments shrink
+    assert saved == 16 * (roast["dense_target_values"] - roast["target_values"])
+    # pruning at init here trains dense-sized weights under a dense mask; sparse kernels would not
+    assert pruned["training_memory"]["total_bytes"] > dense["training_memory"]["total_bytes"]
+    assert (
+        pruned["training_memory"]["with_sparse_kernels_bytes"] < roast["training_memory"]["total_bytes"] * 2
+    )
+
+
+def test_the_high_compression_sweep_runs_resumes_and_reports(tmp_path):
+    from benchmarks.evaluate import main
+    from benchmarks.harness import scratch_high
+
+    assert main(["--tiny", "--experiments", "scratch-high", "--output", str(tmp_path), "--threads", "1"]) == 0
+    folder = tmp_path / "scratch_high"
+    long_arm = json.loads(next(folder.glob("roast-*-16steps.json")).read_text())
+    grid = json.loads(next(folder.glob("roast-*-8steps.json")).read_text())
+    best_two = sorted(grid["lr_search"], key=lambda r: r["val_bits_per_byte"])[:2]
+    assert sorted(r["lr"] for r in long_arm["lr_search"]) == sorted(r["lr"] for r in best_two)
+    assert all(r["val_curve"] for r in long_arm["lr_search"])  # the curve every 4 steps
+    summary = json.loads((tmp_path / "scratch_high.json").read_text())
+    assert {v["steps"] for v in summary["verdicts"]} == {8, 16} and summary["plots"]
+    assert all(v["complete"] for v in summary["verdicts"])
+    assert "| 16 | 64x | hf-roast" in (tmp_path / "scratch_high.md").read_text()
+    # an arm saved between two learning rates is resumable and left out of the report
+    partial = dict(grid, complete=False)
+    (folder / "roast-partial.json").write_text(json.dumps(partial))
+    assert len(scratch_high.load(tmp_path)) == len(summary["arms"])
