@@ -4,7 +4,7 @@ This module is the single home of every mapping formula. The PyTorch path calls 
 int64 tensors; the Triton kernels compile the *same* Python functions (see :func:`formula_functions`
 and ``hf_roast.backends.triton.mapping_jit``), so the two paths cannot drift apart.
 
-Layout (ROAST_SPEC.md §3.1, tile-compatible RandomFold):
+Layout (docs/spec.md, sections 2-3: the tile-compatible RandomFold of STABLE-RPS):
 
 * every compressed module ``l`` is a ``rows x cols`` matrix (``out x in`` for a linear layer,
   ``num_embeddings x dim`` for an embedding), cut into ``TR x TC`` mapping tiles, edge tiles padded;
@@ -516,7 +516,7 @@ def _row_chunks(spec: ModuleSpec, device=None, max_elements: int = 1 << 22):
 
 
 def gradient_scaler(plan: MappingPlan, mode: str, device=None) -> torch.Tensor | None:
-    """1 / s_j per scaler unit (ROAST_SPEC §3.2), or None for mode="none".
+    """1 / s_j per scaler unit (docs/spec.md, section 6), or None for mode="none".
 
     v5: s_j = sum_l c_lj lambda_l^2;  v1: s_j = (sum_l c_lj lambda_l)^2 / sum_l c_lj. Unused units get 1.
     """

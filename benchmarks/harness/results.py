@@ -440,42 +440,422 @@ def check_scratch_targets(rows: list[dict]) -> list[dict]:
     return checks
 
 
-def plot(rows: list[dict], experiment: str, path: Path) -> None:
-    """Two panels, one line per method: metric vs stored bytes of the target modules, and of the whole model."""
+# One colour and one marker per method, the same in every plot (matplotlib's tab10 colours).
+_STYLE = {
+    "hf-roast": ("#1f77b4", "o"),
+    "hf-roast x int8 z": ("#17becf", "s"),
+    "hf-roast x int4 z": ("#9467bd", "D"),
+    "magnitude pruning": ("#d62728", "v"),
+    "smaller model (first k layers)": ("#8c564b", "^"),
+    "narrower model": ("#8c564b", "^"),
+    "round-to-nearest int8 / int4 of the dense model": ("#7f7f7f", "P"),
+    "hf-roast, no module balance": ("#ff7f0e", "s"),
+    "hf-roast, roast mapper": ("#2ca02c", "D"),
+    "hf-roast, hashednet mapper": ("#e377c2", "X"),
+    "plain least-squares init": ("#ff7f0e", "s"),
+    "one lr for all, least-squares init": ("#d62728", "v"),
+    "module balance": ("#2ca02c", "D"),
+    "attention compressed 2x more than the MLP": ("#9467bd", "P"),
+    "MLP compressed 2x more than attention": ("#8c564b", "X"),
+    "3 epochs": ("#ff7f0e", "s"),
+    "distilled, logits only": ("#2ca02c", "D"),
+    "distilled, logits + hidden states (weight 3)": ("#9467bd", "^"),
+    "distilled, logits + hidden states (weight 10)": ("#d62728", "v"),
+    "distilled, logits + hidden states (weight 3)0": ("#8c564b", "X"),
+    "pruning, distilled, logits + hidden states (weight 3)": ("#e377c2", "P"),
+    "hf-roast, norm-preserving init": ("#ff7f0e", "s"),
+    "hf-roast + 10 recovery steps": ("#1f77b4", "o"),
+    "magnitude pruning + 10 recovery steps": ("#d62728", "v"),
+}
+_EXTRA_COLOURS = ("#bcbd22", "#17becf", "#7f7f7f", "#aec7e8", "#ffbb78")
+
+_TARGET_BYTES = "stored bytes of the compressed modules, MB (log scale)"
+_PROJ_BYTES = "stored bytes of the projection weights, MB (log scale)"
+_PRUNING_NOTE = "; pruning: values + sparsity pattern"
+
+
+def _pick(rows: list[dict], label: str, variant: str = "base") -> list[dict]:
+    return [r for r in rows if r["label"] == label and r["variant"] == variant]
+
+
+def _style(name: str, i: int) -> tuple[str, str]:
+    return _STYLE.get(name, (_EXTRA_COLOURS[i % len(_EXTRA_COLOURS)], "o"))
+
+
+def _draw(
+    ax, series: list[tuple[str, list[dict]]], x, dense: dict | None, fmt: str, dodge: bool = False
+) -> None:
+    """One line per (name, rows), x(row) against the row's mean with the seed spread; dense as a dotted line.
+
+    ``dodge`` shifts each series a little along the (log) x axis, so that series measured at the same compression
+    do not hide one another."""
+    import matplotlib.ticker
+
+    if dense is not None:
+        ax.axhline(dense["mean"], color="black", lw=1, ls=":", label="dense (dotted line)")
+        ax.annotate(
+            f"dense {dense['mean']:{fmt}}",
+            (0, dense["mean"]),
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 3),
+            textcoords="offset points",
+            fontsize=8,
+        )
+    for i, (name, rs) in enumerate(series):
+        if not rs:
+            continue
+        rs = sorted(rs, key=x)
+        colour, marker = _style(name, i)
+        ax.errorbar(
+            [x(r) * (1.03 ** (i - (len(series) - 1) / 2) if dodge else 1) for r in rs],
+            [r["mean"] for r in rs],
+            yerr=[r["spread"] or 0 for r in rs],
+            color=colour,
+            marker=marker,
+            ms=6,
+            lw=1.5,
+            capsize=3,
+            label=name,
+        )
+    ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.grid(alpha=0.3, which="both")
+
+
+def _finish(fig, axes, path: Path, title: str, ncol: int = 3) -> None:
+    """A title that states the question, one legend below the axes (never over the data), then save."""
+    import matplotlib.pyplot as plt
+
+    handles, labels = {}, []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    rows = -(-len(labels) // ncol)
+    fig.suptitle(title, fontsize=11)
+    fig.legend(
+        [handles[lab] for lab in labels], labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False
+    )
+    fig.tight_layout(rect=(0, 0.02 + 0.04 * rows, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _bytes_x(key: str = "target_bytes"):
+    return lambda r: r["storage"][key] / MB
+
+
+def _compression_x(r: dict) -> float:
+    return r["budget"]
+
+
+def _compression_axis(ax, rows: list[dict]) -> None:
+    ticks = sorted({r["budget"] for r in rows})
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}x" for t in ticks])
+    ax.minorticks_off()
+
+
+def _plot_classification(rows: list[dict], folder: Path, plt) -> list[tuple[str, str]]:
+    dense = (_pick(rows, "dense") or [None])[0]
+    written = []
+    # 1. at equal stored bytes, which method keeps the most accuracy
+    fig, ax = plt.subplots(figsize=(8, 5.6))
+    _draw(
+        ax,
+        [
+            ("hf-roast", _pick(rows, "hf-roast stable")),
+            ("hf-roast x int8 z", _pick(rows, "hf-roast stable x int8 (QAT)")),
+            ("hf-roast x int4 z", _pick(rows, "hf-roast stable x int4 (QAT)")),
+            ("magnitude pruning", _pick(rows, "magnitude pruning")),
+            ("smaller model (first k layers)", _pick(rows, "smaller model (first k layers)")),
+            (
+                "round-to-nearest int8 / int4 of the dense model",
+                _pick(rows, "round-to-nearest int8 (dense targets)")
+                + _pick(rows, "round-to-nearest int4 (dense targets)"),
+            ),
+        ],
+        _bytes_x(),
+        dense,
+        ".2f",
+    )
+    ax.set_xlabel(_TARGET_BYTES.replace(" (log", _PRUNING_NOTE + " (log"))
+    ax.set_ylabel("test accuracy, % (higher is better)")
+    _finish(
+        fig,
+        [ax],
+        folder / "classification_frontier.png",
+        "MiniLM-L6 fine-tuned on Rotten Tomatoes: accuracy at equal stored bytes",
+    )
+    written.append(
+        ("classification_frontier.png", "which method keeps the most accuracy at equal stored bytes")
+    )
+
+    # 2. what hf-roast's defaults (calibrated init, per-group rates) and its options change
+    base = "hf-roast stable"
+    fig, ax = plt.subplots(figsize=(8, 5.6))
+    _draw(
+        ax,
+        [
+            ("hf-roast", _pick(rows, base)),
+            ("plain least-squares init", _pick(rows, base, "plain least-squares init")),
+            ("one lr for all, least-squares init", _pick(rows, base, "one lr for all parameters")),
+            ("module balance", _pick(rows, base, BALANCE_TAG)),
+            (
+                "attention compressed 2x more than the MLP",
+                _pick(rows, base, "per-module budgets: attention at 2x the others' compression"),
+            ),
+            (
+                "MLP compressed 2x more than attention",
+                _pick(rows, base, "per-module budgets: attention at 0.5x the others' compression"),
+            ),
+        ],
+        _compression_x,
+        dense,
+        ".2f",
+        dodge=True,
+    )
+    _compression_axis(ax, [r for r in rows if r["label"] == base])
+    ax.set_xlabel("compression of the target modules: dense weights per stored value of z (log scale)")
+    ax.set_ylabel("test accuracy, % (higher is better)")
+    _finish(
+        fig,
+        [ax],
+        folder / "classification_recipe.png",
+        "Fine-tuning hf-roast: what the init, the learning-rate recipe and the options change",
+    )
+    written.append(
+        ("classification_recipe.png", "what the calibrated init, the recipe and the options change")
+    )
+
+    # 3. what recovers accuracy: a dense teacher, a longer schedule
+    fig, ax = plt.subplots(figsize=(8, 5.6))
+    _draw(
+        ax,
+        [
+            ("hf-roast", _pick(rows, base)),
+            ("3 epochs", _pick(rows, base, "3x schedule")),
+            ("distilled, logits only", _pick(rows, base, "distilled")),
+            (
+                "distilled, logits + hidden states (weight 3)",
+                _pick(rows, base, "distilled with hidden states (weight 3)"),
+            ),
+            (
+                "distilled, logits + hidden states (weight 10)",
+                _pick(rows, base, "distilled with hidden states (weight 10)"),
+            ),
+            (
+                "distilled, logits + hidden states (weight 3)0",
+                _pick(rows, base, "distilled with hidden states (weight 30)"),
+            ),
+        ],
+        _compression_x,
+        dense,
+        ".2f",
+        dodge=True,
+    )
+    _compression_axis(ax, [r for r in rows if r["label"] == base])
+    ax.set_xlabel("compression of the target modules: dense weights per stored value of z (log scale)")
+    ax.set_ylabel("test accuracy, % (higher is better)")
+    _finish(
+        fig,
+        [ax],
+        folder / "classification_distillation.png",
+        "Fine-tuning hf-roast: what a dense teacher and a longer schedule recover",
+    )
+    written.append(
+        ("classification_distillation.png", "what distillation from the dense model and 3 epochs recover")
+    )
+    return written
+
+
+_SPLIT = "projections' rate searched, the rest at 0.01"
+
+
+def _scratch_panels(rows, folder, plt, name, title, series_for, steps=(300, 1200)) -> bool:
+    """One panel per training budget, bits per byte against stored bytes of the projections."""
+    panels = [(s, series_for(s)) for s in steps]
+    panels = [(s, series) for s, series in panels if any(rs for _, rs in series[1])]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 1, 5.6), sharey=False, squeeze=False)
+    for ax, (s, (dense, series)) in zip(axes[0], panels):
+        _draw(ax, series, _bytes_x(), dense, ".3f")
+        ax.set_title(f"{s:,} training steps", fontsize=10)
+        ax.set_xlabel(_PROJ_BYTES.replace(" (log", _PRUNING_NOTE + " (log"), fontsize=9)
+    axes[0][0].set_ylabel("held-out bits per byte (lower is better)")
+    _finish(fig, list(axes[0]), folder / name, title)
+    return True
+
+
+def _plot_scratch(rows: list[dict], folder: Path, plt) -> list[tuple[str, str]]:
+    written = []
+    bal = f"{BALANCE_TAG}, {_SPLIT}"
+
+    def split_rates(s):
+        return (_pick(rows, "dense", f"{_SPLIT}, {s} steps") or [None])[0], [
+            ("hf-roast", _pick(rows, "hf-roast stable", f"{bal}, {s} steps")),
+            ("hf-roast, no module balance", _pick(rows, "hf-roast stable", f"{_SPLIT}, {s} steps")),
+            ("narrower model", _pick(rows, "narrower model (same stored values)", f"{_SPLIT}, {s} steps")),
+            ("magnitude pruning", _pick(rows, "magnitude pruning", f"{_SPLIT}, {s} steps")),
+        ]
+
+    if _scratch_panels(
+        rows,
+        folder,
+        plt,
+        "scratch_frontier.png",
+        "Byte-level Llama trained from scratch (split rates): hf-roast vs a narrower model and pruning at init",
+        split_rates,
+    ):
+        written.append(("scratch_frontier.png", "from scratch, split rates: hf-roast against the baselines"))
+
+    def mappers(s):
+        return (_pick(rows, "dense", f"{_SPLIT}, {s} steps") or [None])[0], [
+            ("hf-roast", _pick(rows, "hf-roast stable", f"{bal}, {s} steps")),
+            ("hf-roast, roast mapper", _pick(rows, "hf-roast roast", f"{bal}, {s} steps")),
+            ("hf-roast, hashednet mapper", _pick(rows, "hf-roast hashednet", f"{bal}, {s} steps")),
+            ("magnitude pruning", _pick(rows, "magnitude pruning", f"{_SPLIT}, {s} steps")),
+        ]
+
+    if _scratch_panels(
+        rows,
+        folder,
+        plt,
+        "scratch_mappers.png",
+        "From scratch (split rates, module balance): does the mapper matter?",
+        mappers,
+        steps=(300,),
+    ):
+        written.append(("scratch_mappers.png", "from scratch: the stable, roast and hashednet mappers"))
+
+    def one_rate(s):
+        return (_pick(rows, "dense", f"{s} steps") or [None])[0], [
+            ("hf-roast", _pick(rows, "hf-roast stable", f"{s} steps")),
+            ("narrower model", _pick(rows, "narrower model (same stored values)", f"{s} steps")),
+            ("magnitude pruning", _pick(rows, "magnitude pruning", f"{s} steps")),
+        ]
+
+    if _scratch_panels(
+        rows,
+        folder,
+        plt,
+        "scratch_one_rate.png",
+        "From scratch with one learning rate for every parameter (the first protocol)",
+        one_rate,
+    ):
+        written.append(
+            ("scratch_one_rate.png", "from scratch, one rate for all: hf-roast against the baselines")
+        )
+
+    # the one-rate ablations at 8x: a dot per setting, no legend needed
+    settings = [
+        ("default: stable mapper, scaler v5, 32x32 tiles", "hf-roast stable", "300 steps"),
+        ("roast mapper", "hf-roast roast", "300 steps"),
+        ("hashednet mapper", "hf-roast hashednet", "300 steps"),
+        ("scaler v1", "hf-roast stable", "scaler v1, 300 steps"),
+        ("scaler none", "hf-roast stable", "scaler none, 300 steps"),
+        ("8x8 tiles", "hf-roast stable", "tile 8x8, 300 steps"),
+        ("z at 3x the rate", "hf-roast stable", "recipe z x3, uncompressed x1, head x1, 300 steps"),
+        ("z at 0.3x the rate", "hf-roast stable", "recipe z x0.3, uncompressed x1, head x1, 300 steps"),
+    ]
+    points = [
+        (name, [r for r in _pick(rows, label, variant) if r["budget"] == 8.0])
+        for name, label, variant in settings
+    ]
+    points = [(name, rs[0]) for name, rs in points if rs]
+    if len(points) > 1:
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        ys = list(range(len(points)))[::-1]
+        ax.scatter([r["mean"] for _, r in points], ys, color="#1f77b4", marker="o", s=40, zorder=3)
+        for y, (_, r) in zip(ys, points):
+            ax.annotate(
+                f"{r['mean']:.3f}",
+                (r["mean"], y),
+                xytext=(6, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=9,
+            )
+        ax.axvline(points[0][1]["mean"], color="#1f77b4", lw=1, ls="--")
+        ax.set_yticks(ys)
+        ax.set_yticklabels([name for name, _ in points])
+        ax.set_xlabel("held-out bits per byte (lower is better)")
+        ax.grid(alpha=0.3, axis="x")
+        ax.set_xlim(right=max(r["mean"] for _, r in points) + 0.05)
+        fig.suptitle(
+            "hf-roast at 8x from scratch (one rate for every parameter, 300 steps):\n"
+            "one setting changed at a time; dashed line: the default",
+            fontsize=10,
+        )
+        fig.tight_layout()
+        fig.savefig(folder / "scratch_ablations.png", dpi=110)
+        plt.close(fig)
+        written.append(("scratch_ablations.png", "from scratch at 8x: the mapper, scaler, tile and z rate"))
+    return written
+
+
+def _plot_language_model(rows: list[dict], folder: Path, plt) -> list[tuple[str, str]]:
+    dense = (_pick(rows, "dense") or [None])[0]
+    recovery = "10 recovery steps"
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6), sharey=True)
+    panels = (
+        (
+            axes[0],
+            "no training after compression",
+            [
+                ("hf-roast", _pick(rows, "hf-roast stable")),
+                ("hf-roast, roast mapper", _pick(rows, "hf-roast roast")),
+                ("hf-roast, hashednet mapper", _pick(rows, "hf-roast hashednet")),
+                ("hf-roast, norm-preserving init", _pick(rows, "hf-roast stable (norm-preserving init)")),
+                ("magnitude pruning", _pick(rows, "magnitude pruning")),
+            ],
+        ),
+        (
+            axes[1],
+            "after 10 recovery steps",
+            [
+                ("hf-roast + 10 recovery steps", _pick(rows, "hf-roast stable", recovery)),
+                ("magnitude pruning + 10 recovery steps", _pick(rows, "magnitude pruning", recovery)),
+            ],
+        ),
+    )
+    for ax, title, series in panels:
+        _draw(ax, series, _bytes_x(), dense, ".2f")
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(_TARGET_BYTES.replace(" (log", _PRUNING_NOTE + " (log"), fontsize=9)
+    axes[0].set_ylabel("held-out perplexity (log scale, lower is better)")
+    _finish(
+        fig,
+        list(axes),
+        folder / "language_model_frontier.png",
+        "SmolLM2-135M compressed without long recovery training: perplexity at equal stored bytes",
+    )
+    return [("language_model_frontier.png", "a pre-trained LM after compression: perplexity at equal bytes")]
+
+
+def plot(rows: list[dict], experiment: str, path: Path) -> list[tuple[str, str]]:
+    """Write the experiment's plots into ``path``'s folder, one plot per question; return (file name, question).
+
+    Each plot has at most about six series, one colour and marker per method (the same in every plot), the legend
+    below the axes and axis labels that say what is stored. ``path`` names the experiment's headline plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    _, metric_name, higher = _metric(experiment)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    lines: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        lines[r["label"] if r["variant"] == "base" else f"{r['label']} ({r['variant']})"].append(r)
-    for ax, key, title in (
-        (axes[0], "target_bytes", "target modules (pruning: values + sparsity pattern)"),
-        (axes[1], "model_bytes", "whole model"),
-    ):
-        for label, rs in sorted(lines.items()):
-            rs = sorted(rs, key=lambda r: r["storage"][key])
-            xs = [r["storage"][key] / MB for r in rs]
-            ys = [r["mean"] for r in rs]
-            errs = [r["spread"] or 0 for r in rs]
-            if label == "dense":
-                ax.axhline(ys[0], color="black", lw=1, ls=":", label=f"dense ({ys[0]:.2f})")
-                continue
-            style = "--" if "(" in label and "embeddings" not in label else "-"
-            ax.errorbar(xs, ys, yerr=errs, marker="o", ms=4, ls=style, capsize=2, label=label)
-        ax.set_xscale("log")
-        if not higher:
-            ax.set_yscale("log")
-        ax.set_xlabel(f"stored MB, {title} (log)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(metric_name)
-    axes[1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    folder = Path(path).parent
+    draw = {
+        "classification": _plot_classification,
+        "scratch": _plot_scratch,
+        "language_model": _plot_language_model,
+    }.get(experiment)
+    return draw(rows, folder, plt) if draw else []
 
 
 def compute_time(results: list[dict], experiment: str) -> dict:
@@ -558,9 +938,15 @@ def write_summary(results_dir: Path, meta: dict) -> dict:
                 md.append(f"- {t['target']}: **{verdict}** ({t['detail']})\n")
         png = results_dir / f"{experiment}_frontier.png"
         if _have_matplotlib():
-            plot(rows, experiment, png)
+            plots = plot(rows, experiment, png)
             block["plot"] = png.name
-            md.append(f"\n![{experiment} frontier]({png.name})\n")
+            block["plots"] = [name for name, _ in plots]
+            md.append(
+                "".join(
+                    f"\n{question[0].upper() + question[1:]}:\n\n![{question}]({name})\n"
+                    for name, question in plots
+                )
+            )
         else:
             block["plot"] = None
             md.append("\n(no plot: install matplotlib, e.g. `pip install hf-roast[eval]`)\n")
