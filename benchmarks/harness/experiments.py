@@ -204,7 +204,7 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     in the one-rate protocol; at every compression in the split-rate protocol (hf-roast without
     ``module_balance``: at 4x and 8x). Every other arm takes its rate from its method's grid at its compression
     (else at 8x): the chosen rate on the same budget, the grid's two best on the long one (``python -m benchmarks.evaluate``
-    fills it in, see ``scripts/evaluate.py``)."""
+    fills it in, see ``benchmarks/evaluate.py``)."""
     if mode == "tiny":
         arms = [(1, _scratch(m, 4, 8, lrs=(3e-3,))) for m in ("dense", "roast", "narrower", "prune")]
         arms += [(2, _scratch("roast", 4, 8, lrs=(3e-3,), scaler="none", tile=(8, 8), suffix="-v"))]
