@@ -40,7 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tiny", action="store_true", help="Tiny config models and synthetic text (smoke test)."
     )
     mode.add_argument("--quick", action="store_true", help="The headline arms only (at most 40 min).")
-    p.add_argument("--output", default="benchmarks/results", help="Results folder (default: benchmarks/results).")
+    p.add_argument(
+        "--output", default="benchmarks/results", help="Results folder (default: benchmarks/results)."
+    )
     p.add_argument("--arms", nargs="+", default=None, help="Run only these arm names.")
     p.add_argument(
         "--train-size",
