@@ -129,9 +129,12 @@ class RoastHfQuantizer(HfQuantizer):
         # Every layer reads z directly (no accelerate hook ever runs on the store), so z must not be offloaded:
         # as the first child, device_map="auto" places the store before any layer, on the main device.
         model._modules = {STORE_NAME: model._modules.pop(STORE_NAME), **model._modules}
-        ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-        names = stored_names + [spec.name for spec in qc.plan.modules]
-        model._keys_to_ignore_on_load_unexpected = ignore | {_marker_pattern(names)}
+        ignore = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+        marker = _marker_pattern(stored_names + [spec.name for spec in qc.plan.modules])
+        # transformers >= 5.10 keeps a set here; older 5.x releases concatenate it with a list
+        model._keys_to_ignore_on_load_unexpected = (
+            ignore | {marker} if isinstance(ignore, set) else [*(ignore or []), marker]
+        )
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
