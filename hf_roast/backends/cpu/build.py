@@ -151,7 +151,7 @@ def build_dir() -> Path:
     """torch's extension cache (``$TORCH_EXTENSIONS_DIR``, else its default root), as cpp_extension uses."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    path = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / "hf_roast_cpu_path"
+    path = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / "hf_roast_cpu"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
