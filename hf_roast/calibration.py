@@ -128,6 +128,7 @@ def output_error_solve(
     iterations: int = 50,
     tolerance: float = 1e-4,
     show_progress: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, dict]:
     """Least squares in the layers' *outputs*: ``min_z sum_l tr((W_l(z) - W_l) G_l (W_l(z) - W_l)^T)``.
 
@@ -136,9 +137,11 @@ def output_error_solve(
     by conjugate gradients from ``z0``, where ``H v = sum_l A_l^T (A_l v) G_l`` and ``A_l`` materialises
     module l from z (its adjoint is the dz scatter of the backward pass). Each iteration costs one
     materialisation, one ``rows x cols x cols`` product and one scatter per module. Returns z and the
-    relative output error before and after.
+    relative output error before and after. ``backend`` is the store's (``RoastConfig.backend``): it decides
+    whether native code may build the W's (:func:`hf_roast.backends.dispatch.materialize_weight`).
     """
-    from .torch_path import materialize_weight, scatter_weight_grad
+    from .backends.dispatch import materialize_weight
+    from .backends.pytorch import scatter_weight_grad
 
     def apply_g(w: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         return w if g is None else w @ g.to(w.device)
@@ -146,14 +149,14 @@ def output_error_solve(
     def hessian(v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(num_slots, dtype=torch.float32, device=v.device)
         for layer_map, _, g in modules:
-            w = materialize_weight(v, layer_map, torch.float32, scratch=False)
+            w = materialize_weight(v, layer_map, torch.float32, backend, scratch=False)
             out += scatter_weight_grad(apply_g(w, g), layer_map, num_slots)
         return out
 
     def relative_error(v: torch.Tensor) -> float:
         err = ref = 0.0
         for layer_map, w_dense, g in modules:
-            e = materialize_weight(v, layer_map, torch.float32, scratch=False) - w_dense
+            e = materialize_weight(v, layer_map, torch.float32, backend, scratch=False) - w_dense
             err += float((apply_g(e, g) * e).sum())
             ref += float((apply_g(w_dense, g) * w_dense).sum())
         return (max(err, 0.0) / ref) ** 0.5 if ref > 0 else 0.0

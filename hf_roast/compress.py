@@ -19,13 +19,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .backends.pytorch import scatter_weight_grad
 from .calibration import column_weights, input_statistics, normalized_gram, output_error_solve
 from .checkpoint_format import STORE_NAME
 from .config import RoastConfig
 from .layers import RoastEmbedding, RoastLinear, RoastStore, default_init_std, roast_layers
 from .mapping import LayerMapping, MappingPlan, ModuleSpec
 from .targets import find_targets, module_kind, pattern_segments
-from .torch_path import scatter_weight_grad
 from .vocab import CALIBRATIONS
 
 
@@ -177,7 +177,12 @@ def compress_model(
                 for (name, module, kind), spec in zip(targets, specs)
             ]
             z, store.calibration_report = output_error_solve(
-                z, solve_modules, plan.num_slots, calibration_iterations, show_progress=bool(show_progress)
+                z,
+                solve_modules,
+                plan.num_slots,
+                calibration_iterations,
+                show_progress=bool(show_progress),
+                backend=store.backend,
             )
         store.z.copy_(z.to(store.z.dtype))
     model.add_module(STORE_NAME, store)

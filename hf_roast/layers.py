@@ -13,11 +13,10 @@ import math
 import torch
 from torch import nn
 
+from .backends.dispatch import materialize_weight, roast_embedding, roast_linear
 from .balance import BalanceModuleGradient, balance_state
-from .dispatch import roast_embedding, roast_linear
 from .mapping import LayerMapping, MappingPlan, ModuleSpec, gradient_scaler
 from .quant import QuantizedZ, check_bits, check_group
-from .torch_path import materialize_weight
 from .vocab import Z_INT_BITS
 
 
@@ -273,8 +272,9 @@ class RoastLayer(nn.Module):
     def materialize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight this layer computes with, as a fresh tensor in the HF layout of the original."""
         z = self._check_ready()
+        dtype = dtype or self._dtype_probe.dtype
         w = materialize_weight(
-            z, self.layer_mapping(), dtype or self._dtype_probe.dtype, scratch=False
+            z, self.layer_mapping(), dtype, self._roast_store.backend, scratch=False
         ).clone()
         return w.t().contiguous() if self.spec.kind == "conv1d" else w
 

@@ -18,8 +18,9 @@ SIGNS = ("none", "tile", "element")
 SCALERS = ("v5", "v1", "none")
 """The STABLE-RPS gradient scaler on dz."""
 BACKENDS = ("auto", "torch", "triton", "cpu")
-"""The execution path (see :mod:`hf_roast.dispatch`): ``cpu`` is the fused gather-GEMV for inference on CPU
-(:mod:`hf_roast.cpu_path`), ``torch`` the PyTorch path, ``triton`` the GPU kernels; ``auto`` picks per call."""
+"""The execution path (see :mod:`hf_roast.backends.dispatch`): ``cpu`` is the fused gather-GEMV for inference on
+CPU (:mod:`hf_roast.backends.cpu`), ``torch`` the PyTorch path only (no native code), ``triton`` the GPU kernels;
+``auto`` picks per call."""
 INITS = ("auto", "pretrained", "random")
 """How z is initialised."""
 DTYPES = ("float32", "bfloat16", "float16")

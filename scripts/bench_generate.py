@@ -19,7 +19,7 @@ scripts/pinned_models.py); where that is not installed, a random Llama of SmolLM
 * first call: the first ``generate()`` of the process for that arm (library load, allocator warm-up);
 * and each figure's ratio to dense.
 
-On CPU, decode runs on the CPU path (hf_roast/cpu_path.py: at most 16 rows per call, no gradient; a
+On CPU, decode runs on the CPU path (hf_roast/backends/cpu/: at most 16 rows per call, no gradient; a
 packed z is dequantised tile by tile as it is read) and prefill on the PyTorch path (W built per call,
 then one GEMM).
 """
@@ -33,7 +33,8 @@ import time
 
 import torch
 
-from hf_roast import RoastConfig, cpu_path, get_roast_model
+from hf_roast import RoastConfig, get_roast_model
+from hf_roast.backends.cpu import build as cpu_build
 
 PREFILL_TOKENS = 512
 PROMPT_TOKENS = 8
@@ -133,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
           "intN: z packed to N bits, groups of 128")  # fmt: skip
     print(f"decode: {args.new_tokens} new tokens after a {PROMPT_TOKENS}-token prompt; prefill: one forward of "
           f"{PREFILL_TOKENS} tokens; medians of {args.rounds} interleaved rounds; first call: the arm's first "
-          f"generate() of 2 tokens (CPU kernel library built in {cpu_path._library.build_seconds:.1f} s this run, "
+          f"generate() of 2 tokens (CPU kernel library built in {cpu_build.library.build_seconds:.1f} s this run, "
           "0.0 = loaded from the cache)")  # fmt: skip
     print(
-        "decode runs on the CPU path (hf_roast.cpu_path), prefill on the PyTorch path (hf_roast.torch_path)\n"
+        "decode runs on the CPU path (hf_roast.backends.cpu), prefill on the PyTorch path (hf_roast.backends.pytorch)\n"
     )
     header = f"{'model':<20} | {'decode tok/s':>12} {'vs dense':>9} | {'prefill 512':>11} {'vs dense':>9} | {'first call':>10}"
     print(header)

@@ -23,10 +23,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from hf_roast import cpu_path
-from hf_roast.dispatch import resolve_backend, roast_linear
+from hf_roast.backends.cpu.ops import MAX_ROWS
+from hf_roast.backends.dispatch import materialize_weight, resolve_backend, roast_linear
+from hf_roast.backends.pytorch import clear_scratch
 from hf_roast.mapping import LayerMapping, MappingPlan, ModuleSpec, gradient_scaler
-from hf_roast.torch_path import clear_scratch, materialize_weight
 
 QUICK_ROWS = (1, 16, 512)
 QUICK_SHAPES = ((4096, 4096),)
@@ -138,11 +138,11 @@ def bench_shape(
         lm, z = roast_layer(mapper, d_in, d_out, args, device, dtype)
 
         def forward(lm=lm, z=z) -> torch.Tensor:
-            return roast_linear(x, z, bias, lm, backend)
+            return roast_linear(x, z, bias, lm, "auto")  # `backend` is what auto resolves to
 
         with torch.no_grad():
             out[f"{mapper}_fwd"] = timer(forward)
-            out[f"{mapper}_w"] = timer(lambda lm=lm, z=z: materialize_weight(z, lm, dtype))
+            out[f"{mapper}_w"] = timer(lambda lm=lm, z=z: materialize_weight(z, lm, dtype, "auto"))
         out[f"{mapper}_fb"] = timer(fwd_bwd(forward, [x, z, bias]))
         del lm, z
         clear_scratch()
@@ -157,8 +157,8 @@ def describe(device: torch.device, backend: str, dtype: torch.dtype) -> str:
     path = (
         "Triton kernels (hf_roast.backends.triton)"
         if backend == "triton"
-        else "PyTorch path (hf_roast.torch_path); no-grad forwards of at most "
-        f"{cpu_path.MAX_ROWS} rows on the CPU path (hf_roast.cpu_path)"
+        else "PyTorch path (hf_roast.backends.pytorch); no-grad forwards of at most "
+        f"{MAX_ROWS} rows on the CPU path (hf_roast.backends.cpu)"
     )
     return (
         f"device: {name}; ROAST/HashedNet run on the {path}; activations {str(dtype).removeprefix('torch.')}"

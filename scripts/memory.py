@@ -98,7 +98,7 @@ def run_arm(args: argparse.Namespace) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_roast import RoastConfig, get_roast_model
-    from hf_roast.torch_path import clear_scratch
+    from hf_roast.backends.pytorch import clear_scratch
 
     torch.set_num_threads(args.threads)
     rss_imports = _status_kib("VmRSS")  # python + torch + transformers + hf_roast, before any model exists

@@ -1,12 +1,12 @@
 """The import structure of hf_roast, checked from the source (see docs/architecture.md).
 
-Every ``import`` of ``hf_roast/`` and ``scripts/``
-(``hf_roast.scripts``) is parsed with ``ast``, module-level and lazy (inside functions) alike, with
-relative imports resolved. The test fails on any import circle, on an import that goes up the layers,
-on a module that no layer lists, and on any import from the Triton backend (``hf_roast/backends/triton/``)
-into hf_roast other than the vocabularies and the mapping layer. Nothing in the repo may be importable as a
-top-level ``kernels``: that name is Hugging Face's kernel-hub package, which transformers imports.
-"""
+Every ``import`` of ``hf_roast/`` and ``scripts/`` (``hf_roast.scripts``) is parsed with ``ast``, module-level
+and lazy (inside functions) alike, with relative imports resolved. The test fails on any import circle, on an
+import that goes up the layers, on a module that no layer lists, on any import from a backend
+(``hf_roast/backends/``: ``pytorch``, ``cpu/``, ``triton/``) into hf_roast other than the vocabularies and the
+mapping layer, on a backend importing another, and on a module above the backends reaching one other than
+through dispatch (or the PyTorch path's helpers). Nothing in the repo may be importable as a top-level
+``kernels``: that name is Hugging Face's kernel-hub package, which transformers imports."""
 
 from __future__ import annotations
 
@@ -22,8 +22,15 @@ PACKAGE_DIRS = {
 LAYERS = {
     1: ["vocab", "config", "atomic"],
     2: ["mapping", "quant", "checkpoint_format"],
-    3: ["torch_path", "cpu_path", "backends", "backends.triton", "backends.triton.*"],
-    4: ["dispatch"],
+    3: [
+        "backends",
+        "backends.pytorch",
+        "backends.cpu",
+        "backends.cpu.*",
+        "backends.triton",
+        "backends.triton.*",
+    ],
+    4: ["backends.dispatch"],
     5: ["layers", "balance"],
     6: ["targets", "calibration", "compress", "report"],
     7: ["model_card", "hub", "serialization", "quantizer"],
@@ -34,7 +41,9 @@ LAYERS = {
 from its own layer (without a circle) and from the layers below it, never from above."""
 
 TRITON = "hf_roast.backends.triton"
+DISPATCH = "hf_roast.backends.dispatch"
 KERNELS_MAY_IMPORT = {"hf_roast.vocab", "hf_roast.mapping", "hf_roast.quant"}
+"""What any backend (execution path) may import from hf_roast outside the backends."""
 
 
 def _modules() -> dict[str, Path]:
@@ -100,11 +109,12 @@ def _layer(name: str) -> int | None:
 
 
 def test_the_parser_sees_lazy_and_relative_imports():
-    assert f"{TRITON}.ops" in GRAPH["hf_roast.dispatch"]  # lazy, relative, into the Triton backend
-    assert f"{TRITON}.available" in GRAPH["hf_roast.dispatch"]
+    assert f"{TRITON}.ops" in GRAPH[DISPATCH]  # lazy, relative, into the Triton backend
+    assert f"{TRITON}.available" in GRAPH[DISPATCH]
+    assert "hf_roast.backends.cpu.ops" in GRAPH[DISPATCH]  # `from .cpu import ops as cpu`
     assert f"{TRITON}.roast_matmul" in GRAPH[f"{TRITON}.ops"]  # `from . import roast_matmul`
     assert "hf_roast.mapping" in GRAPH[f"{TRITON}.roast_matmul"]  # absolute into hf_roast
-    assert "hf_roast.torch_path" in GRAPH["hf_roast.calibration"]  # inside a function
+    assert "hf_roast.backends.pytorch" in GRAPH["hf_roast.calibration"]  # inside a function
     assert "hf_roast" in GRAPH["hf_roast.scripts.compress_folder"]  # scripts/ is hf_roast.scripts
 
 
@@ -141,38 +151,22 @@ def test_every_module_has_a_layer_and_imports_only_downward():
     assert not upward, "imports that go up the layers:\n" + "\n".join(upward)
 
 
-def test_triton_backend_imports_only_the_mapping_layer():
-    outside = sorted(
-        f"{name} imports {target}"
-        for name, targets in GRAPH.items()
-        if name == TRITON or name.startswith(TRITON + ".")
-        for target in targets
-        if not (target == TRITON or target.startswith(TRITON + ".")) and target not in KERNELS_MAY_IMPORT
-    )
-    assert not outside, "the Triton backend reaches into hf_roast beyond the mapping layer:\n" + "\n".join(
-        outside
-    )
+BACKENDS = ("hf_roast.backends.pytorch", "hf_roast.backends.cpu", TRITON)
+"""The execution paths: a module or a subpackage each. None imports another: where the PyTorch path uses the
+CPU backend's one-pass W build, dispatch hands it down (``pytorch.NativeWeight``)."""
 
 
-PATHS = ("hf_roast.torch_path", "hf_roast.cpu_path")
-PATH_EDGES_ALLOWED = {("hf_roast.torch_path", "hf_roast.cpu_path")}
-"""The one edge between execution paths: on CPU the PyTorch path builds an fp32 W with the CPU path's
-compiled loop (``cpu_path.build_weight``; same values, one pass)."""
+def _backend_of(name: str) -> str | None:
+    return next((b for b in BACKENDS if name == b or name.startswith(b + ".")), None)
 
 
-def test_execution_paths_import_one_another_only_where_documented():
-    def is_path(name: str) -> bool:
-        return name in PATHS or name == TRITON or name.startswith(TRITON + ".")
-
-    def path_of(name: str) -> str:
-        return TRITON if name.startswith(TRITON) else name
-
+def test_execution_paths_never_import_one_another():
     edges = sorted(
         f"{name} imports {target}"
         for name, targets in GRAPH.items()
-        if is_path(name)
+        if _backend_of(name)
         for target in targets
-        if is_path(target) and path_of(target) != path_of(name) and (name, target) not in PATH_EDGES_ALLOWED
+        if _backend_of(target) and _backend_of(target) != _backend_of(name)
     )
     assert not edges, "execution paths importing one another (docs/architecture.md):\n" + "\n".join(edges)
 
@@ -193,3 +187,29 @@ def test_the_library_never_imports_the_research_harness():
                 f"{name} imports {m}" for m in modules if m == "benchmarks" or m.startswith("benchmarks.")
             ]
     assert not found, "\n".join(found)
+
+
+def test_only_dispatch_imports_the_backends():
+    """Above the backends, only the front (dispatch) picks a path; the layers and the conversion may use
+    the PyTorch path's helpers (the W build and its adjoint), and the entry points (scripts) anything."""
+    outside = sorted(
+        f"{name} imports {target}"
+        for name, targets in GRAPH.items()
+        if not _backend_of(name) and name != DISPATCH and _layer(name) < 9
+        for target in targets
+        if _backend_of(target) and _backend_of(target) != "hf_roast.backends.pytorch"
+    )
+    assert not outside, "modules that reach a backend other than through dispatch:\n" + "\n".join(outside)
+
+
+def test_backends_import_only_the_mapping_layer():
+    """Paths take a LayerMapping and tensors: below them only the vocabularies, the mapping and the
+    quantisation formulas, never the config, layers or models."""
+    outside = sorted(
+        f"{name} imports {target}"
+        for name, targets in GRAPH.items()
+        if _backend_of(name)
+        for target in targets
+        if not _backend_of(target) and target != "hf_roast.backends" and target not in KERNELS_MAY_IMPORT
+    )
+    assert not outside, "a backend reaches into hf_roast beyond the mapping layer:\n" + "\n".join(outside)

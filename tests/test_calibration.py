@@ -12,10 +12,10 @@ import torch
 from helpers import VOCAB, tiny_bert_classifier, tiny_llama
 
 from hf_roast import RoastConfig, get_roast_model
+from hf_roast.backends.pytorch import materialize_weight
 from hf_roast.calibration import column_weights, input_statistics, normalized_gram
 from hf_roast.compress import dense_weight
 from hf_roast.targets import find_targets
-from hf_roast.torch_path import materialize_weight
 
 
 def _batches(n=4, seed=0):

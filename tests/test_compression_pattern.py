@@ -9,8 +9,8 @@ import transformers as tf
 from helpers import VOCAB, inputs_for, lm_losses, tiny_llama
 
 from hf_roast import RoastConfig, RoastModel, get_roast_model
+from hf_roast.backends.pytorch import materialize_weight
 from hf_roast.mapping import LayerMapping
-from hf_roast.torch_path import materialize_weight
 
 TILE = (16, 16)
 PATTERN = {r"layers\.0\..*": 4, "mlp": 8}  # the first matching key wins: layer 0's MLP reads at 4x

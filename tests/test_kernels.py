@@ -14,7 +14,8 @@ import sys
 import pytest
 import torch
 
-from hf_roast import dispatch
+from hf_roast.backends import dispatch
+from hf_roast.backends.pytorch import RoastEmbeddingFunction, RoastLinearFunction, materialize_weight
 from hf_roast.backends.triton.available import interpreter_active
 from hf_roast.layers import RoastLinear, RoastStore
 from hf_roast.mapping import (
@@ -30,7 +31,6 @@ from hf_roast.mapping import (
     seed_constants,
     stable_slot,
 )
-from hf_roast.torch_path import RoastEmbeddingFunction, RoastLinearFunction, materialize_weight
 
 triton = pytest.importorskip("triton")
 from helpers import assert_close_scaled  # noqa: E402

@@ -144,8 +144,8 @@ def test_roast_collides_at_1x_as_plain_hashing_does():
 
 def test_arange_oracle_reads_back_contiguous_aligned_tiles():
     """With z = arange(m), every mapping tile of W is one contiguous, aligned span of z, row-major."""
+    from hf_roast.backends.pytorch import materialize_weight
     from hf_roast.mapping import LayerMapping
-    from hf_roast.torch_path import materialize_weight
 
     plan = plan_for("stable", sign="none", compression=2.0)
     z = torch.arange(plan.num_slots, dtype=torch.float64)

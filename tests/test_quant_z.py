@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM
 
 import hf_roast  # noqa: F401  (registers the quantizer)
 from hf_roast import RoastConfig, RoastModel, get_roast_model
+from hf_roast.backends.pytorch import materialize_weight
 from hf_roast.checkpoint_format import FORMAT_VERSION
 from hf_roast.layers import roast_layers
 from hf_roast.mapping import LayerMapping, MappingPlan, ModuleSpec
 from hf_roast.quant import QMAX, QuantizedZ, fake_quantize_groups
-from hf_roast.torch_path import materialize_weight
 
 IDS = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(0))
 TILE = (8, 16)

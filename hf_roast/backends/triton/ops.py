@@ -252,7 +252,7 @@ _register()
 
 
 # --------------------------------------------------------------------------------------------------
-# Entry points used by hf_roast.dispatch.
+# Entry points used by hf_roast.backends.dispatch.
 # --------------------------------------------------------------------------------------------------
 _GEOMETRY_CACHE: dict[tuple, list[int]] = {}
 

@@ -1,23 +1,25 @@
-"""The PyTorch execution path: materialise one module's weight at a time, never keep it.
+"""The PyTorch backend: materialise one module's weight at a time, never keep it.
 
 Forward builds ``W`` from z into a reused scratch buffer, runs the matmul and drops ``W``; backward
 rebuilds it for ``dX`` and scatters ``dY^T X`` back into z. Nothing W-sized is saved for backward,
 and no W-sized index is ever built on the tile mappers (the tables are W/T entries).
+
+This backend runs every call (any device, dtype, gradient or compiler), so it has no gate. It imports no
+other backend: where another one can build W faster (the CPU backend's one-pass loop), dispatch hands
+its builder down as a :class:`NativeWeight`, and the PyTorch ops build W wherever it declines.
 """
 
 from __future__ import annotations
 
-import os
 import threading
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from . import cpu_path
-from .mapping import LayerMapping
-from .quant import QuantizedZ, fake_quantize_at, fake_quantize_groups, group_scales
-from .vocab import ENV_BACKEND
+from hf_roast.mapping import LayerMapping
+from hf_roast.quant import QuantizedZ, fake_quantize_at, fake_quantize_groups, group_scales
 
 
 class _Scratch(threading.local):
@@ -101,27 +103,36 @@ def read_dtype(z: torch.Tensor | QuantizedZ) -> torch.dtype:
     return torch.float32 if isinstance(z, QuantizedZ) else z.dtype
 
 
-NATIVE_CPU_BUILD = True
-"""Build an fp32 W on CPU with :func:`hf_roast.cpu_path.build_weight` (one pass; same values as the PyTorch
-ops below, which it replaces). False, or ``HF_ROAST_BACKEND=torch``, keeps PyTorch ops only."""
+@dataclass(frozen=True)
+class NativeWeight:
+    """Another backend's build of W, the same values as this path's ops in one pass, handed down by
+    dispatch (:func:`hf_roast.backends.dispatch.native_weight`) where the resolved backend allows it.
+
+    ``reason(z, layer_map, dtype)`` is that backend's gate (None: it can build this W); ``build(z,
+    layer_map, out)`` writes W into the contiguous ``rows x cols`` tensor ``out`` of that dtype."""
+
+    reason: Callable[[torch.Tensor | QuantizedZ, LayerMapping, torch.dtype], str | None]
+    build: Callable[[torch.Tensor | QuantizedZ, LayerMapping, torch.Tensor], torch.Tensor]
 
 
 def materialize_weight(
-    z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, dtype: torch.dtype, *, scratch: bool = True
+    z: torch.Tensor | QuantizedZ,
+    layer_map: LayerMapping,
+    dtype: torch.dtype,
+    *,
+    scratch: bool = True,
+    native: NativeWeight | None = None,
 ) -> torch.Tensor:
-    """The module's dense ``rows x cols`` weight in ``dtype``. With ``scratch`` it lives in a reused buffer."""
+    """The module's dense ``rows x cols`` weight in ``dtype``. With ``scratch`` it lives in a reused buffer.
+
+    With ``native``, W is built by that builder wherever its gate allows (same values), else by PyTorch ops."""
     spec, plan = layer_map.spec, layer_map.plan
-    if (
-        NATIVE_CPU_BUILD
-        and os.environ.get(ENV_BACKEND) != "torch"
-        and cpu_path.builds_weight(z, layer_map, dtype)
-    ):
-        # on CPU the compiled loop builds W in one pass (same values; see cpu_path.build_weight)
+    if native is not None and native.reason(z, layer_map, dtype) is None:
         if scratch:
             out = _scratch.get("weight", spec.rows * spec.cols, dtype, z.device)
         else:
             out = torch.empty(spec.rows * spec.cols, dtype=dtype, device=z.device)
-        return cpu_path.build_weight(z, layer_map, out.view(spec.rows, spec.cols))
+        return native.build(z, layer_map, out.view(spec.rows, spec.cols))
     zdt = read_dtype(z)
     if not plan.is_tiled:
         rows = torch.arange(spec.rows, device=z.device)
@@ -280,24 +291,36 @@ def _saved_x_and_z(ctx):
 
 
 class RoastLinearFunction(torch.autograd.Function):
-    """y = x W^T + b with W read from z; saves x only, rebuilds W in backward (by row blocks for a large W)."""
+    """y = x W^T + b with W read from z; saves x only, rebuilds W in backward (by row blocks for a large W).
+
+    ``native`` (optional, see :class:`NativeWeight`) builds W in forward and backward where it can."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor | None, layer_map: LayerMapping):
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        bias: torch.Tensor | None,
+        layer_map: LayerMapping,
+        native: NativeWeight | None = None,
+    ):
         blocks = row_blocks(layer_map)
         b = bias.to(x.dtype) if bias is not None else None
         if len(blocks) == 1:
-            y = F.linear(x, materialize_weight(z, layer_map, x.dtype), b)
+            y = F.linear(x, materialize_weight(z, layer_map, x.dtype, native=native), b)
         else:
             x2 = x.reshape(-1, x.shape[-1])
             y = x2.new_empty(x2.shape[0], layer_map.spec.rows)
             for first, end, sub in blocks:
                 y[:, first:end] = F.linear(
-                    x2, materialize_weight(z, sub, x.dtype), None if b is None else b[first:end]
+                    x2,
+                    materialize_weight(z, sub, x.dtype, native=native),
+                    None if b is None else b[first:end],
                 )
             y = y.view(*x.shape[:-1], layer_map.spec.rows)
         _save_x_and_z(ctx, x, z)
         ctx.layer_map = layer_map
+        ctx.native = native
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
@@ -311,7 +334,7 @@ class RoastLinearFunction(torch.autograd.Function):
         blocks = row_blocks(layer_map)
         if ctx.needs_input_grad[0]:
             for first, end, sub in blocks:
-                part = gy[:, first:end] @ materialize_weight(z, sub, grad_y.dtype)
+                part = gy[:, first:end] @ materialize_weight(z, sub, grad_y.dtype, native=ctx.native)
                 grad_x = part if grad_x is None else grad_x.add_(part)
             grad_x = grad_x.view(*grad_y.shape[:-1], layer_map.spec.cols).to(x.dtype)
         if ctx.needs_input_grad[1]:
@@ -324,7 +347,7 @@ class RoastLinearFunction(torch.autograd.Function):
             grad_z = grad_z.to(z.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy.to(accumulation_dtype(gy.dtype)).sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_z, grad_b, None
+        return grad_x, grad_z, grad_b, None, None
 
 
 class RoastEmbeddingFunction(torch.autograd.Function):

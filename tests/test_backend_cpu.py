@@ -1,16 +1,19 @@
-"""The CPU inference path (hf_roast/cpu_path.py): a fused gather-GEMV that never writes W.
+"""The CPU backend (hf_roast/backends/cpu/): a fused gather-GEMV that never writes W, and a one-pass W build.
 
 Checked against the PyTorch path (an independent implementation: it materialises W) on odd shapes whose
 edge tiles are partial in both dimensions, for every mapper, sign mode and activation dtype, at 1, 2 and
 7 rows; against an fp64 product of the materialised W; for allocations (nothing W-sized); for the
-dispatch rules; and end to end, ``generate()`` gives the same tokens with and without it. The PyTorch path
-here builds W with PyTorch ops only (``torch_path.NATIVE_CPU_BUILD`` off), so the reference shares no code
-with the C++ loop; the native W build, which the PyTorch path uses on CPU by default, is checked bit for
-bit against those ops at the end.
+dispatch rules; and end to end, ``generate()`` gives the same tokens with and without it. The reference, the
+PyTorch path called directly (``RoastLinearFunction`` and ``pytorch.materialize_weight`` without a
+``NativeWeight``) or through ``backend="torch"``, builds W with PyTorch ops only, so it shares no code with
+the C++ loop; the native W build, which dispatch hands the PyTorch path on CPU under ``auto``, is checked bit
+for bit against those ops at the end. The loader's check of the ctypes structs against the C structs is
+checked too.
 """
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 
 import pytest
@@ -18,21 +21,19 @@ import torch
 from helpers import VOCAB, assert_close_scaled, tiny_gpt2, tiny_llama
 from torch.profiler import ProfilerActivity, profile
 
-from hf_roast import RoastConfig, cpu_path, dispatch, get_roast_model, quant, torch_path
+from hf_roast import RoastConfig, get_roast_model, quant
+from hf_roast.backends import dispatch, pytorch
+from hf_roast.backends.cpu import build as cpu_build
+from hf_roast.backends.cpu import ops as cpu
+from hf_roast.backends.cpu import translate
+from hf_roast.backends.pytorch import RoastLinearFunction, clear_scratch, materialize_weight
 from hf_roast.mapping import LayerMapping, MappingPlan, ModuleSpec
 from hf_roast.quant import QuantizedZ
-from hf_roast.torch_path import RoastLinearFunction, clear_scratch, materialize_weight
 from hf_roast.vocab import MAPPERS, SIGNS, Z_INT_BITS
 
 pytestmark = pytest.mark.skipif(
-    cpu_path.unavailable_reason() is not None, reason=f"no CPU kernel: {cpu_path.unavailable_reason()}"
+    cpu.unavailable_reason() is not None, reason=f"no CPU kernel: {cpu.unavailable_reason()}"
 )
-
-
-@pytest.fixture(autouse=True)
-def _pure_pytorch_reference(monkeypatch):
-    """The reference (the PyTorch path) builds W with PyTorch ops, not with this module's C++ loop."""
-    monkeypatch.setattr(torch_path, "NATIVE_CPU_BUILD", False)
 
 
 def _mappings(mapper: str, sign: str, tile: tuple[int, int]):
@@ -53,13 +54,13 @@ def _check_against_torch_path(z, layer_map: LayerMapping, dtypes, name: str) -> 
             bias = torch.randn(layer_map.spec.rows)
             with torch.no_grad():
                 expected = RoastLinearFunction.apply(x, z, bias, layer_map)
-                actual = cpu_path.cpu_roast_linear(x, z, bias, layer_map)
+                actual = cpu.cpu_roast_linear(x, z, bias, layer_map)
             assert actual.dtype == dtype and actual.shape == expected.shape
             assert_close_scaled(actual, expected, dtype, f"{name}/{layer_map.spec.name}/{rows} rows/{dtype}")
     x = torch.randn(2, 3, layer_map.spec.cols)
     w = materialize_weight(z, layer_map, torch.float32, scratch=False).double()
     torch.testing.assert_close(
-        cpu_path.cpu_roast_linear(x, z, None, layer_map), (x.double() @ w.t()).float(), rtol=1e-5, atol=1e-5
+        cpu.cpu_roast_linear(x, z, None, layer_map), (x.double() @ w.t()).float(), rtol=1e-5, atol=1e-5
     )
 
 
@@ -97,7 +98,7 @@ def test_cpu_path_equals_torch_path_under_a_compression_pattern(mapper, sign):
                 bias = torch.randn(spec.rows)
                 with torch.no_grad():
                     expected = RoastLinearFunction.apply(x, z, bias, layer_map)
-                    actual = cpu_path.cpu_roast_linear(x, z, bias, layer_map)
+                    actual = cpu.cpu_roast_linear(x, z, bias, layer_map)
                 assert_close_scaled(
                     actual, expected, dtype, f"{mapper}/{sign}/{spec.name}/{rows} rows/{dtype}"
                 )
@@ -119,7 +120,7 @@ def test_cpu_path_never_allocates_a_w_sized_tensor():
     with torch.no_grad():
         clear_scratch()
         torch_peak = _largest_allocation(lambda: RoastLinearFunction.apply(x, z, None, layer_map))
-        cpu_peak = _largest_allocation(lambda: cpu_path.cpu_roast_linear(x, z, None, layer_map))
+        cpu_peak = _largest_allocation(lambda: cpu.cpu_roast_linear(x, z, None, layer_map))
     assert torch_peak >= w_bytes  # the measurement sees the PyTorch path's W
     assert 0 < cpu_peak < w_bytes // 32, (cpu_peak, w_bytes)  # the output (3 x 512 floats) and x in fp32
 
@@ -132,16 +133,16 @@ def _layer_and_input(rows: int):
 
 def test_auto_dispatch_takes_the_cpu_path_for_few_rows_without_grad(monkeypatch):
     calls = []
-    real = cpu_path.cpu_roast_linear
-    monkeypatch.setattr(cpu_path, "cpu_roast_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = cpu.cpu_roast_linear
+    monkeypatch.setattr(cpu, "cpu_roast_linear", lambda *a: calls.append(a[0].shape) or real(*a))
     monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
-    model, layer, x = _layer_and_input(cpu_path.MAX_ROWS)
+    model, layer, x = _layer_and_input(cpu.MAX_ROWS)
     with torch.no_grad():
         y_cpu = layer(x)
     assert len(calls) == 1
     layer(x).sum().backward()  # z requires grad: training takes the PyTorch path
     with torch.no_grad():
-        layer(torch.randn(1, cpu_path.MAX_ROWS + 1, layer.in_features))  # too many rows
+        layer(torch.randn(1, cpu.MAX_ROWS + 1, layer.in_features))  # too many rows
         monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")  # switched off
         y_torch = layer(x)
     assert len(calls) == 1
@@ -150,7 +151,7 @@ def test_auto_dispatch_takes_the_cpu_path_for_few_rows_without_grad(monkeypatch)
     with pytest.raises(RuntimeError, match="forward-only"):
         layer(x)
     with torch.no_grad(), pytest.raises(RuntimeError, match="at most"):
-        layer(torch.randn(1, cpu_path.MAX_ROWS + 1, layer.in_features))
+        layer(torch.randn(1, cpu.MAX_ROWS + 1, layer.in_features))
     with torch.no_grad():
         layer(x)
     assert len(calls) == 2
@@ -201,7 +202,7 @@ def test_cached_call_arguments_follow_every_change_of_z_tables_and_bias(dtype, m
 
 
 def test_missing_compiler_warns_once_and_keeps_the_pytorch_path(monkeypatch):
-    monkeypatch.setattr(cpu_path, "_library", cpu_path._Library())
+    monkeypatch.setattr(cpu_build, "library", cpu_build.Library())
     monkeypatch.setattr(dispatch, "_warned_no_cpu_kernel", False)
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
@@ -222,8 +223,8 @@ def test_missing_compiler_warns_once_and_keeps_the_pytorch_path(monkeypatch):
 
 
 def test_a_second_load_reuses_the_cached_library():
-    assert cpu_path.unavailable_reason() is None
-    fresh = cpu_path._Library()
+    assert cpu.unavailable_reason() is None
+    fresh = cpu_build.Library()
     assert fresh.load() is not None and fresh.build_seconds == 0.0  # found in the cache, not rebuilt
 
 
@@ -243,8 +244,8 @@ def test_generate_gives_the_same_tokens_with_and_without_the_cpu_path(make, dtyp
     assert model.roast_store.z.dtype == torch.float32
     prompt = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
     calls = []
-    real = cpu_path.cpu_roast_linear
-    monkeypatch.setattr(cpu_path, "cpu_roast_linear", lambda *a: calls.append(1) or real(*a))
+    real = cpu.cpu_roast_linear
+    monkeypatch.setattr(cpu, "cpu_roast_linear", lambda *a: calls.append(1) or real(*a))
     with_cpu = _generate(model, monkeypatch, "cpu", prompt)  # forced: every linear call takes it
     assert len(calls) > 0
     n_calls = len(calls)
@@ -272,18 +273,18 @@ def test_the_kernel_dequantizes_exactly_like_quant_py(bits, group):
     spans = [(0, numel), (1, numel - 1), (group - 1, 2), (group + 1, 3 * group), (numel - 3, 3), (5, 0)]
     for start, n in spans:
         expected = z.values_at(torch.arange(start, start + n))
-        assert torch.equal(cpu_path.dequantize(z, start, n), expected), (start, n)
-    assert torch.equal(cpu_path.dequantize(z), z.dequantize())
+        assert torch.equal(cpu.dequantize(z, start, n), expected), (start, n)
+    assert torch.equal(cpu.dequantize(z), z.dequantize())
 
 
 def test_the_c_source_takes_the_quantisation_formulas_from_quant_py(monkeypatch):
     """The packing constants reach the kernel only through the translation of quant.py (no second copy)."""
-    source = cpu_path.c_formulas()
+    source = translate.c_formulas()
     for fn in quant.formula_functions():
         assert f" {fn.__name__}(" in source
     assert f"INT64_C({quant.NIBBLE_OFFSET})" in source
     monkeypatch.setattr(quant, "formula_constants", lambda: {"NIBBLE_OFFSET": 99})
-    assert "INT64_C(99)" in cpu_path.c_formulas()
+    assert "INT64_C(99)" in translate.c_formulas()
 
 
 # (tile, group): groups of two tile rows, groups straddling tile rows (16 values, rows of 12), one group a tile
@@ -317,14 +318,14 @@ def test_cpu_path_reads_16_bit_z_like_the_torch_path(mapper, sign, z_dtype):
                 x = torch.randn(rows, layer_map.spec.cols).to(dtype)
                 with torch.no_grad():
                     expected = RoastLinearFunction.apply(x, z, None, layer_map)
-                    actual = cpu_path.cpu_roast_linear(x, z, None, layer_map)
+                    actual = cpu.cpu_roast_linear(x, z, None, layer_map)
                 name = f"{mapper}/{sign}/z {z_dtype}/{layer_map.spec.name}/{rows} rows/{dtype}"
                 assert_close_scaled(actual, expected, dtype, name)
         # the weights are the PyTorch path's, bit for bit: an exact product on one-hot rows
         if mapper == "stable":
             eye = torch.eye(layer_map.spec.cols)
             w = materialize_weight(z, layer_map, torch.float32, scratch=False)
-            assert torch.equal(cpu_path.cpu_roast_linear(eye[:16], z, None, layer_map), w[:, :16].t())
+            assert torch.equal(cpu.cpu_roast_linear(eye[:16], z, None, layer_map), w[:, :16].t())
 
 
 @pytest.mark.parametrize("bits", Z_INT_BITS)
@@ -338,15 +339,15 @@ def test_cpu_path_on_packed_z_never_allocates_a_w_sized_tensor(bits):
     with torch.no_grad():
         clear_scratch()
         torch_peak = _largest_allocation(lambda: RoastLinearFunction.apply(x, q, None, layer_map))
-        cpu_peak = _largest_allocation(lambda: cpu_path.cpu_roast_linear(x, q, None, layer_map))
+        cpu_peak = _largest_allocation(lambda: cpu.cpu_roast_linear(x, q, None, layer_map))
     assert torch_peak >= w_bytes
     assert 0 < cpu_peak < w_bytes // 32, (cpu_peak, w_bytes)
 
 
 def _counting(monkeypatch) -> list:
     calls = []
-    real = cpu_path.cpu_roast_linear
-    monkeypatch.setattr(cpu_path, "cpu_roast_linear", lambda *a: calls.append(type(a[1])) or real(*a))
+    real = cpu.cpu_roast_linear
+    monkeypatch.setattr(cpu, "cpu_roast_linear", lambda *a: calls.append(type(a[1])) or real(*a))
     return calls
 
 
@@ -354,12 +355,12 @@ def _counting(monkeypatch) -> list:
 def test_auto_dispatch_takes_the_cpu_path_for_packed_z(bits, monkeypatch):
     calls = _counting(monkeypatch)
     monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
-    model, layer, x = _layer_and_input(cpu_path.MAX_ROWS)
+    model, layer, x = _layer_and_input(cpu.MAX_ROWS)
     model.quantize_z(bits, group_size=64)
     with torch.no_grad():
         y_cpu = layer(x)
         assert calls == [QuantizedZ]
-        layer(torch.randn(1, cpu_path.MAX_ROWS + 1, layer.in_features))  # too many rows
+        layer(torch.randn(1, cpu.MAX_ROWS + 1, layer.in_features))  # too many rows
         monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")
         y_torch = layer(x)
     assert calls == [QuantizedZ]
@@ -429,54 +430,82 @@ def _z_storages(z: torch.Tensor, tile_numel: int) -> dict[str, object]:
 @pytest.mark.parametrize("sign", SIGNS)
 @pytest.mark.parametrize("mapper", MAPPERS)
 def test_native_weight_build_equals_the_pytorch_ops_bit_for_bit(mapper, sign, tile, monkeypatch):
-    """On CPU the PyTorch path builds an fp32 W with cpu_path.build_weight: every weight equals what the
-    PyTorch ops build, for every z storage (fp32, bf16, int8, int4), with partial edge tiles."""
+    """On CPU (backend ``auto``) the PyTorch path builds an fp32 W with the CPU backend's build_weight: every
+    weight equals what the PyTorch ops build, for every z storage (fp32, bf16, int8, int4), with partial edge
+    tiles."""
+    monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
     z, mappings = _mappings(mapper, sign, tile)
     calls = []
-    real = cpu_path.build_weight
-    monkeypatch.setattr(cpu_path, "build_weight", lambda *a: calls.append(1) or real(*a))
+    real = cpu.build_weight
+    monkeypatch.setattr(cpu, "build_weight", lambda *a: calls.append(1) or real(*a))
     for name, stored in _z_storages(z, mappings[0].plan.tile_numel).items():
         for layer_map in mappings:
-            monkeypatch.setattr(torch_path, "NATIVE_CPU_BUILD", False)
             expected = materialize_weight(stored, layer_map, torch.float32, scratch=False).clone()
-            monkeypatch.setattr(torch_path, "NATIVE_CPU_BUILD", True)
-            before = len(calls)
-            actual = materialize_weight(stored, layer_map, torch.float32, scratch=False)
-            assert len(calls) == before + 1, "the native build did not run"
+            assert not calls, "the PyTorch path alone ran native code"
+            actual = dispatch.materialize_weight(stored, layer_map, torch.float32, "auto", scratch=False)
+            assert len(calls) == 1, "the native build did not run"
+            calls.clear()
             assert actual.shape == expected.shape and actual.is_contiguous()
             assert torch.equal(actual, expected), f"{mapper}/{sign}/{tile}/{name}/{layer_map.spec.name}"
 
 
 def test_native_weight_build_trains_exactly_like_the_pytorch_ops(monkeypatch):
     """Forward, backward (W rebuilt for grad_x) and row blocks: identical logits and gradients with the native
-    build on and off; it stays off for bf16 weights, under HF_ROAST_BACKEND=torch, and while compiling."""
-    monkeypatch.setattr(torch_path, "ROW_BLOCK_WEIGHTS", 2048)  # several row blocks per layer
+    build on (``auto``) and off (``backend="torch"``); it stays off for bf16 weights and under
+    ``HF_ROAST_BACKEND=torch``, and its gate refuses while compiling."""
+    monkeypatch.setattr(pytorch, "ROW_BLOCK_WEIGHTS", 2048)  # several row blocks per layer
     monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
 
-    def run(native: bool):
-        monkeypatch.setattr(torch_path, "NATIVE_CPU_BUILD", native)
+    def run(backend: str):
         torch.manual_seed(0)
-        model = get_roast_model(tiny_llama(), RoastConfig(compression=4.0, tile=(8, 8), sign="element"))
+        config = RoastConfig(compression=4.0, tile=(8, 8), sign="element", backend=backend)
+        model = get_roast_model(tiny_llama(), config)
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         return out.logits.detach(), grads
 
     calls = []
-    real = cpu_path.build_weight
-    monkeypatch.setattr(cpu_path, "build_weight", lambda *a: calls.append(1) or real(*a))
-    logits, grads = run(True)
+    real = cpu.build_weight
+    monkeypatch.setattr(cpu, "build_weight", lambda *a: calls.append(1) or real(*a))
+    logits, grads = run("auto")
     assert calls, "training on CPU did not use the native build"
-    ref_logits, ref_grads = run(False)
+    calls.clear()
+    ref_logits, ref_grads = run("torch")
+    assert calls == [], "backend='torch' ran the native build"
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
     assert len(grads) == len(ref_grads)
     for g, r in zip(grads, ref_grads):
         assert torch.equal(g, r)
-    calls.clear()
-    monkeypatch.setattr(torch_path, "NATIVE_CPU_BUILD", True)
     z, mappings = _mappings("stable", "none", (8, 16))
-    materialize_weight(z, mappings[0], torch.bfloat16, scratch=False)
+    dispatch.materialize_weight(z, mappings[0], torch.bfloat16, "auto", scratch=False)
+    dispatch.materialize_weight(z, mappings[0], torch.float32, "torch", scratch=False)
     monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")
-    materialize_weight(z, mappings[0], torch.float32, scratch=False)
+    dispatch.materialize_weight(z, mappings[0], torch.float32, "auto", scratch=False)
     assert calls == []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert "torch.compile" in cpu.unsupported_reason(z, mappings[0])
+    assert dispatch.native_weight("auto", z.device) is None
+
+
+def test_the_loader_checks_the_ctypes_structs_against_the_c_structs():
+    """The library reports each C struct's size and field offsets; the ctypes mirrors must agree, and a
+    mirror with a field moved, dropped or narrowed is refused with a clear error."""
+    lib = cpu_build.library.load()
+    cpu_build.check_struct_layouts(lib)  # the shipped mirrors agree (as every load checks)
+    fields = list(cpu_build.ZStruct._fields_)
+    variants = {
+        "swapped": [fields[1], fields[0], *fields[2:]],
+        "dropped": fields[:-1],
+        "narrowed": [*fields[:-1], ("group", ctypes.c_int32)],  # same offsets, same padded size
+    }
+    for name, changed in variants.items():
+        bad = type("ZStruct", (ctypes.Structure,), {"_fields_": changed})
+        with pytest.raises(cpu_build.StructLayoutError, match="does not match its C struct"):
+            cpu_build.check_struct_layouts(lib, {0: bad})
+            pytest.fail(f"a mirror with a field {name} passed the check")
+    args_fields = [f for f in cpu_build.ArgsStruct._fields_ if f[0] != "threads"]
+    bad_args = type("ArgsStruct", (ctypes.Structure,), {"_fields_": args_fields})
+    with pytest.raises(cpu_build.StructLayoutError, match="ArgsStruct"):
+        cpu_build.check_struct_layouts(lib, {1: bad_args})
