@@ -67,6 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)."
     )
     p.add_argument("--rerun", action="store_true", help="Recompute arms whose results exist.")
+    p.add_argument(
+        "--rates-per-pass",
+        type=int,
+        default=None,
+        help="From scratch, breadth first: each pass trains at most this many new rates per arm (the first rates "
+        "of its grid), and passes repeat until every grid is done.",
+    )
     p.add_argument("--summary-only", action="store_true", help="Only rebuild results.json / .md / .png.")
     return p.parse_args(argv)
 
@@ -172,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             for e, a in queue
             if args.rerun or e == "scratch" or not results.arm_path(out, EXPERIMENT_DIRS[e], a.name).is_file()
         ]
-        _run_queue(todo, mode, args, out, tqdm, results)
+        while _run_queue(todo, mode, args, out, tqdm, results) and args.rates_per_pass:
+            todo = [(e, a) for e, a in todo if e.startswith("scratch")]  # the others finished in pass one
     results.write_summary(out, meta)
     from benchmarks.harness import scratch_high
 
@@ -181,9 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
+def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> bool:
+    """Run every arm of ``todo`` once; True when anything was trained."""
     import torch
 
+    progressed = False
     prepared: dict[str, tuple] = {}
     teacher = None
     bar = tqdm(todo, desc="evaluate", unit="arm")
@@ -226,7 +236,9 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
                     out, EXPERIMENT_DIRS[experiment], {**partial, "mode": mode, "complete": False}
                 )
 
-            result, model = run_scratch_arm(arm, source, setup, previous, on_run=save_partial)
+            result, model = run_scratch_arm(
+                arm, source, setup, previous, on_run=save_partial, max_new_runs=args.rates_per_pass
+            )
             metric = f"{result['bits_per_byte']:.3f} bits/byte (lr {result['selected_lr']:g})"
         else:
             from benchmarks.harness.language_model import run_lm_arm
@@ -243,6 +255,8 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> None:
         )
         sys.stdout.flush()
         del model
+        progressed = True
+    return progressed
 
 
 def _prepare(experiment: str, mode: str, args):

@@ -423,30 +423,38 @@ def run_scratch_arm(
     setup: ScratchSetup,
     previous: dict | None = None,
     on_run: Callable[[dict], None] | None = None,
+    max_new_runs: int | None = None,
 ) -> tuple[dict, nn.Module | None]:
     """Train the arm once per learning rate, keep the best on validation, score it on held-out text.
 
     Every run is scored on held-out text too (selection uses validation only), so that a later, wider
     grid reuses the runs of ``previous`` (an earlier result of the same arm) and trains only new rates.
     ``on_run`` receives the result so far after each newly trained rate (saved, it makes a long arm resumable
-    rate by rate). Returns the result and the selected model (None when the selected run was reused).
+    rate by rate). With ``max_new_runs`` it trains at most that many new rates and returns the result so far,
+    marked ``"complete": False`` while rates remain (a breadth-first sweep: every arm's likeliest rate first).
+    Returns the result and the selected model (None when the selected run was reused).
     """
     setup = arm_setup(arm, setup)
     batches = training_windows(source.train, setup)
     reused = reusable_runs(previous, arm, setup)
-    runs, best, best_model = [], None, None
+    runs, best, best_model, trained = [], None, None, 0
     with ResourceMeter() as whole:
         for lr in setup.lr_grid:
             if lr in reused:
                 run, model = reused[lr], None
+            elif max_new_runs is not None and trained >= max_new_runs:
+                break
             else:
                 model, run = _train_one_rate(arm, source, setup, lr, batches)
+                trained += 1
             runs.append(run)
             if best is None or run["val_bits_per_byte"] < best["val_bits_per_byte"]:
                 best, best_model = run, model
             if on_run is not None and lr not in reused and len(runs) < len(setup.lr_grid):
                 on_run(_scratch_result(arm, source, setup, runs, best, whole))
     result = _scratch_result(arm, source, setup, runs, best, whole)
+    if len(runs) < len(setup.lr_grid):
+        result["complete"] = False
     if arm.method == "prune" and best_model is not None:
         from .baselines import finalize_pruning
 

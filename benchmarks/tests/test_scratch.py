@@ -213,3 +213,22 @@ def test_the_high_compression_sweep_runs_resumes_and_reports(tmp_path):
     partial = dict(grid, complete=False)
     (folder / "roast-partial.json").write_text(json.dumps(partial))
     assert len(scratch_high.load(tmp_path)) == len(summary["arms"])
+
+
+def test_a_breadth_first_sweep_trains_one_rate_per_arm_per_pass(tmp_path, monkeypatch):
+    import benchmarks.harness.scratch as scratch
+    from benchmarks.evaluate import main
+
+    trained = []
+    real = scratch._train_one_rate
+    monkeypatch.setattr(
+        scratch, "_train_one_rate", lambda arm, *a: trained.append((arm.name, a[2])) or real(arm, *a)
+    )
+    arms = ["prune-magnitude-64x-8steps", "narrower-64x-8steps"]
+    command = ["--tiny", "--experiments", "scratch-high", "--output", str(tmp_path), "--rates-per-pass", "1"]
+    assert main([*command, "--arms", *arms]) == 0
+    # pass one: the first rate of each grid; pass two: the second
+    assert [name for name, _ in trained] == [arms[0], arms[1], arms[0], arms[1]]
+    for name in arms:
+        result = json.loads((tmp_path / "scratch_high" / f"{name}.json").read_text())
+        assert "complete" not in result and len(result["lr_search"]) == 2
