@@ -48,6 +48,8 @@ QUANT_METHOD = "roast"
 """``config.json``'s ``quantization_config.quant_method``: what transformers looks the quantizer up by."""
 STORE_NAME = "roast_store"
 """The module that owns z; its state-dict key ``roast_store.z`` is z in the safetensors files."""
+FORMAT_KEYS = frozenset({"plan", "plan_sha256", "quant_method", "format_version"})
+"""Keys the format stores beside the RoastConfig fields (``quant_method`` in ``config.json``'s copy)."""
 MARKER_SUFFIX = ".weight"
 """Each compressed module ``m`` stores an empty ``m.weight``: the tensor a dense model cannot load."""
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -203,7 +205,7 @@ def parse_roast_config(raw: dict, source: str) -> tuple[RoastConfig, MappingPlan
     if not isinstance(plan_raw, dict):
         raise ValueError(f"{source} has no module plan: it is not a complete hf_roast checkpoint.")
     check_plan_digest(raw, plan_raw, fmt, source)
-    config = RoastConfig.from_dict(raw)
+    config = RoastConfig.from_dict(raw, FORMAT_KEYS)
     try:
         plan = MappingPlan.from_dict(plan_raw)
         plan.check()

@@ -163,9 +163,8 @@ def compress_model(
                 denominator > 0, numerator / denominator.clamp_min(1e-30), torch.zeros_like(numerator)
             )
         else:
-            gen = torch.Generator(device="cpu").manual_seed(
-                config.seed
-            )  # private: the global RNG is untouched
+            # a private generator: the global RNG is untouched
+            gen = torch.Generator(device="cpu").manual_seed(config.seed)
             z = (torch.randn(plan.num_slots, generator=gen, dtype=torch.float32) * z_std).to(device)
         if init == "pretrained" and calibration == "output" and stats:
             solve_modules = [

@@ -23,9 +23,6 @@ from .vocab import (
     check_mapping_version,
 )
 
-STORED_EXTRA_KEYS = {"plan", "plan_sha256", "quant_method", "format_version"}
-"""Keys a checkpoint stores beside the RoastConfig fields (see :mod:`hf_roast.checkpoint_format`)."""
-
 
 @dataclass
 class RoastConfig:
@@ -324,13 +321,14 @@ class RoastConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> RoastConfig:
-        """A config from a stored dict. Keys this release does not know (written by a newer minor format
-        version) are ignored with a warning; the format version itself is checked by the loader."""
+    def from_dict(cls, d: dict, format_keys: frozenset[str] = frozenset()) -> RoastConfig:
+        """A config from a stored dict. ``format_keys`` are the checkpoint format's own keys beside the fields
+        (:data:`hf_roast.checkpoint_format.FORMAT_KEYS`); other keys this release does not know (written by a
+        newer minor format version) are ignored with a warning; the format version is checked by the loader."""
         if not isinstance(d, dict):
             raise ValueError(f"A RoastConfig is stored as a JSON object, got {type(d).__name__}.")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - STORED_EXTRA_KEYS)
+        unknown = sorted(set(d) - known - format_keys)
         if unknown:
             warnings.warn(
                 f"Ignoring RoastConfig keys {unknown}: they were written by a newer hf_roast. Upgrade hf_roast "

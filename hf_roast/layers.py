@@ -166,12 +166,12 @@ class RoastLayer(nn.Module):
     quantizer's load check, merge and save) reads that declaration instead of guessing by name:
 
     * :attr:`owned_tensor_names`: the dense tensors it owns and a checkpoint stores (parameters or
-      persistent buffers; an entry may be None on an instance, e.g. a linear layer without bias);
-    * :attr:`table_names`: the per-layer mapping tables, derived from the plan, never stored.
+      persistent buffers; an entry may be None on an instance, e.g. a linear layer without bias).
+
+    Everything else a layer holds (the tile tables) is derived from the plan and never stored.
     """
 
     owned_tensor_names: tuple[str, ...] = ()
-    table_names: tuple[str, ...] = ("tile_slot", "tile_scale")
     spec: ModuleSpec
 
     def owned_tensors(self) -> dict[str, torch.Tensor]:
@@ -318,9 +318,8 @@ class RoastLinear(RoastLayer):
                 f"{self.spec.name}: the input's last dimension is {x.shape[-1]}, but this layer takes "
                 f"in_features={self.in_features}; check the input's shape."
             )
-        bias = self._parameters.get(
-            "bias"
-        )  # (not self.bias: Module.__getattr__ costs a microsecond per call)
+        # not self.bias: Module.__getattr__ costs a microsecond per call
+        bias = self._parameters.get("bias")
         store = self._roast_store
         if store.module_balance or store._module_views is not None:
             z = store.balanced_z(z, self.spec.name)

@@ -84,7 +84,7 @@ DISTILL_HIDDEN = 3.0
 
 
 def classification_arms(mode: str) -> list[tuple[int, Arm]]:
-    """(tier, arm): tier 1 decides the issue's targets; later tiers add the recipe's ablations and seeds.
+    """(tier, arm): tier 1 decides the targets (docs/results.md, Targets); later tiers add the recipe's ablations and seeds.
 
     Every arm trains on the full Rotten Tomatoes training split for one epoch (``python -m benchmarks.evaluate``'s
     defaults). hf-roast arms use the calibrated init and the fine-tuning recipe at the dense rate. The

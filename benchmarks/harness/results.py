@@ -214,7 +214,7 @@ def pruning_accounting_table(results: list[dict]) -> str:
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
-    """The issue's two targets, decided from the measured rows only; 'not measured' where an arm is missing."""
+    """The fine-tuning frontier's two targets (docs/results.md, Targets), decided from the measured rows only; 'not measured' where an arm is missing."""
     base = [r for r in rows if r["variant"] == "base"]
     dense = next((r for r in base if r["label"] == "dense"), None)
     stable = {r["budget"]: r for r in base if r["label"] == "hf-roast stable"}
