@@ -141,7 +141,7 @@ def output_error_solve(
     whether native code may build the W's (:func:`hf_roast.backends.dispatch.materialize_weight`).
     """
     from .backends.dispatch import materialize_weight
-    from .backends.pytorch import scatter_weight_grad
+    from .backends.pytorch import mapping_adjoint
 
     def apply_g(w: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         return w if g is None else w @ g.to(w.device)
@@ -150,7 +150,7 @@ def output_error_solve(
         out = torch.zeros(num_slots, dtype=torch.float32, device=v.device)
         for layer_map, _, g in modules:
             w = materialize_weight(v, layer_map, torch.float32, backend, scratch=False)
-            out += scatter_weight_grad(apply_g(w, g), layer_map, num_slots)
+            out += mapping_adjoint(apply_g(w, g), layer_map, num_slots)
         return out
 
     def relative_error(v: torch.Tensor) -> float:
@@ -163,7 +163,7 @@ def output_error_solve(
 
     b = torch.zeros(num_slots, dtype=torch.float32, device=z0.device)
     for layer_map, w_dense, g in modules:
-        b += scatter_weight_grad(apply_g(w_dense, g), layer_map, num_slots)
+        b += mapping_adjoint(apply_g(w_dense, g), layer_map, num_slots)
     before = relative_error(z0)
     z = z0.clone().float()
     r = b - hessian(z)

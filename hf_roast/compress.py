@@ -9,7 +9,6 @@ goes through :func:`replace_module`.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import functools
 import math
 import sys
@@ -19,10 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backends.pytorch import scatter_weight_grad
 from .calibration import column_weights, input_statistics, normalized_gram, output_error_solve
 from .checkpoint_format import STORE_NAME
 from .config import RoastConfig
+from .initialization import LeastSquaresZ, random_z
 from .layers import RoastEmbedding, RoastLinear, RoastStore, default_init_std, roast_layers
 from .mapping import LayerMapping, MappingPlan, ModuleSpec
 from .targets import find_targets, module_kind, pattern_segments
@@ -129,43 +128,24 @@ def compress_model(
     )
     device = targets[0][1].weight.device
     # float z (or the QAT master) while it is fitted; packed at the end when config.z_bits asks for it
-    store = RoastStore(
-        plan, scaler=config.scaler, dtype=config.torch_dtype, device=device, z_bits=config.z_bits if config.z_qat
-        else None, z_group_size=config.z_group_size, z_qat=config.z_qat, module_balance=config.module_balance,
-    )  # fmt: skip
-    store.backend = config.backend
+    store = RoastStore.from_config(plan, config, device, fitting=True)
     if show_progress is None:
         show_progress = plan.num_compressed >= 20_000_000
-    numerator = torch.zeros(plan.num_slots, dtype=torch.float32, device=device)
-    denominator = torch.zeros_like(numerator)
-    unsigned_plan = dataclasses.replace(plan, sign="none")
+    least_squares = LeastSquaresZ(plan, device) if init == "pretrained" else None
+    # plan -> initialise z -> swap, module by module: each dense weight is folded into the least-squares sums
+    # and then replaced, so no more than one module's dense copy is added to the model's peak memory
     for (name, module, kind), spec in tqdm(
         list(zip(targets, specs)), desc="ROAST compress", unit="module", disable=not show_progress
     ):
-        if init == "pretrained":
-            with torch.no_grad():
-                w = dense_weight(module, kind).detach().float()
-                # importance of each weight: 1 for plain least squares, its column's weight when calibrated
-                importance = torch.ones_like(w)
-                if name in moments:
-                    importance *= column_weights(moments[name].to(w.device))[None, :]
-                layer_map = LayerMapping.build(plan, spec, device)
-                numerator += scatter_weight_grad(w * importance, layer_map, plan.num_slots)
-                unsigned_map = LayerMapping(
-                    unsigned_plan, spec, layer_map.tile_slot, layer_map.tile_scale.abs() * spec.scale, None
-                )
-                denominator += scatter_weight_grad(importance, unsigned_map, plan.num_slots)
+        if least_squares is not None:
+            w = dense_weight(module, kind)
+            # importance of each weight: 1 for plain least squares, its column's weight when calibrated
+            importance = column_weights(moments[name].to(w.device))[None, :] if name in moments else None
+            least_squares.add(spec, w, importance)
         replace_module(model, name, _roast_layer_like(module, kind, store, spec, copy_values=materialized))
         release_free_heap()
     with torch.no_grad():
-        if init == "pretrained":
-            z = torch.where(
-                denominator > 0, numerator / denominator.clamp_min(1e-30), torch.zeros_like(numerator)
-            )
-        else:
-            # a private generator: the global RNG is untouched
-            gen = torch.Generator(device="cpu").manual_seed(config.seed)
-            z = (torch.randn(plan.num_slots, generator=gen, dtype=torch.float32) * z_std).to(device)
+        z = least_squares.solve() if least_squares is not None else random_z(plan, z_std, config.seed, device)
         if init == "pretrained" and calibration == "output" and stats:
             solve_modules = [
                 (
@@ -255,11 +235,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def apply_plan(model: nn.Module, config: RoastConfig, plan: MappingPlan, device="meta") -> RoastStore:
     """Swap the plan's modules into a freshly built skeleton; z is left empty on ``device`` for a loader."""
-    store = RoastStore(
-        plan, scaler=config.scaler, dtype=config.torch_dtype, device=device, z_bits=config.z_bits,
-        z_group_size=config.z_group_size, z_qat=config.z_qat, module_balance=config.module_balance,
-    )  # fmt: skip
-    store.backend = config.backend
+    store = RoastStore.from_config(plan, config, device)
     for spec in plan.modules:
         try:
             module = model.get_submodule(spec.name)

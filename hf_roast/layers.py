@@ -74,6 +74,27 @@ class RoastStore(nn.Module):
         self.register_buffer("grad_balance", torch.empty(0), persistent=False)
         self._layers: list[nn.Module] = []
 
+    @classmethod
+    def from_config(cls, plan: MappingPlan, config, device=None, fitting: bool = False) -> RoastStore:
+        """The store a :class:`~hf_roast.config.RoastConfig` asks for, with its backend.
+
+        ``fitting``: z is about to be initialised from dense weights, so it stays float (or the QAT master)
+        even when the config packs it; the caller packs it after the fit. Otherwise (a checkpoint's skeleton)
+        the store takes the stored layout at once.
+        """
+        store = cls(
+            plan,
+            scaler=config.scaler,
+            dtype=config.torch_dtype,
+            device=device,
+            z_bits=config.z_bits if config.z_qat or not fitting else None,
+            z_group_size=config.z_group_size,
+            z_qat=config.z_qat,
+            module_balance=config.module_balance,
+        )
+        store.backend = config.backend
+        return store
+
     @property
     def packed(self) -> bool:
         """Whether z is stored as packed integer codes and scales (inference; no trainable z)."""

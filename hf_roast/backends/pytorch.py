@@ -182,11 +182,15 @@ def element_scale(layer_map: LayerMapping, rows: torch.Tensor, sign: torch.Tenso
     return scale
 
 
-def scatter_weight_grad(
+def mapping_adjoint(
     grad_w: torch.Tensor, layer_map: LayerMapping, num_slots: int, dz: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """dz contribution of one module: ``dz[h(i)] += lambda * g(i) * dW[i] / s_h(i)``, accumulated in fp32
-    (into ``dz`` when given, e.g. over the row blocks of one module)."""
+    """The adjoint of the mapping ``z -> W`` applied to one module's W-shaped tensor:
+    ``dz[h(i)] += lambda * g(i) * dW[i] / s_h(i)`` (``1 / s`` only where the layer map carries the gradient
+    scaler), accumulated in fp32 (into ``dz`` when given, e.g. over the row blocks of one module).
+
+    Backward uses it for dz; the least-squares initialisation for its right-hand side (the adjoint of the
+    dense weights) and its normal equations' diagonal (the adjoint of the importances, unsigned)."""
     spec, plan = layer_map.spec, layer_map.plan
     acc = accumulation_dtype(grad_w.dtype)
     if dz is None:
@@ -343,7 +347,7 @@ class RoastLinearFunction(torch.autograd.Function):
             x2, gy_acc = x2.to(acc), gy.to(acc)
             for first, end, sub in blocks:
                 grad_w = _weight_grad(gy_acc[:, first:end], x2, sub)
-                grad_z = scatter_weight_grad(grad_w, sub, z.numel(), grad_z)
+                grad_z = mapping_adjoint(grad_w, sub, z.numel(), grad_z)
             grad_z = grad_z.to(z.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy.to(accumulation_dtype(gy.dtype)).sum(0).to(ctx.bias_dtype)
