@@ -32,7 +32,9 @@ class LeastSquaresZ:
     def add(self, spec: ModuleSpec, weight: torch.Tensor, importance: torch.Tensor | None = None) -> None:
         """Fold one module's dense ``weight`` (``rows x cols``) in, each entry weighted by ``importance``."""
         w = weight.detach().float()
-        importance = torch.ones_like(w) if importance is None else importance.float().expand_as(w).contiguous()
+        importance = (
+            torch.ones_like(w) if importance is None else importance.float().expand_as(w).contiguous()
+        )
         layer_map = LayerMapping.build(self.plan, spec, self.device)
         self.numerator += mapping_adjoint(w * importance, layer_map, self.plan.num_slots)
         # the normal equations' diagonal: every slot's weights' squared scales, without the signs
