@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         todo = [
             (e, a)
             for e, a in queue
-            if args.rerun or e == "scratch" or not results.arm_path(out, EXPERIMENT_DIRS[e], a.name).is_file()
+            if args.rerun
+            or e.startswith("scratch")
+            or not results.arm_path(out, EXPERIMENT_DIRS[e], a.name).is_file()
         ]
         while _run_queue(todo, mode, args, out, tqdm, results) and args.rates_per_pass:
             todo = [(e, a) for e, a in todo if e.startswith("scratch")]  # the others finished in pass one

@@ -232,3 +232,24 @@ def test_a_breadth_first_sweep_trains_one_rate_per_arm_per_pass(tmp_path, monkey
     for name in arms:
         result = json.loads((tmp_path / "scratch_high" / f"{name}.json").read_text())
         assert "complete" not in result and len(result["lr_search"]) == 2
+
+
+def test_an_arm_saved_between_two_rates_resumes_where_it_stopped(tmp_path, monkeypatch):
+    import benchmarks.harness.scratch as scratch
+    from benchmarks.evaluate import main
+
+    command = ["--tiny", "--experiments", "scratch-high", "--output", str(tmp_path), "--threads", "1"]
+    assert main([*command, "--arms", "narrower-64x-8steps"]) == 0
+    path = tmp_path / "scratch_high" / "narrower-64x-8steps.json"
+    result = json.loads(path.read_text())
+    dropped = result["lr_search"].pop()
+    path.write_text(json.dumps({**result, "complete": False}))  # as if stopped after the first rate
+    trained = []
+    real = scratch._train_one_rate
+    monkeypatch.setattr(scratch, "_train_one_rate", lambda arm, *a: trained.append(a[2]) or real(arm, *a))
+    assert main([*command, "--arms", "narrower-64x-8steps"]) == 0
+    assert trained == [dropped["lr"]]
+    resumed = json.loads(path.read_text())
+    assert "complete" not in resumed and [r["lr"] for r in resumed["lr_search"]] == [
+        r["lr"] for r in result["lr_search"]
+    ] + [dropped["lr"]]
