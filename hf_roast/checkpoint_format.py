@@ -10,7 +10,7 @@ Everything a reader must agree on with a writer lives here, and nothing else doe
   the safetensors headers (:func:`tensor_headers`) and the no-pickle rule (:func:`check_no_pickle`).
 
 It sits just above the config and the mapping and imports nothing else of hf_roast, so the writer
-(:mod:`hf_roast.serialization`), the transformers quantizer (:mod:`hf_roast.quantizer`) and the
+(:mod:`hf_roast.checkpoint.folder`), the transformers quantizer (:mod:`hf_roast.quantizer`) and the
 model all read the same contract from below.
 """
 

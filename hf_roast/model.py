@@ -9,14 +9,14 @@ import os
 
 from torch import nn
 
+from .checkpoint.folder import drop_quantization_state, load_checkpoint
+from .checkpoint.hub import push_checkpoint
 from .checkpoint_format import STORE_NAME, roast_config_dict
 from .compress import compress_model, merge_model
 from .config import RoastConfig
-from .hub import push_checkpoint
 from .layers import RoastLayer, RoastStore, roast_layers
 from .quantizer import save_roast_model
 from .report import compression_report, unique_parameters
-from .serialization import drop_quantization_state, load_checkpoint
 
 
 def get_roast_model(

@@ -33,11 +33,11 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .checkpoint.folder import write_checkpoint
 from .checkpoint_format import MARKER_SUFFIX, QUANT_METHOD, STORE_NAME, parse_roast_config, roast_config_dict
 from .compress import apply_plan
 from .config import RoastConfig
 from .layers import RoastStore, roast_layers
-from .serialization import write_checkpoint
 
 
 def marker_state_dict(plan) -> dict[str, torch.Tensor]:
@@ -182,7 +182,7 @@ class RoastHfQuantizer(HfQuantizer):
 
 def save_roast_model(model, config: RoastConfig, save_directory: str | os.PathLike, **kwargs) -> list[str]:
     """Write the whole hf_roast checkpoint of the compressed HF ``model`` (see
-    :func:`hf_roast.serialization.write_checkpoint`, which gets the keyword arguments); returns the file names.
+    :func:`hf_roast.checkpoint.folder.write_checkpoint`, which gets the keyword arguments); returns the file names.
 
     The one save: ``RoastModel.save_pretrained`` and the ``save_pretrained`` of a model loaded by
     ``AutoModel*`` both come here. The quantizer is attached only while transformers writes.

@@ -129,8 +129,8 @@ def _copy_side_files(model_dir: str, out_dir: str) -> list[str]:
 
 
 def load_dense(model_dir: str):
+    from hf_roast.checkpoint.folder import model_class_for
     from hf_roast.checkpoint_format import QUANT_METHOD
-    from hf_roast.serialization import model_class_for
 
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
@@ -153,7 +153,7 @@ def load_dense(model_dir: str):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from hf_roast import RoastConfig, get_roast_model
-    from hf_roast.model_card import read_card_metadata
+    from hf_roast.checkpoint.card import read_card_metadata
 
     if os.path.abspath(args.model_dir) == os.path.abspath(args.out_dir):
         raise SystemExit(

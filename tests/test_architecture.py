@@ -33,7 +33,7 @@ LAYERS = {
     4: ["backends.dispatch"],
     5: ["layers", "balance"],
     6: ["targets", "initialization", "calibration", "compress", "report"],
-    7: ["model_card", "hub", "serialization", "quantizer"],
+    7: ["checkpoint", "checkpoint.*", "quantizer"],
     8: ["model", "optim", "distill"],
     9: ["", "cli", "scripts", "scripts.*"],
 }

@@ -50,7 +50,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint(saved, monkeypa
     def die(*args, **kwargs):  # runs after the new weights were written
         raise OSError("disk full")
 
-    monkeypatch.setattr("hf_roast.model_card.write_model_card", die)
+    monkeypatch.setattr("hf_roast.checkpoint.card.write_model_card", die)
     with pytest.raises(OSError, match="disk full"):
         other.save_pretrained(path)
     assert sorted(os.listdir(path)) == files_before
@@ -67,10 +67,10 @@ def test_a_killed_saving_process_leaves_the_previous_checkpoint(saved):
         f"""
         import os, signal, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import hf_roast.model_card
+        import hf_roast.checkpoint.card
         from helpers import tiny_llama
         from hf_roast import RoastConfig, get_roast_model
-        hf_roast.model_card.write_model_card = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+        hf_roast.checkpoint.card.write_model_card = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
         get_roast_model(tiny_llama(seed=1), RoastConfig(compression=8.0, tile=(16, 16))).save_pretrained({str(path)!r})
         """
     )

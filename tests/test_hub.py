@@ -15,7 +15,7 @@ from helpers import inputs_for, tiny_llama
 from huggingface_hub import HfApi
 
 from hf_roast import RoastConfig, RoastModel, get_roast_model
-from hf_roast.model_card import template_path
+from hf_roast.checkpoint.card import template_path
 
 REPO = "someone/tiny-llama-roast"
 

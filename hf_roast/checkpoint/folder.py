@@ -9,7 +9,7 @@ A checkpoint folder holds:
   it without transformers;
 * ``model.safetensors``: z once, the uncompressed parameters, and one empty ``<module>.weight``
   marker per compressed module so that a dense load fails loudly; no dense copy of a compressed weight;
-* ``README.md``: the model card (:mod:`hf_roast.model_card`).
+* ``README.md``: the model card (:mod:`hf_roast.checkpoint.card`).
 
 :func:`load_checkpoint` (behind ``RoastModel.from_pretrained``) goes through the very same transformers
 quantizer path as the Auto classes, after checks that give clear errors for damaged folders, and returns
@@ -26,9 +26,8 @@ import json
 import os
 import warnings
 
-from . import model_card as cards
-from .atomic import atomic_directory
-from .checkpoint_format import (
+from ..atomic import atomic_directory
+from ..checkpoint_format import (
     CONFIG_NAME,
     MARKER_SUFFIX,
     QUANT_METHOD,
@@ -38,6 +37,7 @@ from .checkpoint_format import (
     tensor_headers,
     z_tensor_headers,
 )
+from . import card as cards
 from .hub import download_checkpoint
 
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
@@ -207,7 +207,7 @@ def load_checkpoint(path: str | os.PathLike, **kwargs) -> tuple:
 
 
 def resolve_checkpoint(path: str | os.PathLike, **kwargs) -> str:
-    """A local folder for ``path``: the folder itself, or a Hub snapshot (see :mod:`hf_roast.hub`)."""
+    """A local folder for ``path``: the folder itself, or a Hub snapshot (see :mod:`hf_roast.checkpoint.hub`)."""
     if os.path.isdir(path):
         return str(path)
     return download_checkpoint(str(path), **kwargs)

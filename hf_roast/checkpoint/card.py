@@ -74,7 +74,7 @@ def render_model_card(
 ) -> ModelCard:
     """The card of the compressed HF ``model`` (a RoastModel's ``base_model``); ``base_model`` is guessed from
     the config when not given."""
-    from .report import compression_report
+    from ..report import compression_report
 
     base = model
     base_model = base_model or guess_base_model(base)
