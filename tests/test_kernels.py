@@ -494,17 +494,12 @@ def test_compiled_roast_layer_has_no_graph_break():
 # 5. A whole model through the kernels.
 # --------------------------------------------------------------------------------------------------
 def test_tiny_llama_trains_identically_on_both_backends(monkeypatch):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from helpers import tiny_llama
 
     from hf_roast import RoastConfig, get_roast_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2,
-    )  # fmt: skip
     model = get_roast_model(
-        LlamaForCausalLM(config), RoastConfig(compression=4, tile=(16, 16), compress_embeddings=True)
+        tiny_llama(vocab_size=100), RoastConfig(compression=4, tile=(16, 16), compress_embeddings=True)
     ).to(DEVICE)
     ids = torch.randint(0, 100, (2, 7), device=DEVICE)
     results = {}

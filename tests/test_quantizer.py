@@ -281,17 +281,10 @@ print(json.dumps({"before": before, "peak": status("VmHWM"), "after": status("Vm
 
 def test_peak_memory_while_loading_is_far_below_dense_size(tmp_path):
     """A ~310 MB (fp32) Llama at 16x: loading must never hold the dense target weights."""
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=512,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=6,
-        num_attention_heads=8,
+    dense = tiny_llama(
+        vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=8,
         num_key_value_heads=8,
-        max_position_embeddings=64,
-    )
-    dense = tf.LlamaForCausalLM(cfg)
+    )  # fmt: skip
     dense_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
     assert dense_bytes > 300e6
     rm = get_roast_model(dense, RoastConfig(compression=16, init="random"))
