@@ -145,7 +145,8 @@ def _rates_of(arm, path: Path, source: str, steps_of_grid: int | None):
         return replace(arm, lrs=(chosen["selected_lr"],))
     runs = [r for r in chosen["lr_search"] if not r.get("diverged")]
     best_two = sorted(runs, key=lambda r: r["val_bits_per_byte"])[:2]
-    return replace(arm, lrs=tuple(sorted(r["lr"] for r in best_two)))
+    # best first: a breadth-first sweep (--rates-per-pass 1) trains every long arm's likeliest rate first
+    return replace(arm, lrs=tuple(r["lr"] for r in best_two))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -282,12 +282,13 @@ HIGH_CURVE_EVERY = 400
 """Steps between two points of every arm's validation curve."""
 HIGH_GRIDS = {
     "roast": (3e-3, 1e-3, 1e-2),
-    "prune": (3e-2, 1e-2, 1e-1),
+    "prune": (3e-2, 1e-2, 1e-1, 3e-1),
     "narrower": (1e-2, 3e-2, 3e-3),
 }
 """Each method's projection rates (rest at SCRATCH_REST_LR): first what its grids chose at 16x and 32x (hf-roast
 with module_balance 3e-3, pruning 3e-2, the narrower model 1e-2), then one step either side; a breadth-first
-sweep (``--rates-per-pass 1``) trains them in this order."""
+sweep (``--rates-per-pass 1``) trains them in this order. Pruning's grid reaches 3e-1 because at 256x and 1024x
+its best rate was 1e-1, the edge of the first grid: a baseline is only fair once its rate is bracketed."""
 HIGH_DENSE_LRS = (3e-4, 1e-3)
 """Dense's two best projection rates of its 1,200-step split-rate grid (``scratch/dense-split-1200steps``)."""
 

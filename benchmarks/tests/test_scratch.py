@@ -204,6 +204,7 @@ def test_the_high_compression_sweep_runs_resumes_and_reports(tmp_path):
     grid = json.loads(next(folder.glob("roast-*-8steps.json")).read_text())
     best_two = sorted(grid["lr_search"], key=lambda r: r["val_bits_per_byte"])[:2]
     assert sorted(r["lr"] for r in long_arm["lr_search"]) == sorted(r["lr"] for r in best_two)
+    assert long_arm["arm"]["lrs"][0] == best_two[0]["lr"]  # the likeliest rate first (breadth-first sweeps)
     assert all(r["val_curve"] for r in long_arm["lr_search"])  # the curve every 4 steps
     summary = json.loads((tmp_path / "scratch_high.json").read_text())
     assert {v["steps"] for v in summary["verdicts"]} == {8, 16} and summary["plots"]
