@@ -1,4 +1,4 @@
-"""The ``hf-roast`` console command: ``hf-roast {demo,compress,evaluate,bench,memory,grad-probe,recipe-probe} ...``.
+"""The ``hf-roast`` console command: ``hf-roast {demo,compress,evaluate,bench,check-gpu,memory,grad-probe,recipe-probe} ...``.
 
 Each subcommand lives in ``scripts/`` (installed as ``hf_roast.scripts``) and is imported lazily.
 """
@@ -16,6 +16,10 @@ SUBCOMMANDS = {
     ),
     "evaluate": ("hf_roast.scripts.evaluate", "Run the memory-accuracy evaluation experiments."),
     "bench": ("hf_roast.scripts.bench_kernels", "Benchmark ROAST matmuls against dense and HashedNet."),
+    "check-gpu": (
+        "hf_roast.scripts.check_gpu",
+        "Compile every fused kernel for real GPUs ahead of time (no GPU needed): limits, spills, tl.dot lowering.",
+    ),
     "memory": (
         "hf_roast.scripts.memory",
         "Train a 134M-parameter Llama dense and compressed; print memory and step time side by side.",

@@ -1,0 +1,144 @@
+"""Launch configurations of the fused kernels: one table per GPU target and row tier, read by the launchers
+and covered, case by case, by the ahead-of-time compile check (:mod:`.compile_check`).
+
+Why a table, not ``triton.autotune``: autotuning benchmarks every candidate on first use (slow under the
+interpreter, noisy on a shared GPU) and may pick a configuration that nobody compiled ahead of time. The
+table is deterministic, and ``hf-roast check-gpu`` proves that every entry compiles, fits the target's
+shared memory and does not spill.
+
+Targets are classes of GPUs with the same per-block shared-memory limit (what decides which pipelines fit):
+
+* ``sm_80``: A100, A30 (and sm_87, Jetson Orin): 163 KiB;
+* ``sm_89``: consumer and inference parts, sm_86 / sm_89 / sm_120 (RTX 30xx / 40xx / 50xx, A10, L4, L40): 99 KiB;
+* ``sm_90``: H100 / H200 (and the datacenter Blackwell parts, sm_100): 227 KiB.
+
+This module imports neither torch's CUDA runtime nor triton: the table is plain data.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+TIERS = ("decode", "mid", "prefill")
+"""Row tiers: decoding (at most 16 rows), short prompts (at most 64), prefill and training."""
+TIER_ROWS = {"decode": 16, "mid": 64}
+"""The largest row count of each tier but the last."""
+
+
+def tier_of(rows: int) -> str:
+    for tier, limit in TIER_ROWS.items():
+        if rows <= limit:
+            return tier
+    return TIERS[-1]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A GPU class: the capability the check compiles for and its per-block shared-memory limit (bytes)."""
+
+    name: str
+    capability: int
+    shared_limit: int
+
+
+TARGETS = {
+    "sm_80": Target("sm_80", 80, 166_912),
+    "sm_89": Target("sm_89", 89, 101_376),
+    "sm_90": Target("sm_90", 90, 232_448),
+}
+"""The launch table's targets. Extra targets the compile check may add when the bundled ptxas has them."""
+EXTRA_TARGETS = {
+    "sm_100": (Target("sm_100", 100, 232_448), "sm_90"),
+    "sm_120": (Target("sm_120", 120, 101_376), "sm_89"),
+}
+"""Checked when the bundled ptxas supports them: (target, the table entry they launch with)."""
+
+
+def table_target(capability: tuple[int, int]) -> str:
+    """The launch table's target for a device of this compute capability (major, minor)."""
+    major, minor = capability
+    if major in (8, 7) and minor in (0, 7):
+        return "sm_80"
+    if major in (9, 10):
+        return "sm_90"
+    return "sm_89"  # sm_86, sm_89, sm_12x and anything unknown: the smallest shared memory
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Kernel block sizes (tl.dot needs each >= 16), warps and software-pipeline stages.
+
+    Independent of the mapping tile. ``m`` is the row block (grad_z: its reduction step), ``n`` the output
+    features, ``k`` the input features.
+    """
+
+    m: int
+    n: int
+    k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for v in (self.m, self.n, self.k):
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"Kernel block sizes must be powers of two >= 16, got {self}.")
+        if self.num_stages < 1 or self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"Bad warps or stages: {self}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# The table. Keys: (target, kernel family, tier, operand class).
+#   family: "mm" (forward and dX: read W from z) or "grad_z" (dY^T X, reduced over rows);
+#   operand class: "half" (bf16 / fp16 activations), "fp32" (fp32 activations on tensor cores: tf32 or
+#   tf32x3), "packed" (int8 / int4 z: dequantised in registers, so fewer stages fit).
+# --------------------------------------------------------------------------------------------------
+_B = Blocks
+_MM = {  # BEFORE (the landed pick_blocks): grad_z reuses these, num_stages is Triton's default
+    ("decode", "half"): _B(16, 64, 128, 4, 3),
+    ("decode", "fp32"): _B(16, 64, 64, 4, 3),
+    ("mid", "half"): _B(64, 64, 64, 4, 3),
+    ("mid", "fp32"): _B(64, 64, 32, 4, 3),
+    ("prefill", "half"): _B(128, 128, 64, 8, 3),
+    ("prefill", "fp32"): _B(128, 128, 32, 8, 3),
+}
+LAUNCH_TABLE: dict[tuple[str, str, str, str], Blocks] = {}
+for _target in ("sm_80", "sm_89", "sm_90"):
+    for (_tier, _cls), _blocks in _MM.items():
+        LAUNCH_TABLE[(_target, "mm", _tier, _cls)] = _blocks
+        LAUNCH_TABLE[(_target, "grad_z", _tier, _cls)] = _blocks
+        LAUNCH_TABLE[(_target, "mm", _tier, "packed-" + _cls)] = _blocks
+
+EMBEDDING_ROWS = 16
+"""Looked-up rows per embedding block; the column block covers up to 256 features."""
+
+
+def operand_class(half: bool, packed: bool) -> str:
+    cls = "half" if half else "fp32"
+    return "packed-" + cls if packed else cls
+
+
+def table_blocks(target: str, family: str, rows: int, half: bool, packed: bool = False) -> Blocks:
+    """The table's blocks for one launch (``packed`` only matters to the "mm" family)."""
+    cls = operand_class(half, packed and family == "mm")
+    return LAUNCH_TABLE[(target, family, tier_of(rows), cls)]
+
+
+def embedding_blocks(n_cols: int) -> tuple[int, int]:
+    """(rows, cols) of an embedding block: a gather has no reduction, so one table serves every target."""
+    cols = 16
+    while cols < min(256, n_cols):
+        cols *= 2
+    return EMBEDDING_ROWS, cols
+
+
+def with_stages(blocks: Blocks, num_stages: int) -> Blocks:
+    return replace(blocks, num_stages=num_stages)
+
+
+@functools.lru_cache(maxsize=16)
+def device_target(index: int) -> str:
+    """The table target of CUDA device ``index`` (asks torch once per device)."""
+    import torch
+
+    return table_target(torch.cuda.get_device_capability(index))
