@@ -368,7 +368,10 @@ def compile_case(case: Case) -> Result:
             dot_lowering(compiled.asm["ptx"]) if case.kernel in ("fwd", "grad_input", "grad_z") else "-"
         )
     except Exception as exc:  # a compile failure is a result, not a crash of the check
-        result.error = f"{type(exc).__name__}: {exc}".strip()
+        root = exc
+        while root.__cause__ is not None:  # Triton wraps the cause in a CompilationError per call level
+            root = root.__cause__
+        result.error = f"{type(root).__name__}: {root}".strip().replace("\n", " | ")
     result.seconds = time.perf_counter() - start
     result.judge()
     return result

@@ -94,28 +94,51 @@ class Blocks:
 #   tf32x3), "packed" (int8 / int4 z: dequantised in registers, so fewer stages fit).
 # --------------------------------------------------------------------------------------------------
 _B = Blocks
-_MM = {  # BEFORE (the landed pick_blocks): grad_z reuses these, num_stages is Triton's default
+_MM_DATACENTER = {
     ("decode", "half"): _B(16, 64, 128, 4, 3),
-    ("decode", "fp32"): _B(16, 64, 64, 4, 3),
+    ("decode", "half-packed"): _B(16, 64, 128, 4, 3),
+    ("decode", "fp32"): _B(16, 64, 64, 4, 2),
+    ("decode", "fp32-packed"): _B(16, 64, 64, 4, 2),
     ("mid", "half"): _B(64, 64, 64, 4, 3),
-    ("mid", "fp32"): _B(64, 64, 32, 4, 3),
+    ("mid", "half-packed"): _B(64, 64, 64, 4, 3),
+    ("mid", "fp32"): _B(64, 64, 32, 4, 2),
+    ("mid", "fp32-packed"): _B(64, 64, 32, 4, 2),
     ("prefill", "half"): _B(128, 128, 64, 8, 3),
-    ("prefill", "fp32"): _B(128, 128, 32, 8, 3),
+    ("prefill", "half-packed"): _B(128, 128, 64, 8, 3),
+    ("prefill", "fp32"): _B(128, 128, 16, 8, 3),
+    ("prefill", "fp32-packed"): _B(128, 128, 16, 8, 3),
+}
+_MM_HOPPER = {
+    **_MM_DATACENTER,
+    ("prefill", "fp32"): _B(128, 128, 32, 8, 3),  # wgmma: the accumulator lives apart from the operands
+    ("prefill", "fp32-packed"): _B(128, 128, 32, 8, 3),
+}
+_MM_CONSUMER = {  # 99 KiB of shared memory per block
+    **_MM_DATACENTER,
+    ("prefill", "half"): _B(128, 128, 64, 8, 2),
+    ("prefill", "half-packed"): _B(128, 128, 64, 8, 2),
+}
+_GRAD_Z = {  # m is the reduction step over rows: short, so the dY and X tiles stay small
+    ("decode", "half"): _B(16, 64, 64, 4, 3),
+    ("decode", "fp32"): _B(16, 64, 64, 4, 2),
+    ("mid", "half"): _B(32, 64, 64, 4, 3),
+    ("mid", "fp32"): _B(32, 64, 64, 4, 2),
+    ("prefill", "half"): _B(64, 128, 32, 8, 3),
+    ("prefill", "fp32"): _B(32, 128, 32, 8, 3),
 }
 LAUNCH_TABLE: dict[tuple[str, str, str, str], Blocks] = {}
-for _target in ("sm_80", "sm_89", "sm_90"):
-    for (_tier, _cls), _blocks in _MM.items():
+for _target, _mm in (("sm_80", _MM_DATACENTER), ("sm_89", _MM_CONSUMER), ("sm_90", _MM_HOPPER)):
+    for (_tier, _cls), _blocks in _mm.items():
         LAUNCH_TABLE[(_target, "mm", _tier, _cls)] = _blocks
+    for (_tier, _cls), _blocks in _GRAD_Z.items():
         LAUNCH_TABLE[(_target, "grad_z", _tier, _cls)] = _blocks
-        LAUNCH_TABLE[(_target, "mm", _tier, "packed-" + _cls)] = _blocks
 
 EMBEDDING_ROWS = 16
 """Looked-up rows per embedding block; the column block covers up to 256 features."""
 
 
 def operand_class(half: bool, packed: bool) -> str:
-    cls = "half" if half else "fp32"
-    return "packed-" + cls if packed else cls
+    return ("half" if half else "fp32") + ("-packed" if packed else "")
 
 
 def table_blocks(target: str, family: str, rows: int, half: bool, packed: bool = False) -> Blocks:

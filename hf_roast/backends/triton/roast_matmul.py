@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -169,16 +169,20 @@ def pick_blocks(rows: int, dtype: torch.dtype, *, family: str = "mm", packed: bo
 def _index(x, WIDE: tl.constexpr):
     """z indices in int32 unless the sizes need int64 (``WIDE``): half the registers, exact below 2**31."""
     if WIDE:
-        return x.to(tl.int64)
-    return x.to(tl.int32)
+        x = x.to(tl.int64)
+    else:
+        x = x.to(tl.int32)
+    return x
 
 
 @triton.jit
 def _axes(a, b, A_AXIS: tl.constexpr):
     """1-D vectors ``a`` and ``b`` placed on a 2-D block: ``a`` along axis ``A_AXIS``, ``b`` along the other."""
     if A_AXIS == 0:
-        return a[:, None], b[None, :]
-    return a[None, :], b[:, None]
+        a2, b2 = a[:, None], b[None, :]
+    else:
+        a2, b2 = a[None, :], b[:, None]
+    return a2, b2
 
 
 @triton.jit
@@ -294,11 +298,34 @@ def _round_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _tf32(x):
+    """fp32 rounded to TF32 (10 mantissa bits) as ``cvt.rna.tf32.f32`` does: to nearest, ties away from zero."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr):
-    """acc + a @ b in fp32. The interpreter multiplies bf16 as raw integers, so it gets fp32 operands
-    (products of half-precision values are exact in fp32: the result is the same)."""
+    """acc + a @ b in fp32.
+
+    The interpreter ignores ``input_precision`` and multiplies bf16 as raw integers, so under it (``EMULATE``)
+    the operands are fp32 (products of half-precision values are exact in fp32: the same result) and the
+    TF32 precisions are emulated: "tf32" rounds both operands to TF32, "tf32x3" splits each into a TF32 high
+    part and a TF32 remainder and adds the three larger cross products, as Triton's tf32x3 does on the GPU.
+    Then the interpreter's results carry the GPU's rounding (not its summation order).
+    """
     if EMULATE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        if DOT_PRECISION == "tf32":
+            return tl.dot(_tf32(a), _tf32(b), acc, input_precision="ieee")
+        if DOT_PRECISION == "tf32x3":
+            a_hi = _tf32(a)
+            b_hi = _tf32(b)
+            acc = tl.dot(_tf32(a - a_hi), b_hi, acc, input_precision="ieee")
+            acc = tl.dot(a_hi, _tf32(b - b_hi), acc, input_precision="ieee")
+            return tl.dot(a_hi, b_hi, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
@@ -322,8 +349,10 @@ def _load_z(z_ptr, index, zscale, mask, ZBITS: tl.constexpr):
     """z[index]: as stored (floats), or a packed code times its group's scale, in registers (fp32)."""
     if ZBITS != 0:
         raw = tl.load(z_ptr + storage_index(index, ZBITS), mask=mask, other=0).to(index.dtype)
-        return dequantize_value(code_of(raw, index, ZBITS).to(tl.float32), zscale)
-    return tl.load(z_ptr + index, mask=mask, other=0.0)
+        zval = dequantize_value(code_of(raw, index, ZBITS).to(tl.float32), zscale)
+    else:
+        zval = tl.load(z_ptr + index, mask=mask, other=0.0)
+    return zval
 
 
 # --------------------------------------------------------------------------------------------------
@@ -509,11 +538,39 @@ INTERPRETED = type(_linear_fwd_kernel).__name__ == "InterpretedFunction"
 # --------------------------------------------------------------------------------------------------
 # Launchers (plain tensors in, tensors out; the custom ops in ``ops.py`` wrap these).
 # --------------------------------------------------------------------------------------------------
+FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
+"""How tl.dot multiplies fp32 operands: three TF32 tensor-core products (about fp32's accuracy), CUDA-core
+FMA (fp32 exactly), or one TF32 product (10-bit mantissas). docs/kernels.md has the measured errors."""
+FP32_DEFAULT = "tf32x3"
+"""fp32 activations with torch's TF32 switch off (torch's default): tf32x3, see :func:`_dot_precision`."""
+_forced_precision: str | None = None
+
+
+@contextmanager
+def forced_fp32_precision(precision: str | None) -> Iterator[None]:
+    """Run every fp32 launch inside the context with this ``tl.dot`` precision (measurements, tests)."""
+    global _forced_precision
+    if precision is not None and precision not in FP32_PRECISIONS:
+        raise ValueError(f"precision must be one of {FP32_PRECISIONS}, got {precision!r}")
+    previous, _forced_precision = _forced_precision, precision
+    try:
+        yield
+    finally:
+        _forced_precision = previous
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's TF32 switch, so the kernel agrees with ``nn.Linear`` on the same GPU."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """The ``tl.dot`` precision of fp32 operands (half-precision ones ignore it).
+
+    torch's TF32 switch on: "tf32", as ``nn.Linear`` then does. Off (torch's default): "tf32x3", not "ieee":
+    ieee lowers tl.dot to CUDA-core FMA, whose blocks either spill registers or starve the GPU, while tf32x3
+    runs on the tensor cores at fp32-class accuracy (docs/kernels.md: measured against the PyTorch path).
+    """
+    if dtype != torch.float32:
+        return "ieee"
+    if _forced_precision is not None:
+        return _forced_precision
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else FP32_DEFAULT
 
 
 def _table(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -592,6 +649,8 @@ def linear_grad_input_launch(
 ) -> Launch:  # fmt: skip
     m = dy2.shape[0]
     b = pick_blocks(m, dy2.dtype, packed=packed is not None, target=target_of(dy2, target))
+    # dX's tile is [rows, in features] reduced over out features: the forward's tile, with n and k swapped
+    b = replace(b, n=b.k, k=b.n)
     grid = (triton.cdiv(m, b.m), triton.cdiv(geo.cols, b.k))
     return Launch(_linear_grad_input_kernel, grid, dict(
         dy_ptr=dy2, slot_ptr=_table(tile_slot, tile_scale), scale_ptr=tile_scale, dx_ptr=dx, M=m,
