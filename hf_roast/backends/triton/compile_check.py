@@ -59,6 +59,8 @@ TIER_M = {"decode": 1, "mid": 48, "prefill": 4096}
 SHAPE = (4096, 4096)
 """(out, in) features of the linear layer compiled; divisible by 16, as model dims are."""
 EMBEDDING = (32000, 4096)
+WIDE_SHAPES = {"linear": (65536, 32768), "embedding": (524288, 4096)}
+"""2**31 weights at compression 1: z and the virtual index reach 2**31, so the int64 kernels launch."""
 TILE = (32, 32)
 GROUP = 128
 """The default mapping tile and z quantisation group (RoastConfig)."""
@@ -75,12 +77,13 @@ class Case:
     zstore: str  # "-" where z is not read (the gradients of z)
     mapper: str = "stable"
     sign: str = "tile"
+    wide: bool = False  # a layer of 2**31 weights: the kernels' int64 index arithmetic
 
     @property
     def label(self) -> str:
         return (
             f"{self.target:<6} {self.kernel:<10} {self.tier:<7} {self.dtype:<4} z={self.zstore:<4} "
-            f"{self.mapper:<9} {self.sign:<7}"
+            f"{self.mapper:<9} {self.sign:<7}{' wide' if self.wide else ''}"
         )
 
 
@@ -170,6 +173,19 @@ def variant_cases(target: str, mapper: str, sign: str) -> list[Case]:
     return cases
 
 
+def wide_cases(target: str) -> list[Case]:
+    """The int64 index arithmetic (z or a module of 2**31 values and more), for the default mapping."""
+    cases = []
+    for tier in TIERS:
+        for dtype, zstore in (("bf16", "act"), ("fp32", "fp32"), ("bf16", "int4")):
+            for kernel in ("fwd", "grad_input"):
+                cases.append(Case(kernel, target, tier, dtype, zstore, wide=True))
+        cases.append(Case("grad_z", target, tier, "bf16", "-", wide=True))
+    cases.append(Case("emb_fwd", target, "-", "bf16", "act", wide=True))
+    cases.append(Case("emb_grad_z", target, "-", "bf16", "-", wide=True))
+    return cases
+
+
 SUBSETS = ("full", "ci")
 
 
@@ -186,6 +202,7 @@ def matrix(subset: str = "full", targets: list[str] | None = None) -> list[Case]
         if subset == "full":
             for mapper, sign in MAPPER_SIGNS[1:]:
                 cases += variant_cases(target, mapper, sign)
+            cases += wide_cases(target)
     return cases
 
 
@@ -243,12 +260,16 @@ class AbstractTensor:
         return 0  # the caching allocator's blocks are 512-byte aligned
 
 
-def _plan(mapper: str, sign: str, kind: str):
+def _plan(mapper: str, sign: str, kind: str, wide: bool):
     from hf_roast.mapping import MappingPlan, ModuleSpec
 
-    rows, cols = EMBEDDING if kind == "embedding" else SHAPE
+    if wide:
+        rows, cols = WIDE_SHAPES[kind]
+    else:
+        rows, cols = EMBEDDING if kind == "embedding" else SHAPE
     spec = ModuleSpec("m", kind, rows, cols, 0.5)
-    return MappingPlan.build([spec], mapper=mapper, sign=sign, seed=0, tile=TILE, compression=8.0)
+    compression = 1.0 if wide else 8.0
+    return MappingPlan.build([spec], mapper=mapper, sign=sign, seed=0, tile=TILE, compression=compression)
 
 
 def build_launch(case: Case):
@@ -261,7 +282,7 @@ def build_launch(case: Case):
         case.dtype
     ]
     kind = "embedding" if case.kernel.startswith("emb") else "linear"
-    plan = _plan(case.mapper, case.sign, kind)
+    plan = _plan(case.mapper, case.sign, kind, case.wide)
     spec = plan.modules[0]
     geo = rm.Geometry.of(plan, spec)
     m = plan.num_slots
