@@ -206,6 +206,20 @@ def matrix(subset: str = "full", targets: list[str] | None = None) -> list[Case]
     return cases
 
 
+def unsupported_reason() -> str | None:
+    """None when this triton can compile for NVIDIA targets ahead of time; otherwise why not."""
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
+    except ImportError as exc:
+        return f"triton or its NVIDIA backend is missing ({exc})"
+    if not hasattr(JITFunction, "_pack_args"):
+        return f"triton {triton.__version__} lacks the launch binder this check uses (Triton 3.9 has it)"
+    return None
+
+
 def all_targets() -> dict[str, Target]:
     return {**TARGETS, **{name: target for name, (target, _) in EXTRA_TARGETS.items()}}
 
@@ -413,10 +427,12 @@ def worker_env(cache_dir: str) -> dict[str, str]:
     return env
 
 
-def _worker_main() -> int:
-    """Read cases (JSON lines) on stdin, write results (JSON lines) on stdout."""
+def _worker_main(todo: str) -> int:
+    """Compile the cases of file ``todo`` (JSON lines); write the results (JSON lines) on stdout."""
     out = sys.stdout
-    for line in sys.stdin:
+    with open(todo) as f:
+        lines = f.readlines()
+    for line in lines:
         result = compile_case(Case(**json.loads(line)))
         out.write(json.dumps(asdict(result)) + "\n")
         out.flush()
@@ -442,15 +458,15 @@ def run_cases(cases: list[Case], jobs: int = 0, on_result=None) -> list[Result]:
         workers = []
         for j in range(jobs):
             mine = list(range(j, len(cases), jobs))
+            todo = os.path.join(cache, f"cases-{j}.jsonl")  # a file, not stdin: no pipe can fill up
+            with open(todo, "w") as f:
+                f.write("".join(json.dumps(asdict(cases[i])) + "\n" for i in mine))
             proc = subprocess.Popen(
-                [sys.executable, "-m", WORKER_MODULE, "--worker"],
-                stdin=subprocess.PIPE,
+                [sys.executable, "-m", WORKER_MODULE, "--worker", todo],
                 stdout=subprocess.PIPE,
                 text=True,
                 env=worker_env(os.path.join(cache, str(j))),
             )
-            proc.stdin.write("".join(json.dumps(asdict(cases[i])) + "\n" for i in mine))
-            proc.stdin.close()
             workers.append((proc, mine))
 
         def read(proc, mine):
@@ -514,7 +530,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per CPU core)")
     p.add_argument("--json", default=None, help="also write every result to this JSON file")
     p.add_argument("--failures-only", action="store_true", help="print only failing and spilling cases")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -531,7 +547,11 @@ def _split(text: str | None, allowed) -> list[str] | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        return _worker_main()
+        return _worker_main(args.worker)
+    reason = unsupported_reason()
+    if reason is not None:
+        print(f"hf-roast check-gpu cannot run: {reason}", file=sys.stderr)
+        return 2
     cases = matrix(args.subset, _split(args.targets, all_targets()))
     kernels = _split(args.kernels, KERNELS)
     mappers = _split(args.mappers, [m for m, _ in MAPPER_SIGNS])
