@@ -43,8 +43,10 @@ def test_every_launch_table_entry_is_a_case_of_the_matrix():
     for case in cc.matrix("full", list(launch.TARGETS)):
         if case.kernel in ("fwd", "grad_input", "grad_z"):
             family = "grad_z" if case.kernel == "grad_z" else "mm"
-            packed = case.zstore in ("int8", "int4") and family == "mm"
-            cls = launch.operand_class(case.dtype in cc.HALF, packed)
+            mm = family == "mm"
+            packed = case.zstore in ("int8", "int4") and mm
+            hashed = (case.sign == "element" or case.mapper == "hashednet") and mm
+            cls = launch.operand_class(case.dtype in cc.HALF, packed, hashed)
             reached.add((cc.table_name(case.target), family, case.tier, cls))
     assert reached == set(launch.LAUNCH_TABLE)
 

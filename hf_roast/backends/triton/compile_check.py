@@ -158,10 +158,10 @@ def core_cases(target: str, mapper: str = "stable", sign: str = "tile") -> list[
 
 def variant_cases(target: str, mapper: str, sign: str) -> list[Case]:
     """A mapper or sign other than the default: every kernel and tier, in the dtypes and z storages where
-    the mapping code differs (fp32 and bf16 activations, float and 4-bit z)."""
+    the mapping code differs (fp32 and bf16 activations, float and packed z)."""
     cases = []
     for tier in TIERS:
-        for dtype, zstore in (("bf16", "act"), ("fp32", "fp32"), ("bf16", "int4")):
+        for dtype, zstore in (("bf16", "act"), ("fp32", "fp32"), ("bf16", "int4"), ("fp32", "int8")):
             for kernel in ("fwd", "grad_input"):
                 cases.append(Case(kernel, target, tier, dtype, zstore, mapper, sign))
         for dtype in ("bf16", "fp32"):

@@ -107,6 +107,11 @@ class Geometry:
         return is_tiled_mapper(MAPPERS[self.mapper])
 
     @property
+    def hashed(self) -> bool:
+        """Whether the kernels hash every weight (element signs, hashednet): the launch table's "-hashed" class."""
+        return not self.tiled or self.sign == SIGN_IDS["element"]
+
+    @property
     def n_tile_cols(self) -> int:
         return tiles_along(self.cols, self.tile_cols)
 
@@ -155,11 +160,11 @@ def target_of(t, target: str | None) -> str:
 
 
 def pick_blocks(rows: int, dtype: torch.dtype, *, family: str = "mm", packed: bool = False,
-                target: str = INTERPRETER_TARGET) -> Blocks:  # fmt: skip
+                hashed: bool = False, target: str = INTERPRETER_TARGET) -> Blocks:  # fmt: skip
     """The launch table's blocks for ``rows`` activation rows of ``dtype`` (or the forced ones)."""
     if _forced_blocks is not None:
         return _forced_blocks
-    return table_blocks(target, family, rows, dtype != torch.float32, packed)
+    return table_blocks(target, family, rows, dtype != torch.float32, packed, hashed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,10 +303,13 @@ def _round_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _tf32(x):
-    """fp32 rounded to TF32 (10 mantissa bits) as ``cvt.rna.tf32.f32`` does: to nearest, ties away from zero."""
+def _tf32(x, ROUND: tl.constexpr):
+    """fp32 ``x`` as a TF32 tensor-core operand (10 mantissa bits): rounded to nearest, ties away from zero,
+    as ``cvt.rna.tf32.f32`` does (``ROUND``), or truncated, as an mma does with the low 13 bits of raw fp32."""
     bits = x.to(tl.uint32, bitcast=True)
-    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    if ROUND:
+        bits = bits + 0x1000
+    return (bits & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -310,23 +318,27 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr):
 
     The interpreter ignores ``input_precision`` and multiplies bf16 as raw integers, so under it (``EMULATE``)
     the operands are fp32 (products of half-precision values are exact in fp32: the same result) and the
-    TF32 precisions are emulated: "tf32" rounds both operands to TF32, "tf32x3" splits each into a TF32 high
-    part and a TF32 remainder and adds the three larger cross products, as Triton's tf32x3 does on the GPU.
-    Then the interpreter's results carry the GPU's rounding (not its summation order).
+    TF32 precisions are emulated as Triton lowers them on the GPU (read from its PTX): "tf32" hands the raw
+    fp32 operands to the mma (truncated to TF32); "tf32x3" rounds each operand to a TF32 high part
+    (``cvt.rna``), hands the remainder raw, and adds the three larger cross products. The interpreter's
+    results then carry the GPU's operand rounding (not its summation order).
     """
     if EMULATE:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
         if DOT_PRECISION == "tf32":
-            return tl.dot(_tf32(a), _tf32(b), acc, input_precision="ieee")
-        if DOT_PRECISION == "tf32x3":
-            a_hi = _tf32(a)
-            b_hi = _tf32(b)
-            acc = tl.dot(_tf32(a - a_hi), b_hi, acc, input_precision="ieee")
-            acc = tl.dot(a_hi, _tf32(b - b_hi), acc, input_precision="ieee")
-            return tl.dot(a_hi, b_hi, acc, input_precision="ieee")
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(_tf32(a, False), _tf32(b, False), acc, input_precision="ieee")
+        elif DOT_PRECISION == "tf32x3":
+            a_hi = _tf32(a, True)
+            b_hi = _tf32(b, True)
+            acc = tl.dot(_tf32(a - a_hi, False), b_hi, acc, input_precision="ieee")
+            acc = tl.dot(a_hi, _tf32(b - b_hi, False), acc, input_precision="ieee")
+            acc = tl.dot(a_hi, b_hi, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -634,7 +646,7 @@ def linear_forward_launch(
 ) -> Launch:  # fmt: skip
     """The forward's launch for a 2-D, row-contiguous x2 into y (``packed``: see :func:`_z_args`)."""
     m = x2.shape[0]
-    b = pick_blocks(m, x2.dtype, packed=packed is not None, target=target_of(x2, target))
+    b = pick_blocks(m, x2.dtype, packed=packed is not None, hashed=geo.hashed, target=target_of(x2, target))
     grid = (triton.cdiv(m, b.m), triton.cdiv(geo.rows, b.n))
     return Launch(_linear_fwd_kernel, grid, dict(
         x_ptr=x2, slot_ptr=_table(tile_slot, tile_scale), scale_ptr=tile_scale, bias_ptr=_table(bias, tile_scale),
@@ -648,7 +660,7 @@ def linear_grad_input_launch(
     dy2, z, tile_slot, tile_scale, geo: Geometry, packed, dx, target: str | None = None
 ) -> Launch:  # fmt: skip
     m = dy2.shape[0]
-    b = pick_blocks(m, dy2.dtype, packed=packed is not None, target=target_of(dy2, target))
+    b = pick_blocks(m, dy2.dtype, packed=packed is not None, hashed=geo.hashed, target=target_of(dy2, target))
     # dX's tile is [rows, in features] reduced over out features: the forward's tile, with n and k swapped
     b = replace(b, n=b.k, k=b.n)
     grid = (triton.cdiv(m, b.m), triton.cdiv(geo.cols, b.k))
