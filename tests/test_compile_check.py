@@ -43,10 +43,8 @@ def test_every_launch_table_entry_is_a_case_of_the_matrix():
     for case in cc.matrix("full", list(launch.TARGETS)):
         if case.kernel in ("fwd", "grad_input", "grad_z"):
             family = "grad_z" if case.kernel == "grad_z" else "mm"
-            mm = family == "mm"
-            packed = case.zstore in ("int8", "int4") and mm
-            hashed = (case.sign == "element" or case.mapper == "hashednet") and mm
-            cls = launch.operand_class(case.dtype in cc.HALF, packed, hashed)
+            hashed = (case.sign == "element" or case.mapper == "hashednet") and family == "mm"
+            cls = launch.operand_class(case.dtype in cc.HALF, hashed)
             reached.add((cc.table_name(case.target), family, case.tier, cls))
     assert reached == set(launch.LAUNCH_TABLE)
 
@@ -58,7 +56,7 @@ def test_launches_take_the_tables_blocks():
     assert (args["num_warps"], args["num_stages"]) == (blocks.num_warps, blocks.num_stages)
     fwd = cc.build_launch(cc.Case("fwd", "sm_100", "decode", "fp32", "int8")).args
     assert fwd["ZBITS"] == 8 and fwd["TILE_GRID"] and not fwd["WIDE"]
-    assert fwd["BLOCK_K"] == launch.LAUNCH_TABLE[("sm_90", "mm", "decode", "fp32-packed")].k
+    assert fwd["BLOCK_K"] == launch.LAUNCH_TABLE[("sm_90", "mm", "decode", "fp32")].k
     assert cc.build_launch(cc.Case("fwd", "sm_80", "mid", "tf32", "fp32")).args["DOT_PRECISION"] == "tf32"
     assert cc.build_launch(cc.Case("fwd", "sm_80", "mid", "bf16", "act", wide=True)).args["WIDE"]
 

@@ -91,37 +91,30 @@ class Blocks:
 # The table. Keys: (target, kernel family, tier, operand class).
 #   family: "mm" (forward and dX: read W from z) or "grad_z" (dY^T X, reduced over rows);
 #   operand class: "half" (bf16 / fp16 activations) or "fp32" (fp32 activations on tensor cores: tf32 or
-#   tf32x3), then "-packed" (int8 / int4 z, dequantised in registers) and "-hashed" (a hash per weight:
-#   element signs or the hashednet mapper, whose registers need shorter K steps).
+#   tf32x3), then "-hashed" (a hash per weight: element signs or the hashednet mapper, whose registers need
+#   shorter K steps). Packed z (int8 / int4, dequantised in registers) fits the same blocks: the check
+#   covers it in every entry.
 # --------------------------------------------------------------------------------------------------
 _B = Blocks
 _MM_DATACENTER = {
     ("decode", "half"): _B(16, 64, 128, 4, 3),
-    ("decode", "half-packed"): _B(16, 64, 128, 4, 3),
     ("decode", "fp32"): _B(16, 64, 64, 4, 2),
-    ("decode", "fp32-packed"): _B(16, 64, 64, 4, 2),
     ("mid", "half"): _B(64, 64, 64, 4, 3),
-    ("mid", "half-packed"): _B(64, 64, 64, 4, 3),
     ("mid", "fp32"): _B(64, 64, 32, 4, 2),
-    ("mid", "fp32-packed"): _B(64, 64, 32, 4, 2),
     ("prefill", "half"): _B(128, 128, 64, 8, 3),
-    ("prefill", "half-packed"): _B(128, 128, 64, 8, 3),
     ("prefill", "fp32"): _B(128, 128, 16, 8, 3),
-    ("prefill", "fp32-packed"): _B(128, 128, 16, 8, 3),
 }
 _MM_HOPPER = {
     **_MM_DATACENTER,
     ("prefill", "fp32"): _B(128, 128, 32, 8, 3),  # wgmma: the accumulator lives apart from the operands
-    ("prefill", "fp32-packed"): _B(128, 128, 32, 8, 3),
 }
 _MM_CONSUMER = {  # 99 KiB of shared memory per block
     **_MM_DATACENTER,
     ("prefill", "half"): _B(128, 128, 64, 8, 2),
-    ("prefill", "half-packed"): _B(128, 128, 64, 8, 2),
 }
-_MM_HASHED = {  # a hash per weight (element signs, hashednet) in the K loop: half the K step, or less
-    ("decode", "half"): _B(16, 64, 32, 4, 3),
-    ("decode", "fp32"): _B(16, 64, 32, 4, 2),
+_MM_HASHED = {  # a hash per weight (element signs, hashednet) in the K loop: smaller blocks
+    ("decode", "half"): _B(16, 32, 64, 4, 3),
+    ("decode", "fp32"): _B(16, 32, 32, 4, 2),
     ("mid", "half"): _B(64, 64, 32, 4, 3),
     ("mid", "fp32"): _B(64, 64, 16, 4, 2),
     ("prefill", "half"): _B(128, 128, 32, 8, 3),
@@ -140,8 +133,7 @@ for _target, _mm in (("sm_80", _MM_DATACENTER), ("sm_89", _MM_CONSUMER), ("sm_90
     for (_tier, _cls), _blocks in _mm.items():
         LAUNCH_TABLE[(_target, "mm", _tier, _cls)] = _blocks
     for (_tier, _cls), _blocks in _MM_HASHED.items():
-        for _suffix in ("-hashed", "-packed-hashed"):
-            LAUNCH_TABLE[(_target, "mm", _tier, _cls + _suffix)] = _blocks
+        LAUNCH_TABLE[(_target, "mm", _tier, _cls + "-hashed")] = _blocks
     for (_tier, _cls), _blocks in _GRAD_Z.items():
         LAUNCH_TABLE[(_target, "grad_z", _tier, _cls)] = _blocks
 
@@ -149,17 +141,14 @@ EMBEDDING_ROWS = 16
 """Looked-up rows per embedding block; the column block covers up to 256 features."""
 
 
-def operand_class(half: bool, packed: bool, hashed: bool = False) -> str:
-    return ("half" if half else "fp32") + ("-packed" if packed else "") + ("-hashed" if hashed else "")
+def operand_class(half: bool, hashed: bool = False) -> str:
+    return ("half" if half else "fp32") + ("-hashed" if hashed else "")
 
 
-def table_blocks(
-    target: str, family: str, rows: int, half: bool, packed: bool = False, hashed: bool = False
-) -> Blocks:
-    """The table's blocks for one launch (``packed`` and ``hashed``: a hash per weight in the K loop, only
-    matter to the "mm" family: grad_z hashes once per block, after its loop)."""
-    mm = family == "mm"
-    return LAUNCH_TABLE[(target, family, tier_of(rows), operand_class(half, packed and mm, hashed and mm))]
+def table_blocks(target: str, family: str, rows: int, half: bool, hashed: bool = False) -> Blocks:
+    """The table's blocks for one launch. ``hashed`` (a hash per weight in the K loop) only matters to the
+    "mm" family: grad_z hashes once per block, after its loop."""
+    return LAUNCH_TABLE[(target, family, tier_of(rows), operand_class(half, hashed and family == "mm"))]
 
 
 def embedding_blocks(n_cols: int) -> tuple[int, int]:

@@ -159,12 +159,12 @@ def target_of(t, target: str | None) -> str:
     return device_target(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-def pick_blocks(rows: int, dtype: torch.dtype, *, family: str = "mm", packed: bool = False,
-                hashed: bool = False, target: str = INTERPRETER_TARGET) -> Blocks:  # fmt: skip
+def pick_blocks(rows: int, dtype: torch.dtype, *, family: str = "mm", hashed: bool = False,
+                target: str = INTERPRETER_TARGET) -> Blocks:  # fmt: skip
     """The launch table's blocks for ``rows`` activation rows of ``dtype`` (or the forced ones)."""
     if _forced_blocks is not None:
         return _forced_blocks
-    return table_blocks(target, family, rows, dtype != torch.float32, packed, hashed)
+    return table_blocks(target, family, rows, dtype != torch.float32, hashed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -646,7 +646,7 @@ def linear_forward_launch(
 ) -> Launch:  # fmt: skip
     """The forward's launch for a 2-D, row-contiguous x2 into y (``packed``: see :func:`_z_args`)."""
     m = x2.shape[0]
-    b = pick_blocks(m, x2.dtype, packed=packed is not None, hashed=geo.hashed, target=target_of(x2, target))
+    b = pick_blocks(m, x2.dtype, hashed=geo.hashed, target=target_of(x2, target))
     grid = (triton.cdiv(m, b.m), triton.cdiv(geo.rows, b.n))
     return Launch(_linear_fwd_kernel, grid, dict(
         x_ptr=x2, slot_ptr=_table(tile_slot, tile_scale), scale_ptr=tile_scale, bias_ptr=_table(bias, tile_scale),
@@ -660,7 +660,7 @@ def linear_grad_input_launch(
     dy2, z, tile_slot, tile_scale, geo: Geometry, packed, dx, target: str | None = None
 ) -> Launch:  # fmt: skip
     m = dy2.shape[0]
-    b = pick_blocks(m, dy2.dtype, packed=packed is not None, hashed=geo.hashed, target=target_of(dy2, target))
+    b = pick_blocks(m, dy2.dtype, hashed=geo.hashed, target=target_of(dy2, target))
     # dX's tile is [rows, in features] reduced over out features: the forward's tile, with n and k swapped
     b = replace(b, n=b.k, k=b.n)
     grid = (triton.cdiv(m, b.m), triton.cdiv(geo.cols, b.k))
