@@ -1,6 +1,7 @@
 """How accurate each fp32 ``tl.dot`` precision is, measured against the PyTorch path under the interpreter.
 
-    TRITON_INTERPRET=1 python -m hf_roast.backends.triton.precision [--rows 64 --in 1024 --out 256]
+    TRITON_INTERPRET=1 python scripts/fp32_precision.py [--rows 64 --in 1024 --out 256]
+    TRITON_INTERPRET=1 python -m hf_roast.scripts.fp32_precision     # installed
 
 fp32 activations leave the kernels a choice (``roast_matmul._dot_precision``): "ieee" (CUDA-core FMA, fp32
 exactly), "tf32x3" (three TF32 tensor-core products: the operands split into a TF32 high part and a TF32
@@ -38,11 +39,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measure(rows: int = 64, in_features: int = 1024, out_features: int = 256, seed: int = 0) -> dict:
     """Errors of every candidate (and of the PyTorch path's fp32) for one fp32 layer; needs the interpreter."""
+    from hf_roast.backends.triton import ops
+    from hf_roast.backends.triton.roast_matmul import INTERPRETED, forced_fp32_precision
     from hf_roast.mapping import LayerMapping, MappingPlan, ModuleSpec, gradient_scaler
     from hf_roast.torch_path import RoastLinearFunction
-
-    from . import ops
-    from .roast_matmul import INTERPRETED, forced_fp32_precision
 
     if not INTERPRETED:
         raise RuntimeError("run under the Triton interpreter: TRITON_INTERPRET=1 before triton is imported")
