@@ -5,10 +5,14 @@ of a module sits at ``z[slot(tile) * T + e]`` (tile mappers; ``slot`` comes from
 ``tile_slot`` table) or at the jitted HashedNet hash (``hashednet``). Consecutive columns of one
 mapping tile are consecutive in ``z``, so a block aligned with the mapping tile reads each row of
 it with one coalesced load. Kernel blocks are free: a block may cover several mapping tiles or cut
-through them, because the location is computed per element from ``(r, c)``, never from the block.
+through them. Per-tile values (slot, scale, scaler) and packed z's group scales are loaded once per cell
+of the tile / group grid that the block covers and broadcast (:func:`_locate_block`); tiles or groups that
+are not powers of two are read per weight. Index arithmetic is int32 below 2**31 values, int64 above.
 
 Accumulation is fp32 throughout. ``dz`` is accumulated with fp32 atomics, so several kernel blocks,
-several tiles sharing a slot and several modules can all add into the same slot.
+several tiles sharing a slot and several modules can all add into the same slot. Block sizes, warps and
+pipeline stages come from the launch table (``launch.py``), which ``hf-roast check-gpu`` compiles for real
+GPU targets ahead of time (``compile_check.py``).
 """
 
 from __future__ import annotations
