@@ -113,8 +113,8 @@ _MM_CONSUMER = {  # 99 KiB of shared memory per block
     ("prefill", "half"): _B(128, 128, 64, 8, 2),
 }
 _MM_HASHED = {  # a hash per weight (element signs, hashednet) in the K loop: smaller blocks
-    ("decode", "half"): _B(16, 32, 64, 4, 3),
-    ("decode", "fp32"): _B(16, 32, 32, 4, 2),
+    ("decode", "half"): _B(16, 32, 32, 8, 2),
+    ("decode", "fp32"): _B(16, 32, 16, 4, 2),
     ("mid", "half"): _B(64, 64, 32, 4, 3),
     ("mid", "fp32"): _B(64, 64, 16, 4, 2),
     ("prefill", "half"): _B(128, 128, 32, 8, 3),
