@@ -1,4 +1,4 @@
-"""The ``hf-roast`` console command: ``hf-roast {demo,compress,bench,memory} ...``.
+"""The ``hf-roast`` console command: ``hf-roast {demo,compress,bench,check-gpu,memory,recover} ...``.
 
 Each subcommand lives in ``scripts/`` (installed as ``hf_roast.scripts``) and is imported lazily. The research
 harness is not a subcommand: it lives in ``benchmarks/`` of a clone (``python -m benchmarks.evaluate``).
@@ -16,6 +16,10 @@ SUBCOMMANDS = {
         "Compress a local HF model folder into a ROAST checkpoint.",
     ),
     "bench": ("hf_roast.scripts.bench_kernels", "Benchmark ROAST matmuls against dense and HashedNet."),
+    "check-gpu": (
+        "hf_roast.scripts.check_gpu",
+        "Compile every fused kernel for real GPUs ahead of time (no GPU needed): limits, spills, tl.dot lowering.",
+    ),
     "memory": (
         "hf_roast.scripts.memory",
         "Train a 134M-parameter Llama dense and compressed; print memory and step time side by side.",

@@ -8,6 +8,12 @@ one weight at a time). The header says which.
     hf-roast bench --full                # 4096x4096 and 4096x11008 at 1, 16, 512, 4096 rows (slow on a CPU)
     hf-roast bench --shapes 4096x4096 --rows 512,4096 --repeats 5
     hf-roast bench --generate            # generate() speed of SmolLM2-135M, dense vs 4x vs 16x (bench_generate.py)
+    hf-roast bench --device cuda --full --json bench.json   # on a GPU: bf16 and fp32, numerics checked first
+
+On CUDA the kernels' numerics are checked against the PyTorch path first (the run stops if they disagree),
+then bf16 and fp32 are timed (``--dtype`` picks one). The kernels launch with the launch table that
+``hf-roast check-gpu`` compiles ahead of time; nothing is autotuned. ``--json`` writes every figure with the
+device, the versions and the launch-table target: send that file back (docs/kernels.md).
 
 Shapes are ``in x out`` features (``4096x11008``: a Llama-7B up projection). Times are medians.
 """
@@ -15,6 +21,7 @@ Shapes are ``in x out`` features (``4096x11008``: a Llama-7B up projection). Tim
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -59,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--budget", type=float, default=2.0, help="stop repeating a figure after this many seconds"
     )
     p.add_argument("--no-hashednet", action="store_true", help="skip the (slow) HashedNet columns")
+    p.add_argument("--json", default=None, help="also write every figure, the device and the versions here")
     return p.parse_args(argv)
 
 
@@ -149,6 +157,60 @@ def bench_shape(
     return out
 
 
+NUMERICS_TOLERANCE = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 1e-5}
+"""Max-norm error / max |PyTorch path|; fp32 with torch's TF32 switch on is checked at TF32's 2e-3."""
+
+
+NUMERICS_CASES = ((1, (520, 392)), (37, (520, 392)), (300, (1000, 776)))
+"""(rows, (in, out)): decode, a short prompt, a prefill block; dims that are multiples of no block."""
+
+
+def check_numerics(device: torch.device, dtype: torch.dtype, args, cases=NUMERICS_CASES) -> list[str]:
+    """The kernels against the PyTorch path (forward, dX, dz) on odd shapes; a line per disagreement."""
+    from hf_roast.backends.triton.ops import triton_roast_linear
+    from hf_roast.backends.pytorch import RoastLinearFunction
+
+    tol = NUMERICS_TOLERANCE[dtype]
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        tol = 2e-3
+    problems = []
+    for rows, (d_in, d_out) in cases:
+        lm, z = roast_layer("stable", d_in, d_out, args, device, dtype)
+        g = torch.Generator(device="cpu").manual_seed(rows)
+        x = torch.randn(rows, d_in, generator=g).to(device, dtype)
+        grad_y = torch.randn(rows, d_out, generator=g).to(device, dtype)
+        results = []
+        for fn in (triton_roast_linear, RoastLinearFunction.apply):
+            xi, zi = x.clone().requires_grad_(), z.detach().clone().requires_grad_()
+            y = fn(xi, zi, None, lm)
+            results.append((y.detach(), *torch.autograd.grad(y, (xi, zi), grad_y)))
+        for name, got, want in zip(("y", "dx", "dz"), *results):
+            err = float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30))
+            if not err <= tol:
+                problems.append(
+                    f"{dtype} rows={rows} {d_in}x{d_out} {name}: relative error {err:.2e} > {tol:.0e}"
+                )
+    return problems
+
+
+def environment(device: torch.device) -> dict:
+    """What the JSON says about the machine: device, capability, launch-table target, versions."""
+    info = {"device": str(device), "torch": torch.__version__}
+    if device.type == "cuda":
+        from hf_roast.backends.triton.launch import table_target
+
+        capability = torch.cuda.get_device_capability(device)
+        info.update(name=torch.cuda.get_device_name(device), capability=list(capability),
+                    launch_table=table_target(capability), cuda=torch.version.cuda)  # fmt: skip
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
 def describe(device: torch.device, backend: str, dtype: torch.dtype) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -165,25 +227,14 @@ def describe(device: torch.device, backend: str, dtype: torch.dtype) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    if argv is not None and "--generate" in argv or argv is None and "--generate" in sys.argv[1:]:
-        from hf_roast.scripts.bench_generate import main as generate_main
+def _write(path: str | None, report: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
 
-        return generate_main(argv)
-    args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch.")
-    device = torch.device(
-        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    backend = resolve_backend("auto", device, (dtype,))
-    shapes = parse_pairs(args.shapes) if args.shapes else list(FULL_SHAPES if args.full else QUICK_SHAPES)
-    rows_list = (
-        [int(r) for r in args.rows.split(",")] if args.rows else list(FULL_ROWS if args.full else QUICK_ROWS)
-    )
-    timer = Timer(device, args.repeats, args.budget)
 
+def _table(device, backend, dtype, shapes, rows_list, args, timer):
+    """Print one dtype's table; yield its figures (seconds) per shape and row count."""
     print(describe(device, backend, dtype))
     print(f"compression {args.compression:g}x, tile {args.tile}, sign=tile, scaler=v5; medians of up to "
           f"{args.repeats} runs; ms = milliseconds")  # fmt: skip
@@ -213,6 +264,47 @@ def main(argv: list[str] | None = None) -> int:
                     f" | {r['hashednet_fb'] * 1e3:>10.2f} {r['hashednet_fb'] / r['stable_fb']:>6.1f}"
                 )
             print(line, flush=True)
+            yield {"in": d_in, "out": d_out, "rows": rows, **r}
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None and "--generate" in argv or argv is None and "--generate" in sys.argv[1:]:
+        from hf_roast.scripts.bench_generate import main as generate_main
+
+        return generate_main(argv)
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch.")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    if args.dtype:
+        dtypes = [DTYPES[args.dtype]]
+    else:
+        dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
+    shapes = parse_pairs(args.shapes) if args.shapes else list(FULL_SHAPES if args.full else QUICK_SHAPES)
+    rows_list = (
+        [int(r) for r in args.rows.split(",")] if args.rows else list(FULL_ROWS if args.full else QUICK_ROWS)
+    )
+    timer = Timer(device, args.repeats, args.budget)
+    report = {"environment": environment(device), "compression": args.compression, "tile": args.tile,
+              "numerics": {}, "figures": []}  # fmt: skip
+    for dtype in dtypes:
+        backend = resolve_backend("auto", device, (dtype,))
+        name = str(dtype).removeprefix("torch.")
+        if backend == "triton":
+            problems = check_numerics(device, dtype, args)
+            report["numerics"][name] = problems or "ok"
+            if problems:
+                _write(args.json, report)
+                raise SystemExit(
+                    "the kernels disagree with the PyTorch path; not timing them:\n" + "\n".join(problems)
+                )
+            print(f"numerics: the kernels match the PyTorch path in {name} (forward, dX, dz)")
+        for row in _table(device, backend, dtype, shapes, rows_list, args, timer):
+            report["figures"].append({"dtype": name, "backend": backend, **row})
+        _write(args.json, report)
     return 0
 
 
