@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             "raise --tokens or lower --batch-size / --max-length."
         )
     teacher = load_dense(args.model)
-    student_dense = load_dense(args.model)  # compressed in place, so a second copy
+    # compressed in place, so a second copy; trained in fp32 (bf16 weights would lose the small updates)
+    student_dense = load_dense(args.model).float()
     calibration = None
     if args.calibrate:
         calibration = [
