@@ -193,6 +193,9 @@ def _save_checkpoint(student: RoastModel, optimizer, state: dict, record: dict, 
     """``checkpoint-<step>``: the student's own checkpoint, then the sidecar; the JSON goes last (by rename),
     so a folder without it is incomplete and never resumed from. Older checkpoints are removed after."""
     path = os.path.join(output_dir, f"checkpoint-{state['step']}")
+    shutil.rmtree(
+        os.path.join(path, STATE_DIR), ignore_errors=True
+    )  # a stale sidecar must not pass as this one
     student.save_pretrained(path, recovery=record, model_card=False)
     sidecar = os.path.join(path, STATE_DIR)
     os.makedirs(sidecar, exist_ok=True)
@@ -276,6 +279,21 @@ def recover(
     With ``output_dir``, a ``checkpoint-<step>`` folder is written every ``save_every`` tokens (the latest is
     kept), ``resume=True`` continues from the latest one, and the recovered student is saved to
     ``output_dir`` with its record in ``roast_config.json`` and the model card (the tokenizer beside it).
+
+    Args:
+        student: the compressed model (``get_roast_model``, ideally with ``calibration_data``); trained in place.
+        teacher: the dense model it was compressed from (a separate copy: compression works in place). Only
+            its forward runs, under ``no_grad``; it is put in eval mode and on the student's device.
+        texts_or_dataset: a sequence of documents, or a ``datasets.Dataset`` whose ``text_column`` holds them.
+        tokenizer: the model's tokenizer; documents are truncated to ``max_length`` tokens, not packed.
+        token_budget: stop once this many non-padding tokens have been seen (at least one batch's worth).
+        batch_size: documents per step.
+        lr: the dense training rate; ``create_roast_optimizer`` gives each group its ratio of it.
+        hidden_weight: weight of the hidden states' MSE beside the logits' KL (0: logits only).
+        save_every: tokens between checkpoints (needs ``output_dir``); ``resume``: continue from the latest.
+        seed: the data order and dropout of every step derive from it.
+        data_description, teacher_name: what the record names (default: the number of documents, and the
+            teacher's ``name_or_path``).
     """
     _check(token_budget, batch_size, max_length, lr, hidden_weight, output_dir, save_every)
     if not isinstance(student, RoastModel):

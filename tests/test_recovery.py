@@ -153,6 +153,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 
 def test_the_checkpoint_records_its_recovery(tmp_path):
+    import hf_roast
+
+    assert hf_roast.recover is recover  # the public, lazily imported name
     teacher = tiny_llama()
     student = compressed(teacher)
     report = recover(
