@@ -319,8 +319,6 @@ def recover(
     optimizer = create_roast_optimizer(student, lr=lr)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     state = {"step": 0, "tokens": 0, "losses": [], "run": run}
-    if resume and output_dir and (path := latest_checkpoint(output_dir)):
-        state = _resume(student, optimizer, path, run)
     first = tokenize_batch(
         tokenizer, [docs[i] for i in batch_indices(len(docs), batch_size, seed, 0)], max_length
     )
@@ -329,6 +327,8 @@ def recover(
             f"token_budget={token_budget:,} is less than one batch ({int(first['attention_mask'].sum()):,} tokens): "
             "raise the budget (--tokens) or lower batch_size / max_length."
         )
+    if resume and output_dir and (path := latest_checkpoint(output_dir)):
+        state = _resume(student, optimizer, path, run)
     want_hidden = hidden_weight > 0
     devices = [device.index or 0] if device.type == "cuda" else []
     from tqdm.auto import tqdm
