@@ -24,6 +24,10 @@ def __getattr__(name: str):
         from .optim import roast_trainer_class
 
         return roast_trainer_class(DistillationTrainer)
+    if name in ("recover", "RecoveryReport"):  # lazy too: recovery imports the distillation trainer
+        from . import recovery
+
+        return getattr(recovery, name)
     raise AttributeError(f"module 'hf_roast' has no attribute {name!r}")
 
 
@@ -31,6 +35,7 @@ __all__ = [
     "MAPPING_VERSION",
     "DistillationTrainer",
     "MappingPlan",
+    "RecoveryReport",
     "RoastConfig",
     "RoastDistillationTrainer",
     "RoastEmbedding",
@@ -42,4 +47,5 @@ __all__ = [
     "RoastTrainer",
     "create_roast_optimizer",
     "get_roast_model",
+    "recover",
 ]

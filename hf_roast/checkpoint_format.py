@@ -29,14 +29,17 @@ from .mapping import MappingPlan, plan_digest
 from .quant import QuantizedZ
 from .vocab import check_mapping_version
 
-FORMAT_VERSION = "1.3"
+FORMAT_VERSION = "1.4"
 """Version of the on-disk layout (file names and keys), "major.minor"; independent of the mapping version.
 
 1.0 (stored as the integer 1): the first layout. 1.1: adds ``plan_sha256``. 1.2: adds ``z_bits``,
 ``z_group_size`` and ``z_qat`` (absent: float z as before), and a packed z stored as ``roast_store.z_codes``
 and ``roast_store.z_scales`` instead of ``roast_store.z``. 1.3: adds ``compression_pattern`` (a list of
 ``[key, compression]`` pairs, or null) and, under a pattern, each tile-mapper module's ``segment_start_tile``
-and ``segment_tiles`` in the plan (absent: the module reads all of z, as before). A reader loads any older
+and ``segment_tiles`` in the plan (absent: the module reads all of z, as before). 1.4: adds the optional
+``recovery`` (:data:`RECOVERY_KEY`, an object: what ``hf-roast recover`` distilled the checkpoint on, for how
+many tokens, from which teacher, to what loss; absent: no recorded recovery; a 1.3 reader ignores it with a
+warning, as below, and loads the same weights). A reader loads any older
 version and a newer minor one (ignoring the config keys it does not know, with a warning; a plan whose
 modules carry keys it does not know is refused as malformed, since it would read other slots); it refuses a
 newer major one.
@@ -48,7 +51,10 @@ QUANT_METHOD = "roast"
 """``config.json``'s ``quantization_config.quant_method``: what transformers looks the quantizer up by."""
 STORE_NAME = "roast_store"
 """The module that owns z; its state-dict key ``roast_store.z`` is z in the safetensors files."""
-FORMAT_KEYS = frozenset({"plan", "plan_sha256", "quant_method", "format_version"})
+RECOVERY_KEY = "recovery"
+"""``roast_config.json``'s optional record of a recovery run (:mod:`hf_roast.recovery`); provenance only: it
+never changes how the weights are read."""
+FORMAT_KEYS = frozenset({"plan", "plan_sha256", "quant_method", "format_version", RECOVERY_KEY})
 """Keys the format stores beside the RoastConfig fields (``quant_method`` in ``config.json``'s copy)."""
 MARKER_SUFFIX = ".weight"
 """Each compressed module ``m`` stores an empty ``m.weight``: the tensor a dense model cannot load."""
@@ -205,6 +211,10 @@ def parse_roast_config(raw: dict, source: str) -> tuple[RoastConfig, MappingPlan
     if not isinstance(plan_raw, dict):
         raise ValueError(f"{source} has no module plan: it is not a complete hf_roast checkpoint.")
     check_plan_digest(raw, plan_raw, fmt, source)
+    if not isinstance(raw.get(RECOVERY_KEY, {}), dict):
+        raise ValueError(
+            f"{source}: {RECOVERY_KEY!r} must be a JSON object (the record of a recovery run); the file was edited."
+        )
     config = RoastConfig.from_dict(raw, FORMAT_KEYS)
     try:
         plan = MappingPlan.from_dict(plan_raw)

@@ -1,4 +1,4 @@
-"""The ``hf-roast`` console command: ``hf-roast {demo,compress,bench,check-gpu,memory,recover} ...``.
+"""The ``hf-roast`` console command: ``hf-roast {demo,compress,recover,bench,check-gpu,memory} ...``.
 
 Each subcommand lives in ``scripts/`` (installed as ``hf_roast.scripts``) and is imported lazily. The research
 harness is not a subcommand: it lives in ``benchmarks/`` of a clone (``python -m benchmarks.evaluate``).
@@ -14,6 +14,10 @@ SUBCOMMANDS = {
     "compress": (
         "hf_roast.scripts.compress_folder",
         "Compress a local HF model folder into a ROAST checkpoint.",
+    ),
+    "recover": (
+        "hf_roast.scripts.recover",
+        "Compress a dense model and distil it back on unlabelled text (task-agnostic recovery).",
     ),
     "bench": ("hf_roast.scripts.bench_kernels", "Benchmark ROAST matmuls against dense and HashedNet."),
     "check-gpu": (

@@ -165,7 +165,8 @@ class RoastModel(nn.Module):
 
         ``config.json`` (with ``quantization_config``, so that ``AutoModel*.from_pretrained`` loads it after
         ``import hf_roast``), ``roast_config.json``, ``model.safetensors`` (z once, no dense copy) and a
-        ``README.md`` model card. Card options: ``base_model``, ``license``, ``repo_id``, ``model_card=False``.
+        ``README.md`` model card. Card options: ``base_model``, ``license``, ``repo_id``, ``model_card=False``;
+        ``recovery=`` (a :class:`hf_roast.recovery.RecoveryReport` dict) records a recovery run.
         Other keyword arguments go to transformers' ``save_pretrained`` (e.g. ``max_shard_size``).
         """
         return save_roast_model(self.base_model, self.roast_config, save_directory, **kwargs)

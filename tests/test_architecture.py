@@ -34,7 +34,7 @@ LAYERS = {
     5: ["layers", "balance"],
     6: ["targets", "initialization", "calibration", "compress", "report"],
     7: ["checkpoint", "checkpoint.*", "quantizer"],
-    8: ["model", "optim", "distill"],
+    8: ["model", "optim", "distill", "recovery"],
     9: ["", "cli", "scripts", "scripts.*"],
 }
 """Layer of each module (names relative to ``hf_roast``; ``""`` is the package itself). A module may import

@@ -178,7 +178,7 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path):
         expected = model(**inputs).logits
     model.save_pretrained(tmp_path, model_card=False)
     raw = json.loads((tmp_path / "roast_config.json").read_text())
-    assert raw["format_version"] == "1.3"
+    assert raw["format_version"] == "1.4"
     assert raw["compression_pattern"] == [["mlp", 8.0], [r"layers\.0\..*", 4.0]]
     assert any("segment_tiles" in m for m in raw["plan"]["modules"])
     loaded = RoastModel.from_pretrained(tmp_path)

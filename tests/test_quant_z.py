@@ -162,7 +162,7 @@ def test_save_load_is_bit_identical_and_automodel_loads_it(tmp_path, bits):
     assert torch.equal(stored["roast_store.z_scales"], model.roast_store.z_scales)
     raw = json.loads((tmp_path / "roast_config.json").read_text())
     assert raw["z_bits"] == bits and raw["z_group_size"] == 128 and raw["z_qat"] is False
-    assert raw["format_version"] == FORMAT_VERSION == "1.3"
+    assert raw["format_version"] == FORMAT_VERSION == "1.4"
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "roast" and qc["z_bits"] == bits
     card = (tmp_path / "README.md").read_text()

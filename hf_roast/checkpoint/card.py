@@ -71,9 +71,10 @@ def render_model_card(
     base_model: str | None = None,
     license: str | None = None,
     model_name: str | None = None,
+    recovery: dict | None = None,
 ) -> ModelCard:
     """The card of the compressed HF ``model`` (a RoastModel's ``base_model``); ``base_model`` is guessed from
-    the config when not given."""
+    the config when not given. ``recovery``: the record of a recovery run, stated in one line of the card."""
     from ..report import compression_report
 
     base = model
@@ -103,6 +104,7 @@ def render_model_card(
         report=report,
         auto_class=auto_class_name(architecture),
         repo_id=repo_id or "path/to/checkpoint",
+        recovery=recovery,
     )
 
 

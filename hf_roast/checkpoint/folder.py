@@ -31,6 +31,7 @@ from ..checkpoint_format import (
     CONFIG_NAME,
     MARKER_SUFFIX,
     QUANT_METHOD,
+    RECOVERY_KEY,
     check_no_pickle,
     parse_roast_config,
     read_roast_dict,
@@ -105,6 +106,7 @@ def write_checkpoint(
     base_model: str | None = None,
     license: str | None = None,
     repo_id: str | None = None,
+    recovery: dict | None = None,
     **kwargs,
 ) -> list[str]:
     """Write the checkpoint of the compressed HF model ``base`` atomically (see :mod:`hf_roast.atomic`);
@@ -112,7 +114,9 @@ def write_checkpoint(
 
     ``roast_dict`` is ``roast_config.json``'s content and ``hf_quantizer`` the quantizer whose config
     carries it (:func:`hf_roast.quantizer.save_roast_model` builds both). ``base_model``, ``license`` and
-    ``repo_id`` (the name in the loading snippet) only go to the card.
+    ``repo_id`` (the name in the loading snippet) only go to the card. ``recovery`` (the record of a recovery
+    run, :meth:`hf_roast.recovery.RecoveryReport.to_dict`) goes to ``roast_config.json`` and the card, not to
+    ``config.json``: it is provenance, and transformers has no use for it.
     """
     if kwargs.pop("push_to_hub", False):
         raise ValueError(
@@ -127,10 +131,14 @@ def write_checkpoint(
             # the class's method: a model loaded by AutoModel* carries an instance-level save_pretrained
             # (see hf_roast.quantizer) that would come back here
             type(base).save_pretrained(base, staging, **kwargs)
+        if recovery is not None:
+            roast_dict = {**roast_dict, RECOVERY_KEY: recovery}
         with open(os.path.join(staging, CONFIG_NAME), "w") as f:
             json.dump(roast_dict, f, indent=2, sort_keys=True)
         if model_card:
-            cards.write_model_card(base, staging, repo_id=repo_id, base_model=base_model, license=license)
+            cards.write_model_card(
+                base, staging, repo_id=repo_id, base_model=base_model, license=license, recovery=recovery
+            )
         written = sorted(
             os.path.relpath(p, staging)
             for p in glob.glob(os.path.join(staging, "**", "*"), recursive=True)
