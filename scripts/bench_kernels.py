@@ -167,8 +167,8 @@ NUMERICS_CASES = ((1, (520, 392)), (37, (520, 392)), (300, (1000, 776)))
 
 def check_numerics(device: torch.device, dtype: torch.dtype, args, cases=NUMERICS_CASES) -> list[str]:
     """The kernels against the PyTorch path (forward, dX, dz) on odd shapes; a line per disagreement."""
-    from hf_roast.backends.triton.ops import triton_roast_linear
     from hf_roast.backends.pytorch import RoastLinearFunction
+    from hf_roast.backends.triton.ops import triton_roast_linear
 
     tol = NUMERICS_TOLERANCE[dtype]
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:

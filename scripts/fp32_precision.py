@@ -39,10 +39,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measure(rows: int = 64, in_features: int = 1024, out_features: int = 256, seed: int = 0) -> dict:
     """Errors of every candidate (and of the PyTorch path's fp32) for one fp32 layer; needs the interpreter."""
+    from hf_roast.backends.pytorch import RoastLinearFunction
     from hf_roast.backends.triton import ops
     from hf_roast.backends.triton.roast_matmul import INTERPRETED, forced_fp32_precision
     from hf_roast.mapping import LayerMapping, MappingPlan, ModuleSpec, gradient_scaler
-    from hf_roast.backends.pytorch import RoastLinearFunction
 
     if not INTERPRETED:
         raise RuntimeError("run under the Triton interpreter: TRITON_INTERPRET=1 before triton is imported")
