@@ -11,8 +11,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 from helpers import assert_close_scaled  # noqa: E402
-from hf_roast.torch_path import RoastEmbeddingFunction, RoastLinearFunction  # noqa: E402
 
+from hf_roast.backends.pytorch import RoastEmbeddingFunction, RoastLinearFunction  # noqa: E402
 from hf_roast.backends.triton import ops  # noqa: E402  (after TRITON_INTERPRET)
 from hf_roast.backends.triton import roast_matmul as rm  # noqa: E402
 from hf_roast.backends.triton.roast_matmul import Blocks, forced_blocks  # noqa: E402
