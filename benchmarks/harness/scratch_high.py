@@ -37,14 +37,16 @@ def method_of(arm: dict) -> str:
 
 
 def load(results_dir: Path) -> list[dict]:
-    """Every finished arm (an unfinished one, saved between two learning rates, is left out)."""
+    """Every arm with a trained rate. One saved between two learning rates (a breadth-first sweep stopped
+    before its grid ended) counts with the rates it has and is flagged: ``rates_trained`` of ``rates_planned``."""
     folder = Path(results_dir) / FOLDER
     rows = []
     for path in sorted(folder.glob("*.json")):
         result = json.loads(path.read_text())
-        if result.get("complete") is False:
+        if not result.get("lr_search"):
             continue
         arm = result["arm"]
+        trained = len(result["lr_search"])
         rows.append(
             {
                 "name": arm["name"],
@@ -57,6 +59,8 @@ def load(results_dir: Path) -> list[dict]:
                 "val_bits_per_byte": result["val_bits_per_byte"],
                 "lr": result["selected_lr"],
                 "lrs": [r["lr"] for r in result["lr_search"]],
+                "rates_trained": trained,
+                "rates_planned": trained if result.get("complete") is not False else len(arm["lrs"] or ()),
                 "projection_bytes": result["storage"]["target_bytes"],
                 "model_bytes": result["storage"]["model_bytes"],
                 "training_memory": result["storage"].get("training_memory", {}),
@@ -68,6 +72,10 @@ def load(results_dir: Path) -> list[dict]:
 
 def _mean(rows: list[dict]) -> float:
     return statistics.fmean(r["bits_per_byte"] for r in rows)
+
+
+def _complete(row: dict) -> bool:
+    return row["rates_trained"] >= row["rates_planned"]
 
 
 def grouped(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -91,6 +99,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
             for method in METHODS:
                 if method != "roast" and groups.get((method, c, steps)):
                     margins[method] = round(_mean(groups[method, c, steps]) - _mean(roast), 4)
+            involved = roast + [r for m in margins for r in groups[m, c, steps]]
             out.append(
                 {
                     "steps": steps,
@@ -100,6 +109,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
                     "margins": margins,
                     "ahead_of_all": bool(margins) and all(m > 0 for m in margins.values()),
                     "complete": len(margins) == len(METHODS) - 1,
+                    "every_rate_trained": all(_complete(r) for r in involved),
                 }
             )
     return out
@@ -125,11 +135,14 @@ def table(rows: list[dict]) -> str:
         )
         label = {"dense": "dense", "floor": "floor (no projections)"}.get(method, METHODS.get(method, method))
         tile = f", tile {first['tile'][0]}x{first['tile'][1]}" if method == "roast" else ""
+        rate = f"{first['lr']:g}" + (
+            "" if _complete(first) else f" ({first['rates_trained']} of {first['rates_planned']} rates)"
+        )
         each = ", ".join(f"{s['bits_per_byte']:.3f}" for s in seeds)
         spread = f" ({each})" if len(seeds) > 1 else ""
         lines.append(
             f"| {steps} | {'-' if method in ('dense', 'floor') else f'{c:g}x'} | {label}{tile} | "
-            f"{_mean(seeds):.3f}{spread} | {len(seeds)} | {first['lr']:g} | {first['projection_bytes']:,} | "
+            f"{_mean(seeds):.3f}{spread} | {len(seeds)} | {rate} | {first['projection_bytes']:,} | "
             f"{first['model_bytes']:,} | {memory_text} |"
         )
     return "\n".join(lines)
@@ -216,7 +229,8 @@ def write(results_dir: Path) -> dict | None:
         word = "ahead of every baseline" if v["ahead_of_all"] else "behind at least one baseline"
         md.append(
             f"- {v['steps']} steps, {v['compression']:g}x ({v['seeds']} seed(s)): {word}"
-            f"{'' if v['complete'] else ' (not every baseline finished)'}: {margins}"
+            f"{'' if v['complete'] else ' (not every baseline finished)'}"
+            f"{'' if v['every_rate_trained'] else ' (not every rate of the grid trained yet)'}: {margins}"
         )
     plots = []
     for steps in sorted({r["steps"] for r in rows}):

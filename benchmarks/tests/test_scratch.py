@@ -210,10 +210,19 @@ def test_the_high_compression_sweep_runs_resumes_and_reports(tmp_path):
     assert {v["steps"] for v in summary["verdicts"]} == {8, 16} and summary["plots"]
     assert all(v["complete"] for v in summary["verdicts"])
     assert "| 16 | 64x | hf-roast" in (tmp_path / "scratch_high.md").read_text()
-    # an arm saved between two learning rates is resumable and left out of the report
-    partial = dict(grid, complete=False)
-    (folder / "roast-partial.json").write_text(json.dumps(partial))
-    assert len(scratch_high.load(tmp_path)) == len(summary["arms"])
+    assert all(v["every_rate_trained"] for v in summary["verdicts"])
+    # an arm saved between two learning rates counts with the rate it has, flagged in the table and verdict
+    partial = dict(long_arm, complete=False, lr_search=long_arm["lr_search"][:1])
+    partial["bits_per_byte"] = partial["lr_search"][0]["test_bits_per_byte"]
+    (folder / f"{long_arm['arm']['name']}.json").write_text(json.dumps(partial))
+    rows = scratch_high.load(tmp_path)
+    assert len(rows) == len(summary["arms"])
+    flagged = [r for r in rows if r["rates_trained"] < r["rates_planned"]]
+    assert [(r["name"], r["rates_trained"], r["rates_planned"]) for r in flagged] == [
+        (long_arm["arm"]["name"], 1, 2)
+    ]
+    assert "(1 of 2 rates)" in scratch_high.table(rows)
+    assert [v["every_rate_trained"] for v in scratch_high.verdicts(rows) if v["steps"] == 16] == [False]
 
 
 def test_a_breadth_first_sweep_trains_one_rate_per_arm_per_pass(tmp_path, monkeypatch):
