@@ -557,16 +557,16 @@ def test_scratch_arms_without_a_grid_take_the_rate_of_their_compressions_grid(tm
         runs += [{"lr": 1e-2, "val_bits_per_byte": float("inf"), "diverged": True}]
         runs = [r for r in runs if r["lr"] != lr] + [{"lr": lr, "val_bits_per_byte": 2.0}]
         (tmp_path / f"{name}.json").write_text(json.dumps({"selected_lr": lr, "lr_search": runs}))
-    expected = {  # same budget: the grid's choice; a longer budget: the grid's two best rates, in grid order
-        "roast-stable-32x-bal-split-1200steps": (1e-3, 1e-2),
+    expected = {  # same budget: the grid's choice; a longer budget: the grid's two best rates, best first
+        "roast-stable-32x-bal-split-1200steps": (1e-2, 1e-3),
         "roast-stable-32x-bal-split-seed1-300steps": (1e-2,),
         "roast-hashednet-32x-bal-split-300steps": (1e-2,),
         "roast-roast-8x-bal-split-300steps": (3e-3,),
-        "roast-stable-8x-bal-split-1200steps": (1e-3, 3e-3),
-        "prune-init-32x-split-1200steps": (1e-3, 3e-2),
-        "prune-init-8x-split-1200steps": (1e-3, 1e-2),
+        "roast-stable-8x-bal-split-1200steps": (3e-3, 1e-3),
+        "prune-init-32x-split-1200steps": (3e-2, 1e-3),
+        "prune-init-8x-split-1200steps": (1e-2, 1e-3),
         "roast-stable-32x-300steps": (1e-3,),
-        "roast-stable-8x-1200steps": (3e-4, 1e-3),
+        "roast-stable-8x-1200steps": (1e-3, 3e-4),
         "dense-split-1200steps": (3e-4, 1e-3),
     }
     for name, lrs in expected.items():
