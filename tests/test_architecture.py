@@ -24,6 +24,7 @@ LAYERS = {
     2: ["mapping", "quant", "checkpoint_format"],
     3: [
         "backends",
+        "backends.geometry",
         "backends.pytorch",
         "backends.cpu",
         "backends.cpu.*",
@@ -42,8 +43,9 @@ from its own layer (without a circle) and from the layers below it, never from a
 
 TRITON = "hf_roast.backends.triton"
 DISPATCH = "hf_roast.backends.dispatch"
-KERNELS_MAY_IMPORT = {"hf_roast.vocab", "hf_roast.mapping", "hf_roast.quant"}
-"""What any backend (execution path) may import from hf_roast outside the backends."""
+KERNELS_MAY_IMPORT = {"hf_roast.vocab", "hf_roast.mapping", "hf_roast.quant", "hf_roast.backends.geometry"}
+"""What any backend (execution path) may import from hf_roast outside its own package (``geometry``: a
+module's mapping as the ints the ops take, shared by the paths)."""
 
 
 def _modules() -> dict[str, Path]:

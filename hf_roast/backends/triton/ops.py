@@ -11,7 +11,7 @@ graph breaks and the meta device / FakeTensor can infer their shapes:
   from a packed z (``RoastConfig.z_bits`` 8 or 4: integer codes and group scales, dequantised in registers;
   ``zformat`` is ``[bits, group_size]``). A packed z is no parameter, so only x and the bias get gradients.
 
-``geometry`` is :class:`~hf_roast.backends.triton.roast_matmul.Geometry` as a list of ints: custom ops take
+``geometry`` is :class:`~hf_roast.backends.geometry.Geometry` as a list of ints: custom ops take
 tensors and scalars, not Python objects. Registration runs once per process, on first import of this
 module, and is skipped when the ops already exist (e.g. the same file imported again under another
 module name), so a second import can never fail or shadow the first.
@@ -19,12 +19,12 @@ module name), so a second import can never fail or shadow the first.
 
 import torch
 
+from hf_roast.backends.geometry import Geometry, geometry_of
 from hf_roast.backends.triton.available import triton_unavailable_reason
 from hf_roast.mapping import LayerMapping
 from hf_roast.quant import QuantizedZ
 
 from . import roast_matmul as rm
-from .roast_matmul import Geometry
 
 NAMESPACE = "hf_roast"
 
@@ -254,20 +254,6 @@ _register()
 # --------------------------------------------------------------------------------------------------
 # Entry points used by hf_roast.backends.dispatch.
 # --------------------------------------------------------------------------------------------------
-_GEOMETRY_CACHE: dict[tuple, list[int]] = {}
-
-
-def geometry_of(layer_map: LayerMapping) -> list[int]:
-    """The layer's Geometry as ints, cached: the seeded constants cost a SHA-256 each."""
-    plan, spec = layer_map.plan, layer_map.spec
-    key = (plan.mapper, plan.sign, plan.seed, plan.tile, spec.rows, spec.cols, spec.tile_offset,
-           spec.segment_start, spec.segment_size)  # fmt: skip
-    geometry = _GEOMETRY_CACHE.get(key)
-    if geometry is None:
-        geometry = _GEOMETRY_CACHE[key] = Geometry.of(plan, spec).as_list()
-    return geometry
-
-
 def _check_runnable(name: str, device: torch.device, *dtypes: torch.dtype) -> None:
     if device.type == "meta":
         return  # shape inference only: the fake implementations handle it
