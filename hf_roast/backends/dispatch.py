@@ -29,6 +29,7 @@ from hf_roast.mapping import LayerMapping
 from hf_roast.quant import QuantizedZ
 from hf_roast.vocab import BACKENDS, ENV_BACKEND
 
+from . import cpu_kernels  # noqa: F401  (registers the ops' CPU kernels)
 from .cpu import ops as cpu
 from .pytorch import NativeWeight, RoastEmbeddingFunction, RoastLinearFunction, read_dtype
 from .pytorch import materialize_weight as _pytorch_weight
