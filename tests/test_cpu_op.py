@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_scaled
+from helpers import VOCAB, assert_close_scaled, tiny_llama
 
+from hf_roast import RoastConfig, get_roast_model
 from hf_roast.backends import cpu_kernels, dispatch
 from hf_roast.backends.cpu import ops as cpu
 from hf_roast.backends.custom_ops import call_linear
@@ -88,3 +89,75 @@ def test_the_op_on_cpu_has_no_backward_kernel_and_says_so(native_cpu):
     y = call_linear(x, z, None, lm)  # the forward runs (C++); its backward op has no CPU kernel
     with pytest.raises(NotImplementedError, match="PyTorch path"):
         y.sum().backward()
+
+
+def _op_nodes(graphs) -> list[str]:
+    return [
+        str(node.target)
+        for gm in graphs
+        for node in gm.graph.nodes
+        if node.op == "call_function"
+        and str(node.target).startswith("hf_roast.")  # an op, e.g. hf_roast.roast_linear
+    ]
+
+
+@pytest.mark.parametrize("z_bits", [None, 8], ids=["float-z", "int8-z"])
+def test_compiled_generate_with_a_static_cache_runs_the_op_and_gives_eager_tokens(z_bits, native_cpu):
+    model = get_roast_model(tiny_llama(), RoastConfig(compression=4.0, tile=(16, 16)))
+    if z_bits:
+        model.quantize_z(z_bits)
+    hf = model.base_model  # the transformers model, whose forward generate() calls
+    prompt = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(1))
+
+    def generate():
+        with torch.no_grad():
+            return hf.generate(
+                prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static"
+            )
+
+    eager = generate()
+    graphs = []
+
+    def recording_inductor(gm, example_inputs):
+        graphs.append(gm)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.utils.counters.clear()
+    eager_forward = hf.forward
+    hf.forward = torch.compile(eager_forward, backend=recording_inductor)
+    try:
+        before = dict(cpu.kernel_calls)
+        compiled = generate()
+    finally:
+        hf.forward = eager_forward
+    assert torch.equal(compiled, eager)
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert not breaks, breaks
+    nodes = _op_nodes(graphs)
+    n_linear = 7 * 2  # q, k, v, o, gate, up, down in each of two layers
+    op = "hf_roast.roast_linear_packed" if z_bits else "hf_roast.roast_linear"
+    assert nodes.count(op) == n_linear * len(graphs), (nodes, len(graphs))  # prefill and decode graphs
+    # the C++ kernel ran inside the compiled graphs: the GEMV for decode (1 row, 5 tokens x 14 layers)
+    assert cpu.kernel_calls["gemv"] - before["gemv"] >= 5 * n_linear
+
+
+def test_a_compiled_training_step_on_cpu_keeps_the_pytorch_path(native_cpu):
+    """The op has no CPU backward: a compiled call that needs gradients is traced on the PyTorch path."""
+    model = get_roast_model(tiny_llama(num_hidden_layers=1), RoastConfig(compression=4.0, tile=(16, 16)))
+    layer = model.base_model.model.layers[0].mlp.up_proj
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(2, 3, layer.in_features)
+    compiled = torch.compile(layer, backend=recording, fullgraph=True)
+    compiled(x).square().sum().backward()
+    assert graphs and not _op_nodes(graphs)
+    grad = model.roast_store.z.grad.clone()
+    model.zero_grad()
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(grad, model.roast_store.z.grad)
