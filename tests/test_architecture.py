@@ -4,8 +4,9 @@ Every ``import`` of ``hf_roast/`` and ``scripts/`` (``hf_roast.scripts``) is par
 and lazy (inside functions) alike, with relative imports resolved. The test fails on any import circle, on an
 import that goes up the layers, on a module that no layer lists, on any import from a backend
 (``hf_roast/backends/``: ``pytorch``, ``cpu/``, ``triton/``) into hf_roast other than the vocabularies and the
-mapping layer, on a backend importing another, and on a module above the backends reaching one other than
-through dispatch (or the PyTorch path's helpers). Nothing in the repo may be importable as a top-level
+mapping layer (and the op contract: ``custom_ops``, ``geometry``), on a backend importing another, on the op
+contract importing a backend, and on a module above the backends reaching one other than through the front
+(``dispatch``, and ``cpu_kernels``, which registers the ops' CPU kernels) or the PyTorch path's helpers. Nothing in the repo may be importable as a top-level
 ``kernels``: that name is Hugging Face's kernel-hub package, which transformers imports."""
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ LAYERS = {
     2: ["mapping", "quant", "checkpoint_format"],
     3: [
         "backends",
+        "backends.geometry",
+        "backends.custom_ops",
         "backends.pytorch",
         "backends.cpu",
         "backends.cpu.*",
         "backends.triton",
         "backends.triton.*",
     ],
-    4: ["backends.dispatch"],
+    4: ["backends.dispatch", "backends.cpu_kernels"],
     5: ["layers", "balance"],
     6: ["targets", "initialization", "calibration", "compress", "report"],
     7: ["checkpoint", "checkpoint.*", "quantizer"],
@@ -42,8 +45,14 @@ from its own layer (without a circle) and from the layers below it, never from a
 
 TRITON = "hf_roast.backends.triton"
 DISPATCH = "hf_roast.backends.dispatch"
-KERNELS_MAY_IMPORT = {"hf_roast.vocab", "hf_roast.mapping", "hf_roast.quant"}
-"""What any backend (execution path) may import from hf_roast outside the backends."""
+FRONT = {DISPATCH, "hf_roast.backends.cpu_kernels"}
+"""The front of the backends: dispatch chooses a path per call; cpu_kernels registers the ops' CPU kernels
+(the C++ kernel, or the Triton interpreter in tests). Only these import more than one execution path."""
+OP_CONTRACT = {"hf_roast.backends.geometry", "hf_roast.backends.custom_ops"}
+"""The ops every path implements (schemas, fake implementations, autograd) and their Geometry: shared by
+the paths, part of none."""
+KERNELS_MAY_IMPORT = {"hf_roast.vocab", "hf_roast.mapping", "hf_roast.quant", *OP_CONTRACT}
+"""What any backend (execution path) may import from hf_roast outside its own package."""
 
 
 def _modules() -> dict[str, Path]:
@@ -112,6 +121,7 @@ def test_the_parser_sees_lazy_and_relative_imports():
     assert f"{TRITON}.ops" in GRAPH[DISPATCH]  # lazy, relative, into the Triton backend
     assert f"{TRITON}.available" in GRAPH[DISPATCH]
     assert "hf_roast.backends.cpu.ops" in GRAPH[DISPATCH]  # `from .cpu import ops as cpu`
+    assert "hf_roast.backends.custom_ops" in GRAPH[f"{TRITON}.ops"]  # absolute, into the op contract
     assert f"{TRITON}.roast_matmul" in GRAPH[f"{TRITON}.ops"]  # `from . import roast_matmul`
     assert "hf_roast.mapping" in GRAPH[f"{TRITON}.roast_matmul"]  # absolute into hf_roast
     assert "hf_roast.backends.pytorch" in GRAPH["hf_roast.calibration"]  # inside a function
@@ -195,7 +205,7 @@ def test_only_dispatch_imports_the_backends():
     outside = sorted(
         f"{name} imports {target}"
         for name, targets in GRAPH.items()
-        if not _backend_of(name) and name != DISPATCH and _layer(name) < 9
+        if not _backend_of(name) and name not in FRONT and _layer(name) < 9
         for target in targets
         if _backend_of(target) and _backend_of(target) != "hf_roast.backends.pytorch"
     )
@@ -213,3 +223,9 @@ def test_backends_import_only_the_mapping_layer():
         if not _backend_of(target) and target != "hf_roast.backends" and target not in KERNELS_MAY_IMPORT
     )
     assert not outside, "a backend reaches into hf_roast beyond the mapping layer:\n" + "\n".join(outside)
+
+
+def test_the_op_contract_imports_no_execution_path():
+    """``custom_ops`` and ``geometry`` define what every path implements; they sit below all of them."""
+    edges = sorted(f"{name} imports {t}" for name in OP_CONTRACT for t in GRAPH[name] if _backend_of(t))
+    assert not edges, "\n".join(edges)

@@ -24,11 +24,12 @@ import torch
 import kernels
 from transformers import Trainer  # noqa: F401
 import transformers.integrations.hub_kernels  # noqa: F401
-from hf_roast.backends.triton import ops  # registers the hf_roast:: ops
+from hf_roast.backends import custom_ops  # defines the hf_roast:: ops
+from hf_roast.backends.triton import ops  # registers their CUDA kernels
 import hf_roast.backends.triton.ops  # a second import must not register them again
 print(json.dumps({
     "kernels_file": str(pathlib.Path(kernels.__file__).resolve()),
-    "schemas": {name: len(torch._C._jit_get_schemas_for_operator(f"hf_roast::{name}")) for name in ops._SCHEMAS},
+    "schemas": {name: len(torch._C._jit_get_schemas_for_operator(f"hf_roast::{name}")) for name in custom_ops.SCHEMAS},
 }))
 """
 

@@ -490,6 +490,27 @@ def test_compiled_roast_layer_has_no_graph_break():
     assert layer.roast_store.z.grad is not None and layer.roast_store.z.grad.abs().sum() > 0
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="CPU tensors are the kernels' only under the interpreter")
+def test_under_the_interpreter_the_ops_run_triton_on_cpu_not_the_cpp_kernel(monkeypatch):
+    """The ops' CPU kernels (hf_roast/backends/cpu_kernels.py) hand CPU tensors to Triton while the
+    interpreter runs, so every test here exercises the Triton kernels, never the C++ one."""
+    from hf_roast.backends.cpu import ops as cpu_ops
+    from hf_roast.backends.triton import roast_matmul as rm
+
+    calls = []
+    real = rm.linear_forward
+    monkeypatch.setattr(rm, "linear_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    before = dict(cpu_ops.kernel_calls)
+    plan = make_plan("stable", "tile")
+    lm = layer_mapping(plan, "q")
+    x = torch.randn(3, 45, device=DEVICE)
+    with torch.no_grad():
+        for z in (random_z(plan), packed_z(plan, 8)):
+            torch.testing.assert_close(kernel_linear(x, z, None, lm), torch_linear(x, z, None, lm))
+    assert len(calls) == 2
+    assert cpu_ops.kernel_calls == before
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. A whole model through the kernels.
 # --------------------------------------------------------------------------------------------------

@@ -4,6 +4,11 @@
   for inference calls of a few rows (decode, short prompts);
 * :func:`build_weight`: W itself in fp32, in one pass over its tiles, for the PyTorch backend on CPU
   (prefill, training), which dispatch hands it to where the resolved backend allows native code;
+* :func:`linear_kernel` / :func:`linear_packed_kernel`: the same GEMV as the CPU implementation of the ops
+  ``hf_roast::roast_linear`` / ``roast_linear_packed`` (:mod:`hf_roast.backends.custom_ops`, registered for
+  CPU by :mod:`hf_roast.backends.cpu_kernels`), so that ``torch.compile`` traces a call as one node and
+  torch runs this kernel for CPU tensors. An op call may have any number of rows: above :data:`MAX_ROWS`
+  the kernel builds W in one pass and runs one GEMM, as the PyTorch path does on CPU (same values);
 * :func:`dequantize`: the kernel's reader of a packed z, exposed for tests.
 
 For a few rows building W costs far more than the product: the PyTorch path writes and reads back
@@ -27,10 +32,14 @@ backward: the gate refuses both, and :mod:`hf_roast.backends.dispatch` asks it b
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
-from hf_roast.mapping import LayerMapping, seed_constants
+from hf_roast.backends.geometry import Geometry, geometry_of
+from hf_roast.mapping import LayerMapping
 from hf_roast.quant import QuantizedZ
 
 from . import build
@@ -82,38 +91,12 @@ def _z_reason(z: torch.Tensor | QuantizedZ) -> str | None:
     return None
 
 
-def unsupported_reason(
-    z: torch.Tensor | QuantizedZ,
-    layer_map: LayerMapping,
-    x: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    *,
-    weight_dtype: torch.dtype = torch.float32,
+def _common_reason(
+    z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, x: torch.Tensor | None
 ) -> str | None:
-    """The CPU backend's one gate: None when its kernel can run this call, otherwise why not.
-
-    With ``x``, the call is the fused GEMV ``x W^T + b`` (:func:`cpu_roast_linear`): forward only, at most
-    :data:`MAX_ROWS` rows, activations of :data:`CPU_DTYPES`, outside CPU autocast. Without ``x``, it is
-    building W in ``weight_dtype`` (:func:`build_weight`, fp32 only). Both need a z this kernel reads (on
-    CPU; float, or packed codes and fp32 scales), no quantisation-aware training (whose grid the PyTorch path
-    applies), no ``torch.compile`` tracing (the kernel is opaque to it), tiles of at most
-    :data:`MAX_TILE` x :data:`MAX_TILE`, and the library built: that last reason is an :class:`Unavailable`.
-
-    Decode runs the checks once per layer and token, so they are ordered to fail fast in training (the
-    gradient check first) and each costs well under a microsecond."""
-    if x is not None:
-        if torch.is_grad_enabled() and (
-            x.requires_grad
-            or (not isinstance(z, QuantizedZ) and z.requires_grad)  # a packed z is no parameter
-            or (bias is not None and bias.requires_grad)
-        ):
-            return "the call needs gradients (training), and the CPU path is forward-only"
-    elif weight_dtype != torch.float32:
-        return f"the CPU path builds fp32 weights, not {weight_dtype}"
+    """The checks every use of the kernel shares: no QAT, the activations and z it reads, tile size."""
     if layer_map.fake_quant is not None:
         return "quantisation-aware training reads z through its grid on the PyTorch path"
-    if torch.compiler.is_compiling():
-        return "torch.compile is tracing, and the CPU kernel is opaque to it"
     if x is not None:
         if torch.is_autocast_enabled("cpu"):
             return "CPU autocast is on; the PyTorch path applies its casts"
@@ -124,14 +107,81 @@ def unsupported_reason(
     reason = _z_reason(z)
     if reason is not None:
         return reason
+    return _tile_reason(layer_map.plan.tile)
+
+
+def _tile_reason(tile: tuple[int, int]) -> str | None:
+    tr, tc = tile
+    if tr > MAX_TILE or tc > MAX_TILE:
+        return f"the CPU path takes mapping tiles of at most {MAX_TILE}x{MAX_TILE}, not {tr}x{tc}"
+    return None
+
+
+def _needs_grad(z: torch.Tensor | QuantizedZ, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or (not isinstance(z, QuantizedZ) and z.requires_grad)  # a packed z is no parameter
+        or (bias is not None and bias.requires_grad)
+    )
+
+
+def unsupported_reason(
+    z: torch.Tensor | QuantizedZ,
+    layer_map: LayerMapping,
+    x: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    weight_dtype: torch.dtype = torch.float32,
+) -> str | None:
+    """The CPU backend's one gate for a direct (eager) call: None when its kernel can run it, otherwise why not.
+
+    With ``x``, the call is the fused GEMV ``x W^T + b`` (:func:`cpu_roast_linear`): forward only, at most
+    :data:`MAX_ROWS` rows, activations of :data:`CPU_DTYPES`, outside CPU autocast. Without ``x``, it is
+    building W in ``weight_dtype`` (:func:`build_weight`, fp32 only). Both need a z this kernel reads (on
+    CPU; float, or packed codes and fp32 scales), no quantisation-aware training (whose grid the PyTorch path
+    applies), no ``torch.compile`` tracing (a direct call is opaque to it: compiled calls take the op, see
+    :func:`op_unsupported_reason`), tiles of at most :data:`MAX_TILE` x :data:`MAX_TILE`, and the library
+    built: that last reason is an :class:`Unavailable`.
+
+    Decode runs the checks once per layer and token, so they are ordered to fail fast in training (the
+    gradient check first) and each costs well under a microsecond."""
+    if x is not None:
+        if _needs_grad(z, x, bias):
+            return "the call needs gradients (training), and the CPU path is forward-only"
+    elif weight_dtype != torch.float32:
+        return f"the CPU path builds fp32 weights, not {weight_dtype}"
+    if torch.compiler.is_compiling():
+        return "torch.compile is tracing, and a direct call of the CPU kernel is opaque to it"
+    reason = _common_reason(z, layer_map, x)
+    if reason is not None:
+        return reason
     if x is not None:
         rows = x.numel() // max(1, x.shape[-1])
         if rows > MAX_ROWS:
             return f"the CPU path takes at most {MAX_ROWS} rows per call, not {rows}"
-    tr, tc = layer_map.plan.tile
-    if tr > MAX_TILE or tc > MAX_TILE:
-        return f"the CPU path takes mapping tiles of at most {MAX_TILE}x{MAX_TILE}, not {tr}x{tc}"
     return unavailable_reason()
+
+
+@torch.compiler.assume_constant_result
+def _library_reason() -> str:
+    """:func:`unavailable_reason` as a constant for ``torch.compile`` (building the library is no graph
+    op); "" when the library is built."""
+    return unavailable_reason() or ""
+
+
+def op_unsupported_reason(
+    z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, x: torch.Tensor, bias: torch.Tensor | None
+) -> str | None:
+    """The gate for a call through the op (``torch.compile`` traces it; the kernel runs later): as
+    :func:`unsupported_reason` but for any number of rows (the op's CPU kernel builds W for more than
+    :data:`MAX_ROWS`), and traceable. The op has no CPU backward, so a call that needs gradients is refused."""
+    if _needs_grad(z, x, bias):
+        return "the call needs gradients (training), and the CPU path is forward-only"
+    reason = _common_reason(z, layer_map, x)
+    if reason is not None:
+        return reason
+    reason = _library_reason()
+    return Unavailable(reason) if reason else None
 
 
 def _z_struct(z: torch.Tensor | QuantizedZ) -> tuple[ZStruct, tuple[torch.Tensor, ...]]:
@@ -161,68 +211,118 @@ def dequantize(z: QuantizedZ, start: int = 0, n: int | None = None) -> torch.Ten
 
 
 def _prepared_args(
-    layer_map: LayerMapping, z: torch.Tensor | QuantizedZ, bias: torch.Tensor | None, dtype: torch.dtype
+    owner: dict,
+    geometry: Callable[[], Geometry],
+    z: torch.Tensor | QuantizedZ,
+    tile_slot: torch.Tensor | None,
+    tile_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
 ) -> ArgsStruct:
     """The call's constant arguments (pointers to z, the tables and the bias; geometry; hash constants),
-    built once per layer and cached on its :class:`LayerMapping`: decode calls every layer once per token,
-    and rebuilding them cost more than the GEMV of a small layer. The cache holds the tensors it points
-    into (so no pointer outlives its memory) and is keyed by their identity and address (``param.data =
-    ...``, as ``Module.to`` does, keeps the Parameter but moves its memory), and by the bias's version when
-    the bias is rounded into a copy (bf16/fp16 activations), so an in-place update is never missed.
+    built once per layer and cached in ``owner`` (its :class:`LayerMapping`'s ``__dict__`` for a direct
+    call, an entry keyed by the layer's ``tile_scale`` table for an op call): decode calls every layer once
+    per token, and rebuilding them cost more than the GEMV of a small layer. The cache holds the tensors it
+    points into (so no pointer outlives its memory) and is keyed by their identity and address
+    (``param.data = ...``, as ``Module.to`` does, keeps the Parameter but moves its memory), and by the
+    bias's version when the bias is rounded into a copy (bf16/fp16 activations), so an in-place update is
+    never missed. ``geometry`` is called on a miss only.
     """
     stored = (z.codes, z.scales) if isinstance(z, QuantizedZ) else (z, z)  # a packed z is rebuilt per read
     needs_copy = bias is not None and dtype != torch.float32
     key = (
         *stored,
         bias,
+        tile_slot,
+        tile_scale,
         dtype,
         stored[0].data_ptr(),
         stored[1].data_ptr(),
         bias.data_ptr() if bias is not None else 0,
         bias._version if needs_copy else 0,
     )
-    cached = layer_map.__dict__.get("_cpu_args")
-    if cached is not None and all(a is b for a, b in zip(cached[0][:3], key)) and cached[0][3:] == key[3:]:
+    cached = owner.get("_cpu_args")
+    if cached is not None and all(a is b for a, b in zip(cached[0][:5], key)) and cached[0][5:] == key[5:]:
         return cached[1]
-    spec, plan = layer_map.spec, layer_map.plan
+    geo = geometry()
     z_view, keep_alive = _z_struct(z)
-    scale = layer_map.tile_scale.contiguous()
-    slots = layer_map.tile_slot.contiguous() if plan.is_tiled else None
+    scale = tile_scale.contiguous()
+    slots = tile_slot.contiguous() if geo.tiled else None
     b = None
     if bias is not None:
         b = bias.detach().to(dtype).to(torch.float32).contiguous()
-    slot_a, slot_b = seed_constants(plan.seed, "slot")
-    sign_a, sign_b = seed_constants(plan.seed, "sign")
     rounding = _ROUNDING[dtype]
-    element_sign = plan.sign == "element"
-    tr, tc = plan.tile
     args = ArgsStruct(
         n_rows=0,
-        cols=spec.cols,
+        cols=geo.cols,
         z=z_view,
         tile_slot=slots.data_ptr() if slots is not None else None,
         tile_scale=scale.data_ptr(),
-        rows=spec.rows,
-        tr=tr,
-        tc=tc,
-        n_tr=spec.n_tile_rows(plan.tile),
-        n_tc=spec.n_tile_cols(plan.tile),
+        rows=geo.rows,
+        tr=geo.tile_rows,
+        tc=geo.tile_cols,
+        n_tr=geo.n_tile_rows,
+        n_tc=geo.n_tile_cols,
         # fp32 weights straight from (dequantised) fp32 tiles unless a sign, a hash or a rounding intervenes
-        build=int(rounding != 0 or element_sign or not plan.is_tiled or z_view.zkind != 0),
+        build=int(rounding != 0 or geo.element_sign or not geo.tiled or z_view.zkind != 0),
         rounding=rounding,
-        element_sign=int(element_sign),
-        tile_offset=spec.tile_offset,
-        segment_start=spec.segment_start,
-        segment_size=spec.segment_size,
-        slot_a=slot_a,
-        slot_b=slot_b,
-        sign_a=sign_a,
-        sign_b=sign_b,
+        element_sign=int(geo.element_sign),
+        tile_offset=geo.tile_offset,
+        segment_start=geo.seg_start,
+        segment_size=geo.seg_size,
+        slot_a=geo.slot_a,
+        slot_b=geo.slot_b,
+        sign_a=geo.sign_a,
+        sign_b=geo.sign_b,
         bias=b.data_ptr() if b is not None else None,
     )
     # the entry holds every tensor the pointers reach, so none is freed while the entry lives
-    layer_map.__dict__["_cpu_args"] = (key, args, (b, scale, slots, *keep_alive))
+    owner["_cpu_args"] = (key, args, (b, scale, slots, *keep_alive))
     return args
+
+
+def _layer_args(
+    layer_map: LayerMapping, z: torch.Tensor | QuantizedZ, bias: torch.Tensor | None, dtype: torch.dtype
+) -> ArgsStruct:
+    """:func:`_prepared_args` of a direct call, cached on the layer's mapping."""
+    return _prepared_args(
+        layer_map.__dict__,
+        lambda: Geometry.from_list(geometry_of(layer_map)),
+        z,
+        layer_map.tile_slot,
+        layer_map.tile_scale,
+        bias,
+        dtype,
+    )
+
+
+def _gemv(lib, x: torch.Tensor, args: ArgsStruct) -> torch.Tensor:
+    """The fused GEMV of at most :data:`MAX_ROWS` rows of ``x`` (any leading shape), in ``x.dtype``."""
+    x2 = x
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
+    n = x2.numel() // args.cols
+    y = torch.empty(x.shape[:-1] + (args.rows,), dtype=torch.float32)
+    if n == 0:
+        return y.to(x.dtype)
+    # a copy per call: concurrent callers never share one struct
+    args = ArgsStruct.from_buffer_copy(args)
+    args.x = x2.data_ptr()
+    args.n_rows = n
+    args.y = y.data_ptr()
+    args.threads = max(1, min(torch.get_num_threads(), n * args.rows * args.cols // PARALLEL_GRAIN))
+    if lib.hf_roast_gemv(ctypes.byref(args)) != 0:
+        raise ValueError(f"hf_roast CPU kernel refused {n} rows with a {args.tr}x{args.tc} tile.")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _build(lib, args: ArgsStruct, out: torch.Tensor) -> torch.Tensor:
+    """W (fp32, ``rows x cols``) into the contiguous ``out``, from arguments prepared for fp32 weights."""
+    args = ArgsStruct.from_buffer_copy(args)
+    args.threads = max(1, min(torch.get_num_threads(), args.rows * args.cols // PARALLEL_GRAIN))
+    if lib.hf_roast_build_weight(ctypes.byref(args), out.data_ptr()) != 0:
+        raise ValueError(f"hf_roast CPU kernel refused to build a weight with a {args.tr}x{args.tc} tile.")
+    return out
 
 
 def cpu_roast_linear(
@@ -231,23 +331,7 @@ def cpu_roast_linear(
     """``x W^T + b`` in ``x.dtype`` with W read tile by tile from z (float, or packed codes dequantised as
     they are read); no gradient. Check :func:`unsupported_reason` first."""
     lib = build.loaded_library()
-    spec = layer_map.spec
-    x2 = x
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.to(torch.float32).contiguous()
-    n = x2.numel() // spec.cols
-    y = torch.empty(x.shape[:-1] + (spec.rows,), dtype=torch.float32)
-    if n == 0:
-        return y.to(x.dtype)
-    # a copy per call: concurrent callers never share one struct
-    args = ArgsStruct.from_buffer_copy(_prepared_args(layer_map, z, bias, x.dtype))
-    args.x = x2.data_ptr()
-    args.n_rows = n
-    args.y = y.data_ptr()
-    args.threads = max(1, min(torch.get_num_threads(), n * spec.rows * spec.cols // PARALLEL_GRAIN))
-    if lib.hf_roast_gemv(ctypes.byref(args)) != 0:
-        raise ValueError(f"hf_roast CPU kernel refused {n} rows with a {args.tr}x{args.tc} tile.")
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    return _gemv(lib, x, _layer_args(layer_map, z, bias, x.dtype))
 
 
 def build_weight(z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, out: torch.Tensor) -> torch.Tensor:
@@ -260,10 +344,72 @@ def build_weight(z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, out: tor
     if out.shape != (spec.rows, spec.cols) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"build_weight needs a contiguous fp32 {spec.rows}x{spec.cols} output.")
     lib = build.loaded_library()
-    args = ArgsStruct.from_buffer_copy(_prepared_args(layer_map, z, None, torch.float32))
-    args.threads = max(1, min(torch.get_num_threads(), spec.rows * spec.cols // PARALLEL_GRAIN))
-    if lib.hf_roast_build_weight(ctypes.byref(args), out.data_ptr()) != 0:
-        raise ValueError(
-            f"hf_roast CPU kernel refused to build {spec.name}'s weight ({args.tr}x{args.tc} tile)."
+    return _build(lib, _layer_args(layer_map, z, None, torch.float32), out)
+
+
+# --------------------------------------------------------------------------------------------------
+# The CPU implementation of the ops hf_roast::roast_linear and roast_linear_packed.
+# --------------------------------------------------------------------------------------------------
+_OP_ARGS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""Prepared arguments of op calls, by the layer's ``tile_scale`` table (the op gets no LayerMapping); an
+entry goes with its table."""
+
+kernel_calls = {"gemv": 0, "weight": 0}
+"""How often the op's CPU kernel ran the GEMV and the W build: tests check that torch ran this kernel."""
+
+
+def _op_linear(
+    x: torch.Tensor,
+    z: torch.Tensor | QuantizedZ,
+    bias: torch.Tensor | None,
+    tile_slot: torch.Tensor | None,
+    tile_scale: torch.Tensor,
+    geometry: list[int],
+) -> torch.Tensor:
+    """``x W^T + b`` for an op call: the GEMV for at most :data:`MAX_ROWS` rows, else W built in one pass and
+    one GEMM (``F.linear``, as the PyTorch path runs it on CPU with this W: the same values). Raises, never
+    guesses, for a call the kernel cannot read (dispatch routes those to the PyTorch path)."""
+    reason = _z_reason(z) or _tile_reason((int(geometry[2]), int(geometry[3])))
+    if reason is None and (not x.is_cpu or x.dtype not in CPU_DTYPES):
+        reason = (
+            f"the CPU kernel takes float32, bfloat16 or float16 CPU activations, not {x.dtype} on {x.device}"
         )
-    return out
+    if reason is not None:
+        raise RuntimeError(
+            f"hf_roast::roast_linear on CPU: {reason}. Call it through hf_roast's layers instead."
+        )
+    lib = build.loaded_library()
+    owner = _OP_ARGS.get(tile_scale)
+    if owner is None:
+        owner = _OP_ARGS[tile_scale] = {}
+    rows, cols = int(geometry[0]), int(geometry[1])
+    if x.shape[-1] != cols:
+        raise ValueError(
+            f"hf_roast::roast_linear: the input has {x.shape[-1]} features, the layer takes {cols}."
+        )
+
+    def geo() -> Geometry:
+        return Geometry.from_list(geometry)
+
+    if x.numel() // max(1, cols) <= MAX_ROWS:
+        kernel_calls["gemv"] += 1
+        return _gemv(lib, x, _prepared_args(owner, geo, z, tile_slot, tile_scale, bias, x.dtype))
+    kernel_calls["weight"] += 1
+    args = _prepared_args(owner, geo, z, tile_slot, tile_scale, None, torch.float32)
+    w = _build(lib, args, torch.empty(rows, cols, dtype=torch.float32)).to(x.dtype)
+    return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+
+def linear_kernel(x, z, bias, tile_slot, tile_scale, scaler_inv, geometry) -> torch.Tensor:
+    """The CPU kernel of ``hf_roast::roast_linear`` (forward only: the op has no CPU backward)."""
+    return _op_linear(x, z, bias, tile_slot, tile_scale, geometry)
+
+
+def linear_packed_kernel(x, codes, scales, bias, tile_slot, tile_scale, geometry, zformat) -> torch.Tensor:
+    """The CPU kernel of ``hf_roast::roast_linear_packed``: z as int8 / 4-bit codes and group scales."""
+    z = QuantizedZ(codes, scales, int(zformat[0]), int(zformat[1]))
+    return _op_linear(x, z, bias, tile_slot, tile_scale, geometry)
+
+
+KERNELS = {"roast_linear": linear_kernel, "roast_linear_packed": linear_packed_kernel}
+"""The ops this backend implements for CPU tensors, by name (registered by hf_roast.backends.cpu_kernels)."""

@@ -20,6 +20,11 @@ def _triton_installed() -> bool:
     return _TRITON_INSTALLED
 
 
+def triton_installed() -> bool:
+    """Whether triton can be imported (found once, at import)."""
+    return _triton_installed()
+
+
 def interpreter_active() -> bool:
     """Whether the kernels run under the Triton interpreter (on CPU tensors).
 

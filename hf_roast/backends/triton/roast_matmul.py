@@ -25,15 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_roast.mapping import (
-    MappingPlan,
-    ModuleSpec,
-    is_tiled_mapper,
-    scaler_unit,
-    seed_constants,
-    tiles_along,
-)
-from hf_roast.vocab import MAPPER_IDS, MAPPERS, SIGN_IDS
+from hf_roast.backends.geometry import Geometry  # absolute: the package may be imported under another name
+from hf_roast.mapping import tiles_along
+from hf_roast.vocab import MAPPER_IDS, SIGN_IDS
 
 from .launch import Blocks, device_target, embedding_blocks, table_blocks
 from .mapping_jit import (
@@ -61,76 +55,6 @@ _NO_SPECIALIZE = [
     "sign_b",
     "n_tile_cols",
 ]
-
-
-@torch.compiler.assume_constant_result
-def _hash_constants(seed: int) -> tuple[int, int, int, int]:
-    """Seeded slot and sign constants. SHA-256 is opaque to torch.compile: it folds the result instead."""
-    return (*seed_constants(seed, "slot"), *seed_constants(seed, "sign"))
-
-
-# --------------------------------------------------------------------------------------------------
-# Geometry: the plain ints a kernel needs to locate a module's weights (custom ops take no objects).
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Geometry:
-    """One module's mapping as scalars: shape, tile, mapper, sign and the seeded hash constants."""
-
-    rows: int
-    cols: int
-    tile_rows: int
-    tile_cols: int
-    mapper: int
-    sign: int
-    tile_offset: int
-    seg_start: int
-    seg_size: int
-    slot_a: int
-    slot_b: int
-    sign_a: int
-    sign_b: int
-
-    @classmethod
-    def of(cls, plan: MappingPlan, spec: ModuleSpec) -> Geometry:
-        slot_a, slot_b, sign_a, sign_b = _hash_constants(plan.seed)
-        return cls(
-            spec.rows, spec.cols, plan.tile[0], plan.tile[1], MAPPER_IDS[plan.mapper], SIGN_IDS[plan.sign],
-            spec.tile_offset, spec.segment_start, spec.segment_size, slot_a, slot_b, sign_a, sign_b,
-        )  # fmt: skip
-
-    def as_list(self) -> list[int]:
-        return [getattr(self, f) for f in self.__dataclass_fields__]
-
-    @classmethod
-    def from_list(cls, values: list[int]) -> Geometry:
-        return cls(*(int(v) for v in values))
-
-    # the plan's own formulas, on this geometry's scalars (custom ops pass ints, not plans)
-    @property
-    def tiled(self) -> bool:
-        return is_tiled_mapper(MAPPERS[self.mapper])
-
-    @property
-    def hashed(self) -> bool:
-        """Whether the kernels hash every weight (element signs, hashednet): the launch table's "-hashed" class."""
-        return not self.tiled or self.sign == SIGN_IDS["element"]
-
-    @property
-    def n_tile_cols(self) -> int:
-        return tiles_along(self.cols, self.tile_cols)
-
-    @property
-    def scaler_unit(self) -> int:
-        """z elements per entry of ``scaler_inv``: a slot tile for tile mappers, one element for hashednet."""
-        return scaler_unit(MAPPERS[self.mapper], (self.tile_rows, self.tile_cols))
-
-    def kernel_args(self) -> dict[str, int]:
-        return dict(
-            n_rows=self.rows, n_cols=self.cols, n_tile_cols=self.n_tile_cols, tile_offset=self.tile_offset,
-            seg_start=self.seg_start, seg_size=self.seg_size, slot_a=self.slot_a, slot_b=self.slot_b,
-            sign_a=self.sign_a, sign_b=self.sign_b, TR=self.tile_rows, TC=self.tile_cols,
-            MAPPER=self.mapper, SIGN=self.sign,
-        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
