@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from .cpu import ops as cpu
-from .custom_ops import SCHEMAS, has_kernel, qualname
+from .custom_ops import SCHEMAS, qualname, register_kernels
 from .triton import available
 
 
@@ -56,20 +56,7 @@ def _kernel(name: str) -> Callable[..., torch.Tensor]:
     return kernel
 
 
-_LIBRARY: torch.library.Library | None = None
-
-
-def _register() -> None:
-    """Register one CPU kernel per op, once per process."""
-    global _LIBRARY
-    if all(has_kernel(name, "CPU") for name in SCHEMAS):
-        return
-    _LIBRARY = torch.library.Library("hf_roast", "FRAGMENT")
-    for name in SCHEMAS:
-        torch.library.register_kernel(qualname(name), "cpu", _kernel(name), lib=_LIBRARY)
-
-
-_register()
+register_kernels("cpu", {name: _kernel(name) for name in SCHEMAS})
 
 
 def cpu_op_reason(z, layer_map, x: torch.Tensor, bias: torch.Tensor | None) -> str | None:

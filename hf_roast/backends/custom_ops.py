@@ -68,6 +68,21 @@ def has_kernel(name: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(qualname(name), dispatch_key)
 
 
+_LIBRARIES: list[torch.library.Library] = []
+"""The libraries holding the registered kernels: a kernel lives as long as its library object."""
+
+
+def register_kernels(device: str, kernels: dict) -> None:
+    """Register one kernel per op (``kernels``: op name -> callable) for ``device`` ("cpu", "cuda"), once per
+    process: a second call (the same backend imported again under another module name) registers nothing."""
+    if all(has_kernel(name, device.upper()) for name in kernels):
+        return
+    library = torch.library.Library(NAMESPACE, "FRAGMENT")
+    for name, kernel in kernels.items():
+        torch.library.register_kernel(qualname(name), device, kernel, lib=library)
+    _LIBRARIES.append(library)
+
+
 # --------------------------------------------------------------------------------------------------
 # Fake implementations: shapes and dtypes only (meta device, FakeTensor, torch.compile tracing).
 # --------------------------------------------------------------------------------------------------

@@ -17,9 +17,8 @@ from hf_roast.backends.custom_ops import (
     SCHEMAS,
     call_embedding,
     call_linear,
-    has_kernel,
     ops_registered,
-    qualname,
+    register_kernels,
 )
 from hf_roast.backends.geometry import Geometry, geometry_of
 from hf_roast.backends.triton.available import triton_unavailable_reason
@@ -115,20 +114,7 @@ IMPLS = {
 """The kernels by op name, in the ops' argument order."""
 assert IMPLS.keys() == SCHEMAS.keys()
 
-_LIBRARY: torch.library.Library | None = None
-
-
-def _register() -> None:
-    """Register the kernels for CUDA, once per process."""
-    global _LIBRARY
-    if all(has_kernel(name, "CUDA") for name in IMPLS):
-        return
-    _LIBRARY = torch.library.Library("hf_roast", "FRAGMENT")
-    for name, impl in IMPLS.items():
-        torch.library.register_kernel(qualname(name), "cuda", impl, lib=_LIBRARY)
-
-
-_register()
+register_kernels("cuda", IMPLS)
 
 
 # --------------------------------------------------------------------------------------------------
