@@ -74,6 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="From scratch, breadth first: each pass trains at most this many new rates per arm (the first rates "
         "of its grid), and passes repeat until every grid is done.",
     )
+    p.add_argument(
+        "--rate-from-partial",
+        action="store_true",
+        help="From scratch: a second seed whose grid_from arm is unfinished takes the best rate that arm has "
+        "finished so far (recorded in the result and flagged in the report) instead of waiting for it.",
+    )
     p.add_argument("--summary-only", action="store_true", help="Only rebuild results.json / .md / .png.")
     return p.parse_args(argv)
 
@@ -99,7 +105,7 @@ def _reuse_base_lr(arm, folder: Path):
     return arm
 
 
-def _reuse_method_lr(arm, folder: Path, mode: str):
+def _reuse_method_lr(arm, folder: Path, mode: str, partial_ok: bool = False):
     """From-scratch arms without a grid take their rate from their method's grid arm (same protocol): the grid
     at the arm's own compression where there is one (a longer budget, another seed or mapper), else the grid at
     8x (or dense's). An arm of the same budget takes the rate the grid chose; an arm of a longer budget searches
@@ -111,7 +117,7 @@ def _reuse_method_lr(arm, folder: Path, mode: str):
     if arm.lrs:
         return arm
     if arm.grid_from:
-        return _rates_of(arm, folder / f"{arm.grid_from}.json", arm.grid_from, steps_of_grid=None)
+        return _rates_of(arm, folder / f"{arm.grid_from}.json", arm.grid_from, None, partial_ok)
     key = (arm.method, arm.rest_lr, arm.module_balance)
     grid_arms = [
         a
@@ -130,17 +136,26 @@ def _reuse_method_lr(arm, folder: Path, mode: str):
     return _rates_of(arm, path, source.name, source.steps)
 
 
-def _rates_of(arm, path: Path, source: str, steps_of_grid: int | None):
-    """The grid's choice on the same budget, else its two best rates on validation."""
+def _rates_of(arm, path: Path, source: str, steps_of_grid: int | None, partial_ok: bool = False):
+    """The grid's choice on the same budget, else its two best rates on validation.
+
+    With ``partial_ok`` an arm of the same budget (another seed) whose source is unfinished takes the best rate
+    on validation among those the source finished, and records so (``Arm.rate_from_partial``): a second seed
+    can start before the first seed's second rate has trained."""
     from dataclasses import replace
 
     if not path.is_file():
         raise FileNotFoundError(f"{arm.name} takes its learning rate from {source}: run that arm first.")
     chosen = json.loads(path.read_text())
-    if chosen.get("complete") is False:
-        raise FileNotFoundError(f"{arm.name} takes its learning rate from {source}, which is unfinished.")
     if steps_of_grid is None:
         steps_of_grid = chosen["setup"]["steps"]
+    if chosen.get("complete") is False:
+        same_budget = (arm.steps or 0) <= (steps_of_grid or 0)
+        if not (partial_ok and same_budget):
+            raise FileNotFoundError(f"{arm.name} takes its learning rate from {source}, which is unfinished.")
+        done = len([r for r in chosen["lr_search"] if not r.get("diverged")])
+        of = len(chosen["arm"]["lrs"] or ())
+        return replace(arm, lrs=(chosen["selected_lr"],), rate_from_partial=f"{done} of {of} rates")
     if (arm.steps or 0) <= (steps_of_grid or 0):
         return replace(arm, lrs=(chosen["selected_lr"],))
     runs = [r for r in chosen["lr_search"] if not r.get("diverged")]
@@ -222,7 +237,7 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> bool:
             from benchmarks.harness.scratch import run_scratch_arm, up_to_date
 
             try:
-                arm = _reuse_method_lr(arm, folder, mode)
+                arm = _reuse_method_lr(arm, folder, mode, args.rate_from_partial)
             except FileNotFoundError as missing:
                 if experiment == "scratch":
                     raise

@@ -70,6 +70,9 @@ class Arm:
     # from scratch, an arm without ``lrs``: the arm whose grid gives its rate (the grid's choice on the same
     # budget, its two best on a longer one); None: its method's grid at its compression, else at 8x
     grid_from: str | None = None
+    # set by the harness, not by hand: the rate came from an unfinished grid_from arm (``--rate-from-partial``),
+    # the best on validation among the rates it had finished, e.g. "1 of 2 rates"
+    rate_from_partial: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
