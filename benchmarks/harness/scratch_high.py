@@ -61,6 +61,8 @@ def load(results_dir: Path) -> list[dict]:
                 "lrs": [r["lr"] for r in result["lr_search"]],
                 "rates_trained": trained,
                 "rates_planned": trained if result.get("complete") is not False else len(arm["lrs"] or ()),
+                # another seed's rate, chosen before that seed's long arm had trained all its rates
+                "rate_from_partial": arm.get("rate_from_partial"),
                 "projection_bytes": result["storage"]["target_bytes"],
                 "model_bytes": result["storage"]["model_bytes"],
                 "training_memory": result["storage"].get("training_memory", {}),

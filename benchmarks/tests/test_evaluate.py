@@ -577,6 +577,37 @@ def test_scratch_arms_without_a_grid_take_the_rate_of_their_compressions_grid(tm
         _reuse_method_lr(arms["narrower-32x-split-1200steps"], tmp_path, "default")
 
 
+def test_a_second_seed_waits_for_an_unfinished_first_seed_unless_told_to_take_its_best_rate_so_far(tmp_path):
+    """A breadth-first sweep leaves the first seed's long arm between rates; ``--rate-from-partial`` lets the
+    second seed train at the best rate finished so far and records that, a longer budget never does."""
+    from benchmarks.evaluate import _reuse_method_lr
+    from benchmarks.harness.experiments import scratch_high_arms
+
+    arms = {a.name: a for _, a in scratch_high_arms("default")}
+    first = arms["roast-stable-256x-t8-bal-4800steps"]
+    runs = [{"lr": 1e-3, "val_bits_per_byte": 2.7}, {"lr": 3e-3, "val_bits_per_byte": 2.6}]
+    partial = {
+        "selected_lr": 3e-3,
+        "lr_search": runs,
+        "complete": False,
+        "setup": {"steps": 4800},
+        "arm": {"lrs": [3e-3, 1e-3, 1e-2]},
+    }
+    (tmp_path / f"{first.name}.json").write_text(json.dumps(partial))
+    second = arms["roast-stable-256x-t8-bal-seed1-4800steps"]
+    with pytest.raises(FileNotFoundError, match="unfinished"):
+        _reuse_method_lr(second, tmp_path, "default")
+    taken = _reuse_method_lr(second, tmp_path, "default", partial_ok=True)
+    assert taken.lrs == (3e-3,) and taken.rate_from_partial == "2 of 3 rates"
+    (tmp_path / f"{first.name}.json").write_text(json.dumps({**partial, "complete": True}))
+    assert _reuse_method_lr(second, tmp_path, "default", partial_ok=True).rate_from_partial is None
+    # an unfinished grid never feeds a longer budget: its two best rates are not known yet
+    grid = arms["roast-stable-256x-t8-bal-1200steps"]
+    (tmp_path / f"{grid.name}.json").write_text(json.dumps({**partial, "setup": {"steps": 1200}}))
+    with pytest.raises(FileNotFoundError, match="unfinished"):
+        _reuse_method_lr(first, tmp_path, "default", partial_ok=True)
+
+
 def test_schedule_table_compares_each_schedule_with_dense_trained_as_long():
     from benchmarks.harness.results import schedule_table
 
