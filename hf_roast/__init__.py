@@ -6,6 +6,7 @@ from .mapping import MAPPING_VERSION, MappingPlan
 from .model import RoastModel, get_roast_model
 from .optim import RoastRecipe, create_roast_optimizer
 from .quantizer import RoastQuantizationConfig  # registers quant_method "roast" with transformers
+from .sliceout import SliceOut, enable_sliceout
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,10 @@ def __getattr__(name: str):
         from .optim import roast_trainer_class
 
         return roast_trainer_class(DistillationTrainer)
+    if name == "SliceOutCallback":
+        from .optim import sliceout_callback_class
+
+        return sliceout_callback_class()
     if name in ("recover", "RecoveryReport"):  # lazy too: recovery imports the distillation trainer
         from . import recovery
 
@@ -45,7 +50,10 @@ __all__ = [
     "RoastRecipe",
     "RoastStore",
     "RoastTrainer",
+    "SliceOut",
+    "SliceOutCallback",
     "create_roast_optimizer",
+    "enable_sliceout",
     "get_roast_model",
     "recover",
 ]

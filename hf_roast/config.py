@@ -17,11 +17,16 @@ from .vocab import (
     MAPPING_VERSION,
     SCALERS,
     SIGNS,
+    SLICEOUT_MODES,
     Z_BITS,
     Z_INT_BITS,
     check_choice,
     check_mapping_version,
 )
+
+TRAINING_ONLY = ("sliceout_keep", "sliceout_mode", "sliceout_seed")
+"""Fields that only change how a training step computes, never the weights: not stored in checkpoints (a loaded
+model has their defaults; set them again to keep training with them)."""
 
 
 @dataclass
@@ -106,6 +111,34 @@ class RoastConfig:
             "summed (one running scalar per module). Under Adam a shared slot otherwise steps for whichever module "
             "has the largest gradients there, and modules with small ones (attention queries and keys) barely "
             "train. Not part of the mapping or the checkpoint's weights. See hf_roast.balance."
+        },
+    )
+    sliceout_keep: float = field(
+        default=1.0,
+        metadata={
+            "help": "Training only: SliceOut. The fraction in (0, 1] of each block's units (whole attention heads "
+            "with their key/value heads; tile-aligned blocks of MLP units) that a training step computes: the "
+            "dropped units' tile rows of q/k/v/gate/up and tile columns of o/down are never read from z, "
+            "multiplied or given a gradient, and o/down rescale what they sum by (units / kept units), like "
+            "dropout. 1.0: off, bit for bit the model without it. model.eval() always runs the full model. "
+            "Llama-style blocks (q/k/v/o_proj, gate/up/down_proj) with sign 'tile' or 'none' and a tile mapper. "
+            "Not stored in checkpoints. See hf_roast.sliceout."
+        },
+    )
+    sliceout_mode: str = field(
+        default="random",
+        metadata={
+            "help": "Training only: which units SliceOut keeps each step: 'random' (a uniform subset, unbiased "
+            "after the rescale) or 'contiguous' (one run of units at a uniform start, as the SliceOut paper; "
+            "units near the ends are kept less often). Not stored in checkpoints."
+        },
+    )
+    sliceout_seed: int = field(
+        default=0,
+        metadata={
+            "help": "Training only: seed of SliceOut's masks; the mask of a block at a step is a function of "
+            "(seed, step, block), so a recomputed forward (gradient checkpointing) drops the same units. "
+            "Not stored in checkpoints."
         },
     )
     dtype: str = field(
@@ -224,7 +257,27 @@ class RoastConfig:
         self._check_z_bits()
         if not isinstance(self.module_balance, bool):
             raise ValueError(f"module_balance must be True or False, got {self.module_balance!r}.")
+        self._check_sliceout()
         check_mapping_version(self.mapping_version)
+
+    def _check_sliceout(self) -> None:
+        """sliceout_keep in (0, 1], a known sliceout_mode, a non-negative int sliceout_seed."""
+        keep = self.sliceout_keep
+        if (
+            isinstance(keep, bool)
+            or not isinstance(keep, (int, float))
+            or not math.isfinite(keep)
+            or not 0.0 < keep <= 1.0
+        ):
+            raise ValueError(
+                f"sliceout_keep must be a fraction in (0, 1] (1.0: SliceOut off; 0.5 computes half of each "
+                f"block's units per training step), got {keep!r}."
+            )
+        self.sliceout_keep = float(keep)
+        check_choice("sliceout_mode", self.sliceout_mode, SLICEOUT_MODES)
+        seed = self.sliceout_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"sliceout_seed must be an int in [0, 2**63), got {seed!r}.")
 
     def _check_compression_pattern(self) -> None:
         """A dict (or the stored list of [key, compression] pairs) of regex keys to compressions >= 1."""
@@ -312,7 +365,11 @@ class RoastConfig:
         return getattr(torch, self.dtype)
 
     def to_dict(self) -> dict:
+        """The stored form (``roast_config.json``). Training-time options (:data:`TRAINING_ONLY`) are left
+        out: they do not change the weights, so a checkpoint is the same file with or without them."""
         d = asdict(self)
+        for name in TRAINING_ONLY:
+            d.pop(name)
         d["tile"] = list(self.tile)
         if self.compression_pattern:  # pairs: JSON writers sort keys, and the order decides the first match
             d["compression_pattern"] = [[k, v] for k, v in self.compression_pattern.items()]

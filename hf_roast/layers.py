@@ -344,6 +344,12 @@ class RoastLinear(RoastLayer):
         store = self._roast_store
         if store.module_balance or store._module_views is not None:
             z = store.balanced_z(z, self.spec.name)
+        # SliceOut (hf_roast.sliceout) attaches a site to the layers of a block; eval mode never slices
+        site = self.__dict__.get("_sliceout")
+        if site is not None and self.training:
+            y = site.linear(x, z, bias, self.layer_mapping(), store.backend)
+            if y is not None:
+                return y
         return roast_linear(x, z, bias, self.layer_mapping(), store.backend)
 
     def extra_repr(self) -> str:

@@ -38,7 +38,7 @@ import hashlib
 import json
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -560,3 +560,38 @@ class LayerMapping:
         """Fresh tables for ``spec`` on ``device``, without a gradient scaler (initialisation, calibration)."""
         slots = plan.tile_slots(spec, device) if plan.is_tiled else None
         return cls(plan, spec, slots, plan.tile_scales(spec, device), None)
+
+    def select_tiles(self, axis: str, tiles: torch.Tensor | slice, length: int) -> LayerMapping:
+        """The mapping of the sub-matrix of W made of some whole tile rows (``axis="rows"``) or tile columns
+        (``"cols"``), in increasing order: SliceOut's compacted tables (:mod:`hf_roast.sliceout`).
+
+        Every tile is read from its own span of z through ``tile_slot``, so keeping any set of tile rows costs
+        the same as a contiguous block: the sub-mapping is the same slots and scales, gathered, and a spec of
+        the kept size. Every execution path reads a tile through these tables alone, so it computes exactly
+        the kept part of W, and the adjoint scatters into the kept tiles' slots only.
+
+        ``tiles``: the kept tile indices along ``axis`` (an increasing int64 tensor on the tables' device, or
+        a slice); ``length``: the rows (columns) they hold, the partial last tile's padding excluded (the caller
+        knows it without reading a device tensor). The spec's ``tile_offset`` does not locate a subset's tiles,
+        so the formulas that hash positions from it (element signs, hashednet) are refused.
+        """
+        plan, spec = self.plan, self.spec
+        if not plan.is_tiled or plan.sign == "element":
+            raise ValueError(
+                f"{spec.name}: a subset of tiles is read through the tile tables only, which needs a tile "
+                f"mapper ('stable' or 'roast') and sign 'tile' or 'none' (got mapper={plan.mapper!r}, "
+                f"sign={plan.sign!r})."
+            )
+        n_tr, n_tc = spec.n_tile_rows(plan.tile), spec.n_tile_cols(plan.tile)
+        tables = []
+        for table in (self.tile_slot, self.tile_scale):
+            grid = table.view(n_tr, n_tc)
+            if axis == "rows":
+                part = grid[tiles] if isinstance(tiles, slice) else grid.index_select(0, tiles)
+            elif axis == "cols":
+                part = grid[:, tiles] if isinstance(tiles, slice) else grid.index_select(1, tiles)
+            else:
+                raise ValueError(f"axis must be 'rows' or 'cols', got {axis!r}.")
+            tables.append(part.reshape(-1))
+        sub = replace(spec, rows=length) if axis == "rows" else replace(spec, cols=length)
+        return replace(self, spec=sub, tile_slot=tables[0], tile_scale=tables[1])

@@ -17,6 +17,7 @@ from .config import RoastConfig
 from .layers import RoastLayer, RoastStore, roast_layers
 from .quantizer import save_roast_model
 from .report import compression_report, unique_parameters
+from .sliceout import enable_sliceout
 
 
 def get_roast_model(
@@ -34,6 +35,7 @@ def get_roast_model(
     When given, the projection keeps best what the data reads: ``calibration="output"`` (default)
     minimises each layer's output error on those inputs, ``"diagonal"`` weights each input column by its
     mean squared activation (as AWQ / ASVD). See :mod:`hf_roast.calibration`.
+    ``config.sliceout_keep < 1`` switches SliceOut on for training (:func:`hf_roast.sliceout.enable_sliceout`).
     """
     config = config or RoastConfig()
     compress_model(
@@ -43,6 +45,8 @@ def get_roast_model(
         calibration_data=calibration_data,
         calibration=calibration,
     )
+    if config.sliceout_keep < 1.0:
+        enable_sliceout(model, config.sliceout_keep, config.sliceout_mode, config.sliceout_seed)
     return RoastModel(model, config)
 
 

@@ -210,3 +210,31 @@ def roast_trainer_class(base: type | None = None) -> type:
     if base is not Trainer:
         RoastTrainer.__name__ = RoastTrainer.__qualname__ = f"Roast{base.__name__}"
     return RoastTrainer
+
+
+@functools.cache
+def sliceout_callback_class() -> type:
+    """``SliceOutCallback``, a ``transformers.TrainerCallback`` (built on first use: importing transformers'
+    trainer modules costs seconds, and ``import hf_roast`` should not)."""
+    from transformers import TrainerCallback
+
+    from .sliceout import enable_sliceout
+
+    class SliceOutCallback(TrainerCallback):
+        """Sets SliceOut's keep fraction before every optimizer step of a ``transformers.Trainer``.
+
+        ``keep``: a fraction in (0, 1], or ``keep(step, max_steps) -> fraction`` for a schedule (e.g. return
+        1.0 for the last steps so training ends on the full model). ``mode`` and ``seed`` as
+        :class:`~hf_roast.config.RoastConfig`'s ``sliceout_mode`` / ``sliceout_seed``. Evaluation runs the full
+        model regardless (the Trainer evaluates in eval mode)."""
+
+        def __init__(self, keep=0.5, mode: str = "random", seed: int = 0):
+            self.keep, self.mode, self.seed = keep, mode, seed
+
+        def keep_at(self, step: int, max_steps: int) -> float:
+            return float(self.keep(step, max_steps)) if callable(self.keep) else self.keep
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            enable_sliceout(model, self.keep_at(state.global_step, state.max_steps), self.mode, self.seed)
+
+    return SliceOutCallback

@@ -31,6 +31,9 @@ Z_BITS = (32, 16, 8, 4)
 """Bits per stored value of z: 32 and 16 are floats (``dtype``); 8 and 4 are integers with a scale per group."""
 Z_INT_BITS = (8, 4)
 """The integer grids of z (see :mod:`hf_roast.quant`)."""
+SLICEOUT_MODES = ("random", "contiguous")
+"""Which tile-aligned units SliceOut keeps in a training step (see :mod:`hf_roast.sliceout`): a random subset,
+or one contiguous run at a random start."""
 CALIBRATIONS = ("output", "diagonal")
 """How calibration data weights the pretrained projection (see :mod:`hf_roast.calibration`)."""
 ENV_BACKEND = "HF_ROAST_BACKEND"

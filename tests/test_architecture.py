@@ -34,7 +34,7 @@ LAYERS = {
         "backends.triton.*",
     ],
     4: ["backends.dispatch", "backends.cpu_kernels"],
-    5: ["layers", "balance"],
+    5: ["layers", "balance", "sliceout"],
     6: ["targets", "initialization", "calibration", "compress", "report"],
     7: ["checkpoint", "checkpoint.*", "quantizer"],
     8: ["model", "optim", "distill", "recovery"],
