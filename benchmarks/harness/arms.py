@@ -73,6 +73,10 @@ class Arm:
     # set by the harness, not by hand: the rate came from an unfinished grid_from arm (``--rate-from-partial``),
     # the best on validation among the rates it had finished, e.g. "1 of 2 rates"
     rate_from_partial: str | None = None
+    # roast from scratch: SliceOut (RoastConfig.sliceout_keep / sliceout_mode): the fraction of each block's units
+    # a training step computes; validation and held-out scoring run the full model
+    sliceout_keep: float = 1.0
+    sliceout_mode: str = "random"
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -191,6 +191,11 @@ SCRATCH_QUICK_RATES = {"roast": 1e-3, "narrower": 1e-3, "prune": 3e-3}
 these three 4x arms at them instead of searching)."""
 
 
+SLICEOUT_EQUAL_TIME_STEPS = 1500
+"""Steps of keep 0.75 that cost what 1,200 steps of keep 1 cost: 1,200 x the step-time ratio measured by
+``python -m benchmarks.sliceout_step`` (docs/results.md, SliceOut)."""
+
+
 def _scratch(method: str, c: float, steps: int, mapper="stable", lrs=None, suffix="", **kw) -> Arm:
     tags = {"roast": f"roast-{mapper}", "narrower": "narrower", "prune": "prune-init", "dense": "dense"}
     name = (
@@ -208,6 +213,7 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
     if mode == "tiny":
         arms = [(1, _scratch(m, 4, 8, lrs=(3e-3,))) for m in ("dense", "roast", "narrower", "prune")]
         arms += [(2, _scratch("roast", 4, 8, lrs=(3e-3,), scaler="none", tile=(8, 8), suffix="-v"))]
+        arms += [(2, _scratch("roast", 4, 8, lrs=(3e-3,), tile=(8, 8), sliceout_keep=0.5, suffix="-keep0.5"))]
         return arms + [
             (2, _scratch(m, 4, 8, lrs=(1e-3,), rest_lr=3e-3, suffix="-split")) for m in ("roast", "prune")
         ]
@@ -262,6 +268,12 @@ def scratch_arms(mode: str) -> list[tuple[int, Arm]]:
         for c in (8, 32, 4, 16)
         for mp in ("roast", "hashednet")
     ]
+    # SliceOut at keep 0.75 (RoastConfig.sliceout_keep) against roast-stable-16x-bal-split-1200steps, at that
+    # arm's rate: the same steps, and the steps its training time buys at the step-time ratio that
+    # ``python -m benchmarks.sliceout_step`` measures (SLICEOUT_EQUAL_TIME_STEPS)
+    keep = {**balanced, "lrs": (3e-3,), "sliceout_keep": 0.75}
+    for steps in (long, SLICEOUT_EQUAL_TIME_STEPS):
+        arms += [(3, _scratch("roast", 16, steps, **{**keep, "suffix": "-bal-split-keep0.75"}))]
     # what the papers vary: the mapper, the gradient scaler, the tile
     arms += [(2, _scratch("roast", 8, short, mapper=mp)) for mp in ("roast", "hashednet")]
     arms += [(2, _scratch("roast", 8, short, scaler=sc, suffix=f"-{sc}scaler")) for sc in ("v1", "none")]

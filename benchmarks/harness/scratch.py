@@ -163,6 +163,9 @@ def build_scratch_model(arm: Arm, setup: ScratchSetup) -> tuple[nn.Module, dict]
         scaler=arm.scaler,
         tile=arm.tile,
         module_balance=arm.module_balance,
+        sliceout_keep=arm.sliceout_keep if arm.method == "roast" else 1.0,
+        sliceout_mode=arm.sliceout_mode,
+        sliceout_seed=arm.seed,
     )
     storage: dict = {"dense_target_values": dense_values, "dense_target_bytes": 4 * dense_values}
     if arm.method == "narrower":
