@@ -70,6 +70,8 @@ def _variant(arm: dict, experiment: str = "classification") -> str:
         parts.append("calibrated init")
     if arm.get("module_balance"):
         parts.append(BALANCE_TAG)
+    if arm.get("sliceout_keep", 1.0) != 1.0:  # a training option: its own row, never a seed of keep 1
+        parts.append(f"SliceOut keep {arm['sliceout_keep']:g} ({arm.get('sliceout_mode', 'random')})")
     if arm.get("scaler", "v5") != "v5":
         parts.append(f"scaler {arm['scaler']}")
     if list(arm.get("tile", (32, 32))) != [32, 32]:

@@ -689,6 +689,11 @@ def test_scaler_and_tile_variants_are_not_the_base_arm():
         _variant({"rest_lr": 0.01, "steps": 300}, "scratch")
         == "projections' rate searched, the rest at 0.01, 300 steps"
     )
+    # SliceOut arms are their own rows, never averaged with keep 1 as if they were its seeds
+    assert (
+        _variant({"sliceout_keep": 0.75, "sliceout_mode": "random", "steps": 1200}, "scratch")
+        == "SliceOut keep 0.75 (random), 1200 steps"
+    )
 
 
 def test_per_module_budget_arms_store_exactly_what_the_plain_arm_stores():
