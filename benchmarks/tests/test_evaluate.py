@@ -389,6 +389,7 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
         BASELINE_LR,
         RECIPE_LR,
         SCRATCH_REST_LR,
+        SLICEOUT_EQUAL_TIME_STEPS,
         classification_arms,
         scratch_arms,
     )
@@ -423,6 +424,13 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
     kdh = {"roast-stable-4x-kdh", "roast-stable-4x-s1-kdh", "prune-4x-kdh"}
     assert kdh <= set(default) and all(default[n].distill and default[n].distill_hidden > 0 for n in kdh)
     scratch = [a for _, a in scratch_arms("default")]
+    # SliceOut (a training option) against the 16x keep-1 arm: equal steps, and the steps its time buys
+    sliceout = [a for a in scratch if a.sliceout_keep != 1.0]
+    assert sorted((a.compression, a.steps, a.sliceout_keep) for a in sliceout) == [
+        (16.0, 1200, 0.75),
+        (16.0, SLICEOUT_EQUAL_TIME_STEPS, 0.75),
+    ]
+    scratch = [a for a in scratch if a.sliceout_keep == 1.0]
     quick_scratch = [a for _, a in scratch_arms("quick")]
     assert {a.name for a in quick_scratch} < {a.name for a in scratch}
     assert all(a.lrs and len(a.lrs) == 1 for a in quick_scratch), "--quick searches no rate"
