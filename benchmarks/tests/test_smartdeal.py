@@ -220,3 +220,14 @@ def test_layout_rejects_what_it_cannot_cut():
     with pytest.raises(ValueError, match="cannot hold"):
         nonzeros_for_bytes(64, 64, AUTHORS_LAYOUT, 64 * 64 * 4 // 64)
     assert block_view(torch.ones(8, 6), Layout(4, 4, 8)).shape == (1, 16, 4)
+
+
+def test_the_sweeps_list_smartdeal_at_both_byte_budgets_on_its_own_grid():
+    from benchmarks.harness.experiments import SMARTDEAL_LRS, classification_arms
+
+    tiny = {a.name: a for _, a in classification_arms("tiny")}
+    full = {a.name: a for _, a in classification_arms("full")}
+    assert tiny["smartdeal-8xbytes"].method == "smartdeal"
+    for ratio in (8, 16):
+        arm = full[f"smartdeal-{ratio}xbytes"]
+        assert (arm.method, arm.compression, arm.lrs) == ("smartdeal", float(ratio), SMARTDEAL_LRS)
