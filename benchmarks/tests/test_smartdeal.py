@@ -231,3 +231,29 @@ def test_the_sweeps_list_smartdeal_at_both_byte_budgets_on_its_own_grid():
     for ratio in (8, 16):
         arm = full[f"smartdeal-{ratio}xbytes"]
         assert (arm.method, arm.compression, arm.lrs) == ("smartdeal", float(ratio), SMARTDEAL_LRS)
+
+
+def test_straight_through_training_moves_the_stored_weight_towards_a_target():
+    """The init is least-squares optimal for B given C, so the target is the stored weight scaled by 1.3 (plus the
+    teacher's bias): reachable through B alone, on its int8 grid, if the gradients pass the quantisers."""
+    torch.manual_seed(0)
+    teacher = nn.Linear(64, 32)
+    layer = SmartDealLinear.from_linear(teacher, DEFAULT_LAYOUT, budget=64 * 32 * 4 // 16, iterations=3)
+    x = torch.randn(256, 64)
+    with torch.no_grad():
+        target = nn.functional.linear(x, 1.3 * layer.materialize_weight(), teacher.bias)
+
+    def loss() -> torch.Tensor:
+        return (layer(x) - target).pow(2).mean()
+
+    before = loss().item()
+    opt = torch.optim.Adam(layer.parameters(), lr=3e-3)
+    for _ in range(60):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    with torch.no_grad():  # the quantised forward (what is stored) fits far better, and is still on its grid
+        assert loss().item() < 0.2 * before
+        cq, _ = layer.quantised()
+        e = -torch.log2(cq[cq != 0].abs())
+        assert torch.equal(e, e.round()) and int((cq != 0).sum()) <= int(layer.mask.sum())
