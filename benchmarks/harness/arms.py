@@ -25,7 +25,7 @@ from hf_roast.targets import find_targets, pattern_segments
 from .baselines import magnitude_prune, parameter_bytes, round_to_nearest, truncate_layers
 from .training import rescale_to_dense_norm
 
-METHODS = ("dense", "roast", "prune", "smaller", "narrower", "rtn", "floor")
+METHODS = ("dense", "roast", "prune", "smaller", "narrower", "rtn", "floor", "smartdeal")
 PRUNE_CRITERIA = ("magnitude", "random")
 Z_GROUP_SIZE = 128
 """Values per scale of every quantised arm (a quantised z, and the round-to-nearest baseline)."""
@@ -83,6 +83,8 @@ class Arm:
             raise ValueError(f"Unknown method {self.method!r}: choose one of {METHODS}.")
         if self.method == "smaller" and self.num_layers is None:
             raise ValueError(f"Arm {self.name}: a 'smaller' arm needs num_layers.")
+        if self.method == "smartdeal" and not self.compression > 1:
+            raise ValueError(f"Arm {self.name}: a SmartDeal arm's compression is its bytes ratio, above 1.")
         if self.method == "rtn" and self.z_bits not in (8, 4):
             raise ValueError(f"Arm {self.name}: a round-to-nearest arm needs z_bits=8 or 4.")
         if self.recipe is not None and (self.single_lr or self.method != "roast"):
@@ -118,6 +120,8 @@ class Arm:
             return f"round-to-nearest int{self.z_bits} (dense targets)"
         if self.method == "smaller":
             return "smaller model (first k layers)"
+        if self.method == "smartdeal":
+            return "SmartDeal (power-of-two sparse C x int8 basis)"
         if self.method == "narrower":
             return "narrower model (same stored values)"
         return "dense"
@@ -190,6 +194,10 @@ def finish_training(model: nn.Module, arm: Arm) -> None:
         model.quantize_z()
     elif arm.method == "rtn":
         round_to_nearest(model, roast_config_for(arm), arm.z_bits, Z_GROUP_SIZE)
+    elif arm.method == "smartdeal":
+        from .smartdeal_store import decode_in_place
+
+        decode_in_place(model)
 
 
 def dense_target_values(model: nn.Module, arm: Arm) -> tuple[int, int]:
@@ -283,6 +291,19 @@ def build_arm_model(model: nn.Module, arm: Arm, calibration_data=None) -> tuple[
             model_values=dense_mv,
             model_bytes=dense_mb - dense_tb + stored,
             index_overhead_bytes=0,
+        )
+    elif arm.method == "smartdeal":  # each target in compression-times fewer bytes than its fp32 weight
+        from .smartdeal import compress_model
+
+        report = compress_model(model, find_targets(model, roast_config_for(arm)), arm.compression)
+        storage.update(
+            target_values=report["kept_coefficients"] + report["basis_values"],
+            target_bytes=report["stored_bytes"],
+            model_values=dense_mv - dense_tv + report["kept_coefficients"] + report["basis_values"],
+            model_bytes=dense_mb - dense_tb + report["stored_bytes"],
+            index_overhead_bytes=0,
+            init_relative_error=report["init_relative_error"],
+            smartdeal_layout=report["layout"],
         )
     elif arm.method == "smaller":
         model = truncate_layers(model, arm.num_layers)

@@ -70,6 +70,15 @@ def _rtn(bits, **kw) -> Arm:
     return Arm(f"rtn-int{bits}", "rtn", 1.0, z_bits=bits, **kw)
 
 
+SMARTDEAL_LRS = (1e-4, 3e-4, 1e-3)
+"""SmartDeal's own grid: the baselines' rates and one above (its coefficients train at scale 1, not the weights')."""
+
+
+def _smartdeal(bytes_ratio, **kw) -> Arm:
+    """SmartDeal (``harness/smartdeal.py``) in ``bytes_ratio`` times fewer bytes than the fp32 targets."""
+    return Arm(f"smartdeal-{bytes_ratio:g}xbytes", "smartdeal", float(bytes_ratio), **kw)
+
+
 def _recipe(c, **kw) -> Arm:
     """hf-roast as a user runs it: output-calibrated init, the fine-tuning recipe at the dense rate."""
     from hf_roast.optim import DEFAULT_HEAD_LR_RATIO, DEFAULT_UNCOMPRESSED_LR_RATIO, DEFAULT_Z_LR_RATIO
@@ -110,6 +119,7 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
             (3, _bits(16, 8, lrs=None)),
             (3, _bits(16, 4, lrs=None)),
             (3, _rtn(4, lrs=(BASELINE_LR,))),
+            (3, _smartdeal(8)),
             (3, _recipe(4, compression_pattern=ATTENTION_HARDER, lrs=None, suffix="-attn2x")),
         ]
     one = (BASELINE_LR,)
@@ -168,6 +178,8 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
         more += [_bits(16, 4, seed=1), _bits(64, 8, seed=1)]
         more += [_recipe(64), _prune(64, lrs=one)]
         more += [_rtn(b, lrs=DENSE_LRS) for b in (8, 4)]
+        # SmartDeal (issue 26, seed 003) at the 8x and 16x byte budgets, on its own grid
+        more += [_smartdeal(r, lrs=SMARTDEAL_LRS) for r in (8, 16)]
         # per-module budgets (RoastConfig.compression_pattern) at the very z of roast-stable-16x: attention
         # compressed twice as hard as the MLP (and pooler), then the other way round
         more += [_recipe(16, compression_pattern=ATTENTION_HARDER, suffix="-attn2x")]
