@@ -117,9 +117,8 @@ def markdown(rows: list[dict]) -> str:
 
 def minilm_weights() -> dict[str, torch.Tensor]:
     """The pinned MiniLM's encoder and pooler linear weights (sha256-checked), as classification.py loads them."""
-    from safetensors.torch import load_file
-
     from hf_roast.scripts.pinned_models import pinned_file
+    from safetensors.torch import load_file
 
     state = load_file(str(pinned_file("minilm")))
     return {
