@@ -1,7 +1,8 @@
 """What one arm of an experiment is, and how to build its model and count its storage.
 
 An arm is one method at one budget: dense, hf-roast (a mapper, with or without embeddings),
-magnitude pruning at hf-roast's budget, or a smaller (truncated) model. Storage is counted the same way
+magnitude pruning at hf-roast's budget, a smaller (truncated, optionally mean-pooled) model, or low-bit
+integer weights (2:4 sparse x int4, or dense int3; QAT or round-to-nearest). Storage is counted the same way
 for every arm: values and bytes, over the target modules and over the whole model.
 """
 
@@ -22,11 +23,15 @@ from hf_roast.model import get_roast_model
 from hf_roast.quant import QuantizedZ
 from hf_roast.targets import find_targets, pattern_segments
 
+from . import sparse_int4
 from .baselines import magnitude_prune, parameter_bytes, round_to_nearest, truncate_layers
+from .pooled import mean_pooled
 from .training import rescale_to_dense_norm
 
-METHODS = ("dense", "roast", "prune", "smaller", "narrower", "rtn", "floor", "smartdeal")
+METHODS = ("dense", "roast", "prune", "smaller", "narrower", "rtn", "floor", "smartdeal", "lowbit")
 PRUNE_CRITERIA = ("magnitude", "random")
+POOLINGS = ("cls", "mean")
+SPARSITIES = (None, "2:4")
 Z_GROUP_SIZE = 128
 """Values per scale of every quantised arm (a quantised z, and the round-to-nearest baseline)."""
 
@@ -77,6 +82,12 @@ class Arm:
     # a training step computes; validation and held-out scoring run the full model
     sliceout_keep: float = 1.0
     sliceout_mode: str = "random"
+    # smaller: the model's own [CLS] pooler ("cls"), or the mean of the unpadded tokens' states + a linear head
+    pooling: str = "cls"
+    # lowbit: "2:4" (magnitude, mask fixed at init) or None (every weight kept), and whether the codes are
+    # trained (QAT, straight-through) or the fine-tuned dense weights are rounded once
+    sparsity: str | None = None
+    qat: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -87,6 +98,14 @@ class Arm:
             raise ValueError(f"Arm {self.name}: a SmartDeal arm's compression is its bytes ratio, above 1.")
         if self.method == "rtn" and self.z_bits not in (8, 4):
             raise ValueError(f"Arm {self.name}: a round-to-nearest arm needs z_bits=8 or 4.")
+        if self.pooling not in POOLINGS or (self.pooling != "cls" and self.method != "smaller"):
+            raise ValueError(f"Arm {self.name}: pooling is one of {POOLINGS}, for smaller models.")
+        if self.method == "lowbit" and not 2 <= self.z_bits <= 8:
+            raise ValueError(f"Arm {self.name}: a low-bit arm needs 2 <= z_bits <= 8.")
+        if self.sparsity not in SPARSITIES or (
+            (self.sparsity is not None or self.qat) and self.method != "lowbit"
+        ):
+            raise ValueError(f"Arm {self.name}: sparsity (one of {SPARSITIES}) and qat are for low-bit arms.")
         if self.recipe is not None and (self.single_lr or self.method != "roast"):
             raise ValueError(
                 f"Arm {self.name}: the fine-tuning recipe is for hf-roast arms without single_lr."
@@ -119,9 +138,18 @@ class Arm:
         if self.method == "rtn":
             return f"round-to-nearest int{self.z_bits} (dense targets)"
         if self.method == "smaller":
+            if self.pooling == "mean":
+                return "smaller model, mean-pooled (first k layers)"
             return "smaller model (first k layers)"
         if self.method == "smartdeal":
             return "SmartDeal (power-of-two sparse C x int8 basis)"
+        if self.method == "lowbit":
+            return (
+                ("2:4 sparse x " if self.sparsity else "")
+                + f"int{self.z_bits}"
+                + (" (QAT)" if self.qat else " (round-to-nearest)")
+                + ", fp16 scales"
+            )
         if self.method == "narrower":
             return "narrower model (same stored values)"
         return "dense"
@@ -198,6 +226,26 @@ def finish_training(model: nn.Module, arm: Arm) -> None:
         from .smartdeal_store import decode_in_place
 
         decode_in_place(model)
+    elif arm.method == "lowbit":
+        if not arm.qat:  # round-to-nearest (and a 2:4 mask, if any) from the fine-tuned dense weights
+            install_lowbit(model, arm)
+        sparse_int4.freeze(model)
+
+
+def install_lowbit(model: nn.Module, arm: Arm) -> list:
+    """Replace the target modules (those hf-roast would compress) by the arm's low-bit layers."""
+    names = [name for name, _, _ in find_targets(model, roast_config_for(arm))]
+    return sparse_int4.install(model, names, arm.z_bits, arm.sparsity == "2:4")
+
+
+def lowbit_storage(model: nn.Module, arm: Arm) -> dict[str, int]:
+    """Bytes the arm's target modules store (:func:`sparse_int4.packed_nbytes`, summed), from the dense model."""
+    totals: dict[str, int] = {}
+    for _, module, kind in find_targets(model, roast_config_for(arm)):
+        rows, cols = dense_weight(module, kind).shape
+        for k, v in sparse_int4.packed_nbytes(rows, cols, arm.z_bits, arm.sparsity == "2:4").items():
+            totals[k] = totals.get(k, 0) + v
+    return totals
 
 
 def dense_target_values(model: nn.Module, arm: Arm) -> tuple[int, int]:
@@ -223,7 +271,7 @@ def build_arm_model(model: nn.Module, arm: Arm, calibration_data=None) -> tuple[
     """
     dense_tv, dense_tb = dense_target_values(model, arm)
     dense_mv, dense_mb = parameter_bytes(model)
-    dense_weights = _target_weights(model, arm) if arm.method in ("roast", "prune", "rtn") else None
+    dense_weights = _target_weights(model, arm) if arm.method in ("roast", "prune", "rtn", "lowbit") else None
     storage = {
         "dense_target_values": dense_tv,
         "dense_target_bytes": dense_tb,
@@ -305,15 +353,42 @@ def build_arm_model(model: nn.Module, arm: Arm, calibration_data=None) -> tuple[
             init_relative_error=report["init_relative_error"],
             smartdeal_layout=report["layout"],
         )
+    elif arm.method == "lowbit":
+        packed = lowbit_storage(model, arm)
+        if (
+            arm.qat
+        ):  # the layers train from the pre-trained weights; round-to-nearest installs them at the end
+            layers = install_lowbit(model, arm)
+            with torch.no_grad():
+                stored = {n: layer.stored_weight().float() for n, layer in zip(dense_weights, layers)}
+            storage["init_relative_error"] = relative_error(dense_weights, stored)
+        storage.update(
+            target_values=packed["kept_values"],
+            target_bytes=packed["total"],
+            target_bytes_values_only=packed["codes"],
+            model_values=dense_mv - dense_tv + packed["kept_values"],
+            model_bytes=dense_mb - dense_tb + packed["total"],
+            index_overhead_bytes=packed["index"],
+            scale_bytes=packed["scales"],
+        )
+        if arm.sparsity:
+            storage["index_format"] = "2:4, 2-bit position per kept value"
     elif arm.method == "smaller":
         model = truncate_layers(model, arm.num_layers)
-        tv, tb = dense_target_values(model, arm)
+        if arm.pooling == "mean":
+            model = mean_pooled(model)
+        # with no layer and no pooler, the mean-pooled model has no projection left to count
+        no_targets = arm.pooling == "mean" and arm.num_layers == 0
+        tv, tb = (0, 0) if no_targets else dense_target_values(model, arm)
         mv, mb = parameter_bytes(model)
         storage.update(
             target_values=tv, target_bytes=tb, model_values=mv, model_bytes=mb, index_overhead_bytes=0
         )
-    storage["target_ratio"] = dense_tv / max(storage["target_values"], 1)
-    storage["target_bytes_ratio"] = dense_tb / max(storage["target_bytes"], 1)
+    # a 0-layer mean-pooled model stores no target module at all: infinitely fewer bytes of them
+    storage["target_ratio"] = dense_tv / storage["target_values"] if storage["target_values"] else math.inf
+    storage["target_bytes_ratio"] = (
+        dense_tb / storage["target_bytes"] if storage["target_bytes"] else math.inf
+    )
     storage["model_bytes_ratio"] = dense_mb / storage["model_bytes"]
     return model, storage
 

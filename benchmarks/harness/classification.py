@@ -153,6 +153,24 @@ def train(
     return float(result.training_loss), multiplier
 
 
+def saved_bytes_check(model: nn.Module, storage: dict) -> dict:
+    """Save a low-bit model in its packed format and read back the bytes of its tensors: the bytes the arm
+    reports are the bytes it writes (a mismatch is a bug in the accounting, so it raises)."""
+    import tempfile
+    from pathlib import Path
+
+    from .sparse_int4 import save_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        saved = save_model(model, Path(folder) / "model.safetensors")
+    if (saved["target"], saved["model"]) != (storage["target_bytes"], storage["model_bytes"]):
+        raise RuntimeError(
+            f"the saved file holds {saved}, the accounting says {storage['target_bytes']} / "
+            f"{storage['model_bytes']} bytes (targets / model)"
+        )
+    return {"saved_target_bytes": saved["target"], "saved_model_bytes": saved["model"]}
+
+
 def run_classification_arm(
     arm: Arm, source: ClassificationSource, setup: ClassificationSetup, teacher: nn.Module | None = None
 ) -> tuple[dict, nn.Module]:
@@ -190,6 +208,8 @@ def run_classification_arm(
 
         nonzero = finalize_pruning(best_model)
         storage["kept_values_after_training"] = nonzero
+    if arm.method == "lowbit":
+        storage.update(saved_bytes_check(best_model, storage))
     result = {
         "experiment": "classification",
         "arm": arm.to_dict(),

@@ -29,6 +29,30 @@ def _smaller(k, seed=0, lrs=None) -> Arm:
     return Arm(name, "smaller", num_layers=k, seed=seed, lrs=lrs)
 
 
+def _pooled(k, seed=0, own_grid=True) -> Arm:
+    """The smaller model a user would build: the first k layers, mean-pooled, a linear head, on its own grid
+    (``own_grid=False``: the setup's grid, as the tiny sweep's)."""
+    name = f"smaller-mean-{k}layers" + (f"-s{seed}" if seed else "")
+    lrs = (POOLED_EMBEDDING_LRS if k == 0 else POOLED_LRS) if own_grid else None
+    return Arm(name, "smaller", num_layers=k, pooling="mean", seed=seed, lrs=lrs)
+
+
+POOLED_EMBEDDING_LRS = (1e-3, 3e-3, 1e-2)
+"""The 0-layer mean-pooled model's grid: only embeddings and a fresh head train, which want a high rate (a
+probe of this grid chose 3e-3 on validation, 76.4 % test)."""
+POOLED_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+"""The k-layer mean-pooled models' grid: from the rate pre-trained layers fine-tune at to the embeddings' rate,
+so that the chosen rate is bracketed whichever part needs the most."""
+LOWBIT_QAT_LRS = (1e-4, 3e-4)
+"""QAT of the low-bit arms: dense's faster rate and pruning's (the 2:4 mask makes it a pruned model)."""
+
+
+def _lowbit(bits, sparsity=None, qat=True, lrs=None) -> Arm:
+    """Low-bit integer targets at ~3.1 bits per weight: 2:4 x int4 (QAT) and its dense int3 controls."""
+    name = ("sparse24-" if sparsity else "") + f"int{bits}-" + ("qat" if qat else "rtn")
+    return Arm(name, "lowbit", z_bits=bits, sparsity=sparsity, qat=qat, lrs=lrs)
+
+
 DENSE_LRS = (5e-5, 1e-4)
 """The dense model's grid: the usual BERT fine-tuning rates."""
 DENSE_QUICK_LR = 1e-4
@@ -105,7 +129,8 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
             (1, Arm("dense", "dense")),
             (1, _recipe(4, lrs=None)),
             (1, _prune(4)),
-            (1, _smaller(1)),
+            (1, _pooled(0, own_grid=False)),
+            (1, _pooled(1, own_grid=False)),
             (2, _roast(4, single_lr=True, suffix="-onelr")),
             (2, _recipe(4, calibrate=False, lrs=None, suffix="-lsinit")),
             (2, _recipe(4, seed=1, lrs=None)),
@@ -120,6 +145,9 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
             (3, _bits(16, 4, lrs=None)),
             (3, _rtn(4, lrs=(BASELINE_LR,))),
             (3, _smartdeal(8)),
+            (3, _lowbit(4, sparsity="2:4")),
+            (3, _lowbit(3)),
+            (3, _lowbit(3, qat=False)),
             (3, _recipe(4, compression_pattern=ATTENTION_HARDER, lrs=None, suffix="-attn2x")),
         ]
     one = (BASELINE_LR,)
@@ -134,10 +162,13 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
             (1, _prune(16, lrs=one)),
         ]
     arms = [(1, Arm("dense", "dense", lrs=DENSE_LRS)), (1, _recipe(4)), (1, _prune(4, lrs=one))]
-    arms += [(1, _smaller(1, lrs=one)), (1, _recipe(16)), (1, _prune(16, lrs=one))]
+    # the smaller models a user would build (mean-pooled; the [CLS]-pooled 0-layer model could only learn the
+    # majority class), each on its own grid
+    arms += [(1, _pooled(k)) for k in (0, 1, 2)]
+    arms += [(1, _recipe(16)), (1, _prune(16, lrs=one))]
     # what the calibrated init brings over plain least squares, at the same recipe
     arms += [(1, _recipe(4, calibrate=False, suffix="-lsinit"))]
-    arms += [(1, _recipe(8)), (1, _prune(8, lrs=one)), (1, _smaller(0, lrs=one))]
+    arms += [(1, _recipe(8)), (1, _prune(8, lrs=one))]
     arms += [(1, _recipe(32)), (1, _prune(32, lrs=one))]
     # the old way: plain least squares and one learning rate for every parameter
     arms += [(2, _roast(4, single_lr=True, lrs=(1e-4,), suffix="-onelr"))]
@@ -151,6 +182,10 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
     kdh = {"distill": True, "distill_hidden": DISTILL_HIDDEN, "suffix": "-kdh"}
     arms += [(2, _recipe(4, **kdh)), (2, _recipe(4, seed=1, **kdh)), (2, _prune(4, lrs=one, **kdh))]
     arms += [(2, _recipe(c, **kdh)) for c in (8, 16)]
+    # ~10x fewer target bytes without sharing (3.125 bits per weight): 2:4 magnitude sparsity x int4 (QAT),
+    # and dense int3 at the same bytes, trained (QAT) and rounded after dense fine-tuning
+    arms += [(2, _lowbit(4, sparsity="2:4", lrs=LOWBIT_QAT_LRS)), (2, _lowbit(3, lrs=LOWBIT_QAT_LRS))]
+    arms += [(2, _lowbit(3, qat=False, lrs=DENSE_LRS))]
     # a heavier hidden-state term (how far the weight of DISTILL_HIDDEN is from its best)
     for weight in (10, 30):
         heavier = {**kdh, "distill_hidden": float(weight), "suffix": f"-kdh{weight}"}
@@ -165,7 +200,9 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
         more += [_recipe(c, distill=True, suffix="-kd") for c in (4, 16)]
         more += [_recipe(c, schedule=3.0, suffix="-sched3") for c in (4, 16)]
         more += [Arm("dense-sched3", "dense", schedule=3.0, lrs=DENSE_LRS)]
-        more += [_recipe(2), _prune(2, lrs=one), _smaller(2, lrs=one)]
+        more += [_recipe(2), _prune(2, lrs=one), _pooled(3)]
+        # the [CLS]-pooled truncations measured before the mean-pooled ones replaced them
+        more += [_smaller(k, lrs=one) for k in (0, 1, 2)]
         more += [_recipe(c, emb=True) for c in (10, 50)]
         # sharing x quantisation at equal bytes of the target modules (16x and 64x fewer than dense fp32):
         # hf-roast x int8 / x int4 (QAT) vs fp32 hf-roast vs pruning at the same bytes, and round-to-nearest

@@ -449,6 +449,9 @@ _STYLE = {
     "hf-roast x int4 z": ("#9467bd", "D"),
     "magnitude pruning": ("#d62728", "v"),
     "smaller model (first k layers)": ("#8c564b", "^"),
+    "smaller model, mean-pooled (first k layers; 0 layers at the left edge)": ("#8c564b", "^"),
+    "2:4 sparse x int4 (QAT)": ("#bcbd22", "X"),
+    "int3 at the same bytes (QAT / round-to-nearest)": ("#e377c2", "p"),
     "narrower model": ("#8c564b", "^"),
     "round-to-nearest int8 / int4 of the dense model": ("#7f7f7f", "P"),
     "SmartDeal": ("#bcbd22", "X"),
@@ -552,6 +555,14 @@ def _bytes_x(key: str = "target_bytes"):
     return lambda r: r["storage"][key] / MB
 
 
+def _bytes_x_with_floor(rows: list[dict], key: str = "target_bytes"):
+    """Target MB, with a model that stores no target module (the 0-layer mean-pooled one) drawn at half the
+    smallest measured size: a log axis has no zero."""
+    positive = [r["storage"][key] / MB for r in rows if r["storage"][key] > 0]
+    floor = min(positive, default=1.0) / 2
+    return lambda r: r["storage"][key] / MB or floor
+
+
 def _compression_x(r: dict) -> float:
     return r["budget"]
 
@@ -575,7 +586,15 @@ def _plot_classification(rows: list[dict], folder: Path, plt) -> list[tuple[str,
             ("hf-roast x int8 z", _pick(rows, "hf-roast stable x int8 (QAT)")),
             ("hf-roast x int4 z", _pick(rows, "hf-roast stable x int4 (QAT)")),
             ("magnitude pruning", _pick(rows, "magnitude pruning")),
-            ("smaller model (first k layers)", _pick(rows, "smaller model (first k layers)")),
+            (
+                "smaller model, mean-pooled (first k layers; 0 layers at the left edge)",
+                _pick(rows, "smaller model, mean-pooled (first k layers)"),
+            ),
+            ("2:4 sparse x int4 (QAT)", _pick(rows, "2:4 sparse x int4 (QAT), fp16 scales")),
+            (
+                "int3 at the same bytes (QAT / round-to-nearest)",
+                _pick(rows, "int3 (QAT), fp16 scales") + _pick(rows, "int3 (round-to-nearest), fp16 scales"),
+            ),
             (
                 "round-to-nearest int8 / int4 of the dense model",
                 _pick(rows, "round-to-nearest int8 (dense targets)")
@@ -583,7 +602,7 @@ def _plot_classification(rows: list[dict], folder: Path, plt) -> list[tuple[str,
             ),
             ("SmartDeal", _pick(rows, "SmartDeal (power-of-two sparse C x int8 basis)")),
         ],
-        _bytes_x(),
+        _bytes_x_with_floor(rows),
         dense,
         ".2f",
     )

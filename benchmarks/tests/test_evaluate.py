@@ -273,6 +273,18 @@ def test_tiny_sweep_writes_every_arm_and_the_summary(tiny_sweep):
     assert cls["roast-stable-4x-kd"]["selected_lr"] == cls["roast-stable-4x"]["selected_lr"]
     assert cls["prune-4x"]["storage"]["target_values"] == cls["roast-stable-4x"]["storage"]["target_values"]
     assert cls["roast-stable-emb-8x"]["storage"]["model_bytes_ratio"] > 4
+    # the mean-pooled smaller models store k layers' projections (0 layers: none); the low-bit arms store
+    # what their saved file holds, byte for byte, at 3 bits per weight plus fp16 scales
+    assert cls["smaller-mean-0layers"]["storage"]["target_bytes"] == 0
+    assert cls["smaller-mean-1layers"]["storage"]["target_bytes"] > 0
+    for name in ("sparse24-int4-qat", "int3-qat", "int3-rtn"):
+        s = cls[name]["storage"]
+        assert s["saved_target_bytes"] == s["target_bytes"] and s["saved_model_bytes"] == s["model_bytes"]
+        assert 3.125 <= 8 * s["target_bytes"] / s["dense_target_values"] <= 3.25
+    assert (
+        cls["sparse24-int4-qat"]["storage"]["target_values"] * 2
+        == cls["int3-qat"]["storage"]["target_values"]
+    )
     # hf-roast arms fine-tune with the recipe; the ablation with one rate for everything is marked
     assert cls["roast-stable-4x"]["arm"]["recipe"] and not cls["roast-stable-4x"]["arm"]["single_lr"]
     assert (
@@ -407,7 +419,15 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
     assert len(default["dense"].lrs) == 2, "the dense reference picks its rate on validation"
     quick_dense = next(a for _, a in classification_arms("quick") if a.name == "dense")
     assert len(quick_dense.lrs) == 1 and set(quick_dense.lrs) <= set(default["dense"].lrs)
-    assert {"dense", "smaller-1layers", "smaller-0layers"} <= set(default)
+    # the smaller-model baseline is mean-pooled (a 0-layer [CLS] model only learns the majority class), each
+    # depth on its own grid; the [CLS] truncations stay reachable in --full
+    pooled = {f"smaller-mean-{k}layers" for k in (0, 1, 2)}
+    assert {"dense"} | pooled <= set(default) and not {"smaller-0layers", "smaller-1layers"} & set(default)
+    assert all(default[n].pooling == "mean" and len(default[n].lrs) >= 3 for n in pooled)
+    assert {"smaller-0layers", "smaller-1layers"} <= full
+    lowbit = {"sparse24-int4-qat", "int3-qat", "int3-rtn"}
+    assert lowbit <= set(default) and default["sparse24-int4-qat"].sparsity == "2:4"
+    assert all(default[n].method == "lowbit" and len(default[n].lrs) == 2 for n in lowbit)
     assert {"roast-stable-4x-onelr", "roast-stable-4x-lsinit", "roast-stable-16x-lsinit"} <= set(default)
     assert {"prune-4x-grid", "prune-16x-grid"} <= full
     assert {"roast-stable-8x-s1", "prune-8x-s1"} <= set(default), (
