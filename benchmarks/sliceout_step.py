@@ -3,9 +3,9 @@
 Builds the from-scratch experiment's byte-level Llama (4 layers, width 256, MLP 688, heads of 32; hf-roast on
 its projections, ``benchmarks/harness/scratch.py``) once per setting, from the same seed, and times the whole
 training step (forward, backward, gradient clipping, AdamW) on random byte batches: the median of ``--steps``
-steps after ``--warmup`` untimed ones, side by side in one run, with each setting's ratio to keep 1 and its peak
-memory (CUDA: the allocator's peak over the timed steps; CPU: the process's peak RSS so far, which only grows,
-so read it for the first row only).
+steps after ``--warmup`` untimed ones, the settings interleaved step by step in one run (a change of load moves
+them alike), with each setting's ratio to keep 1 and its memory (CUDA: what one step allocates at its peak beyond the
+model and optimizer state; CPU: the process's peak RSS, the same for every row).
 
     python -m benchmarks.sliceout_step                    # the default model, 20 timed steps per setting
     python -m benchmarks.sliceout_step --device cuda --steps 50 --json sliceout_step.json
@@ -77,54 +77,82 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(model: torch.nn.Module, args: argparse.Namespace) -> dict:
-    """Median and spread of the training step's wall time, and the peak memory."""
-    from .harness.scratch import BYTE_VOCAB
+class _Stepper:
+    """One setting's model, optimizer and batches: :meth:`step` times one whole training step."""
 
-    device = torch.device(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(0)
-    times = []
-    for i in range(args.warmup + args.steps):
-        ids = torch.randint(0, BYTE_VOCAB, (args.batch_size, args.context), generator=generator).to(device)
-        if i == args.warmup and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        _sync(device)
+    def __init__(self, model: torch.nn.Module, args: argparse.Namespace):
+        self.model, self.args = model, args
+        self.device = torch.device(args.device)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        self.generator = torch.Generator().manual_seed(0)  # every setting sees the same batches
+        self.loss = float("nan")
+
+    def step(self) -> float:
+        from .harness.scratch import BYTE_VOCAB
+
+        args = self.args
+        ids = torch.randint(0, BYTE_VOCAB, (args.batch_size, args.context), generator=self.generator)
+        ids = ids.to(self.device)
+        _sync(self.device)
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = self.model(input_ids=ids, labels=ids).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {
-        "median_ms": 1e3 * statistics.median(times),
-        "min_ms": 1e3 * min(times),
-        "max_ms": 1e3 * max(times),
-        "peak_mib": peak / 2**20,
-        "final_loss": float(loss.detach()),
-    }
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(self.device)
+        self.loss = float(loss.detach())
+        return time.perf_counter() - start
+
+
+def time_interleaved(steppers: list[_Stepper], args: argparse.Namespace) -> list[dict]:
+    """Every setting's step in turn, round after round (keep 1, 0.75, ..., keep 1, ...), so that a change of
+    machine load during the run moves every setting alike; medians and spreads of each setting's steps."""
+    times: list[list[float]] = [[] for _ in steppers]
+    for i in range(args.warmup + args.steps):
+        for k, stepper in enumerate(steppers):
+            elapsed = stepper.step()
+            if i >= args.warmup:
+                times[k].append(elapsed)
+    return [
+        {
+            "median_ms": 1e3 * statistics.median(t),
+            "min_ms": 1e3 * min(t),
+            "max_ms": 1e3 * max(t),
+            "peak_mib": _step_peak(stepper) / 2**20,
+            "final_loss": stepper.loss,
+        }
+        for t, stepper in zip(times, steppers)
+    ]
+
+
+def _step_peak(stepper: _Stepper) -> float:
+    """CUDA: what one more step of this setting allocates at its peak beyond what is already held (activations,
+    gradients, optimizer temporaries), so settings compare although they share the process. CPU: the process's
+    peak RSS, the same for every row (the allocator keeps no per-setting peak)."""
+    device = stepper.device
+    if device.type != "cuda":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    torch.cuda.synchronize(device)
+    held = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    stepper.step()
+    return torch.cuda.max_memory_allocated(device) - held
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = []
+    steppers = []
     for keep, mode in SETTINGS:
         torch.manual_seed(0)
-        model = build(args, keep, mode)
-        row = {"keep": keep, "mode": mode if keep < 1.0 else "-", **time_steps(model, args)}
-        rows.append(row)
-        del model
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        steppers.append(_Stepper(build(args, keep, mode), args))
+    measured = time_interleaved(steppers, args)
+    rows = [
+        {"keep": keep, "mode": mode if keep < 1.0 else "-", **m}
+        for (keep, mode), m in zip(SETTINGS, measured)
+    ]
     base = rows[0]["median_ms"]
-    memory = "CUDA peak allocated" if args.device.startswith("cuda") else "process peak RSS"
+    memory = "CUDA step peak" if args.device.startswith("cuda") else "process peak RSS"
     print(
         f"SliceOut training step: {args.layers} layers, width {args.hidden}, MLP {args.intermediate}, "
         f"{args.compression:g}x, batch {args.batch_size} x {args.context}, {args.device}, median of {args.steps}"
