@@ -7,6 +7,8 @@ the smoke tests.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .arms import Z_GROUP_SIZE, Arm
 
 EXPERIMENTS = ("classification", "lm", "scratch")
@@ -165,6 +167,9 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
     # the smaller models a user would build (mean-pooled; the [CLS]-pooled 0-layer model could only learn the
     # majority class), each on its own grid
     arms += [(1, _pooled(k)) for k in (0, 1, 2)]
+    # second seeds at the rate each first seed's grid chose: within a point of hf-roast arms (0 layers: 8x and 32x;
+    # 1 layer: 4x)
+    arms += [(2, replace(_pooled(k, seed=1), lrs=(lr,))) for k, lr in ((0, 3e-3), (1, 1e-3))]
     arms += [(1, _recipe(16)), (1, _prune(16, lrs=one))]
     # what the calibrated init brings over plain least squares, at the same recipe
     arms += [(1, _recipe(4, calibrate=False, suffix="-lsinit"))]

@@ -424,6 +424,8 @@ def test_default_sweep_decides_the_targets_and_full_adds_every_listed_arm():
     pooled = {f"smaller-mean-{k}layers" for k in (0, 1, 2)}
     assert {"dense"} | pooled <= set(default) and not {"smaller-0layers", "smaller-1layers"} & set(default)
     assert all(default[n].pooling == "mean" and len(default[n].lrs) >= 3 for n in pooled)
+    # their second seeds train at the rate the first seed's grid chose
+    assert [default[f"smaller-mean-{k}layers-s1"].lrs for k in (0, 1)] == [(3e-3,), (1e-3,)]
     assert {"smaller-0layers", "smaller-1layers"} <= full
     lowbit = {"sparse24-int4-qat", "int3-qat", "int3-rtn"}
     assert lowbit <= set(default) and default["sparse24-int4-qat"].sparsity == "2:4"
