@@ -21,6 +21,7 @@ from .vocab import (
     Z_BITS,
     Z_INT_BITS,
     check_choice,
+    check_keep_fraction,
     check_mapping_version,
 )
 
@@ -262,18 +263,7 @@ class RoastConfig:
 
     def _check_sliceout(self) -> None:
         """sliceout_keep in (0, 1], a known sliceout_mode, a non-negative int sliceout_seed."""
-        keep = self.sliceout_keep
-        if (
-            isinstance(keep, bool)
-            or not isinstance(keep, (int, float))
-            or not math.isfinite(keep)
-            or not 0.0 < keep <= 1.0
-        ):
-            raise ValueError(
-                f"sliceout_keep must be a fraction in (0, 1] (1.0: SliceOut off; 0.5 computes half of each "
-                f"block's units per training step), got {keep!r}."
-            )
-        self.sliceout_keep = float(keep)
+        self.sliceout_keep = check_keep_fraction(self.sliceout_keep)
         check_choice("sliceout_mode", self.sliceout_mode, SLICEOUT_MODES)
         seed = self.sliceout_seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:

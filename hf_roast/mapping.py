@@ -409,6 +409,13 @@ class MappingPlan:
         """Tile mappers read each mapping tile from one aligned span of z."""
         return is_tiled_mapper(self.mapper)
 
+    @property
+    def tiles_read_by_table(self) -> bool:
+        """Whether a tile's values and signs come from its tile tables alone (a tile mapper, sign 'tile' or
+        'none'): then any subset of tiles can be read through the subset's tables (:meth:`LayerMapping.select_tiles`).
+        Element signs and hashednet hash each weight's position instead."""
+        return self.is_tiled and self.sign != "element"
+
     def spec(self, name: str) -> ModuleSpec:
         for s in self.modules:
             if s.name == name:
@@ -576,7 +583,7 @@ class LayerMapping:
         so the formulas that hash positions from it (element signs, hashednet) are refused.
         """
         plan, spec = self.plan, self.spec
-        if not plan.is_tiled or plan.sign == "element":
+        if not plan.tiles_read_by_table:
             raise ValueError(
                 f"{spec.name}: a subset of tiles is read through the tile tables only, which needs a tile "
                 f"mapper ('stable' or 'roast') and sign 'tile' or 'none' (got mapper={plan.mapper!r}, "

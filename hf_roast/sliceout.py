@@ -42,8 +42,8 @@ from torch import nn
 from .backends.dispatch import roast_linear
 from .checkpoint_format import STORE_NAME
 from .layers import RoastLinear, RoastStore
-from .mapping import LayerMapping
-from .vocab import SLICEOUT_MODES, check_choice
+from .mapping import LayerMapping, tiles_along
+from .vocab import SLICEOUT_MODES, check_choice, check_keep_fraction
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 """Child names of a Llama-style attention block: three producers, then the consumer."""
@@ -120,7 +120,7 @@ def _cut_of(
 ) -> Cut:
     """Tile and element indices of the kept units along one layer's axis (tile size ``t``, extent ``size``)."""
     tpu = member.tiles_per_unit
-    n_tiles = -(-size // t)
+    n_tiles = tiles_along(size, t)
     if isinstance(kept, tuple):
         start, stop = kept
         n_kept = stop - start
@@ -204,9 +204,7 @@ class SliceOut:
 
     @keep.setter
     def keep(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-            raise ValueError(f"SliceOut keep must be a fraction in (0, 1] (1.0: off), got {value!r}.")
-        self._keep = float(value)
+        self._keep = check_keep_fraction(value)
 
     @property
     def mode(self) -> str:
@@ -311,7 +309,7 @@ def enable_sliceout(model: nn.Module, keep: float, mode: str = "random", seed: i
         state.keep, state.mode, state.seed = keep, mode, seed
         return state
     plan = store.plan
-    if not plan.is_tiled or plan.sign == "element":
+    if not plan.tiles_read_by_table:
         raise ValueError(
             f"SliceOut computes whole tiles read through the tile tables: it needs mapper 'stable' or 'roast' "
             f"and sign 'tile' or 'none' (this model has mapper={plan.mapper!r}, sign={plan.sign!r})."

@@ -51,6 +51,17 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
         raise ValueError(f"Unknown {name} {value!r}: choose one of {', '.join(choices)}.")
 
 
+def check_keep_fraction(keep) -> float:
+    """The one validation of SliceOut's keep fraction (config field and runtime setter alike): a number in
+    (0, 1], returned as a float."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:  # NaN fails too
+        raise ValueError(
+            f"sliceout_keep must be a fraction in (0, 1] (1.0: SliceOut off; 0.5 computes half of each block's units "
+            f"per training step), got {keep!r}."
+        )
+    return float(keep)
+
+
 def check_mapping_version(version, source: str = "") -> None:
     """The one check of a stored or configured mapping version: other formulas would read other slots."""
     if isinstance(version, bool) or version != MAPPING_VERSION:
