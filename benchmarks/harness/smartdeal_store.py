@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .bitpack import pack_bits, unpack_bits
 from .smartdeal import (
     CODE_BITS,
     DecodedSmartDealLinear,
@@ -34,22 +35,6 @@ from .smartdeal import (
     replace_module,
     smartdeal_layers,
 )
-
-
-def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
-    """Unsigned integers below ``2**width`` as a little-endian bit stream in uint8 bytes."""
-    v = values.reshape(-1).to(torch.int64)
-    bits = (v.unsqueeze(1) >> torch.arange(width, device=v.device)) & 1
-    bits = bits.reshape(-1)
-    bits = torch.cat([bits, bits.new_zeros(-bits.numel() % 8)])
-    return (bits.view(-1, 8) << torch.arange(8, device=v.device)).sum(1).to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
-    """The first ``count`` ``width``-bit integers of a :func:`pack_bits` stream (int64)."""
-    bits = (packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1
-    bits = bits.reshape(-1)[: count * width].view(count, width)
-    return (bits << torch.arange(width, device=packed.device)).sum(1)
 
 
 def export(layer: SmartDealLinear) -> dict[str, torch.Tensor]:
@@ -72,8 +57,8 @@ def decode(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[torch.Tensor, 
     layout = Layout(**meta["layout"])
     g, m, _ = layout.shapes(meta["out_features"], meta["in_features"])
     shape = (g, m, layout.rank)
-    nonzero = unpack_bits(tensors["mask"], 1, g * m * layout.rank).bool().view(shape)
-    codes = unpack_bits(tensors["codes"], CODE_BITS, int(nonzero.sum()))
+    nonzero = unpack_bits(tensors["mask"], g * m * layout.rank, 1, signed=False).bool().view(shape)
+    codes = unpack_bits(tensors["codes"], int(nonzero.sum()), CODE_BITS, signed=False).long()
     sign = 1.0 - 2.0 * (codes >> 4).float()
     cq = torch.zeros(shape, device=nonzero.device)
     cq[nonzero] = sign * torch.ldexp(torch.ones_like(sign), -(codes & 15))

@@ -161,7 +161,7 @@ def test_bit_packing_round_trips_any_width():
     values = torch.randint(0, 32, (1001,))
     packed = smartdeal_store.pack_bits(values, 5)
     assert packed.numel() == math.ceil(1001 * 5 / 8)
-    assert torch.equal(smartdeal_store.unpack_bits(packed, 5, 1001), values)
+    assert torch.equal(smartdeal_store.unpack_bits(packed, 1001, 5, signed=False), values)
 
 
 def test_rtn_reference_is_the_arms_grid_and_the_comparison_reports_equal_bytes():
