@@ -1,0 +1,143 @@
+"""``python -m benchmarks.decode_profile``: where an eager decode token of hf-roast goes on CPU.
+
+``hf-roast bench --generate`` gives the end-to-end decode speed; this splits one greedy decode token of the
+compressed model into the time inside the C++ hashed GEMV (every compressed projection), the time of the dense
+output layer (SmolLM2 ties it to the embeddings, so it stays dense), and the rest (attention, norms, the
+Python of each layer call). Per arm: the difference between generating ``--new-tokens`` and 1 token, divided
+by the tokens, median of ``--rounds``, the arms interleaved round by round.
+
+    python -m benchmarks.decode_profile                       # SmolLM2-135M (pinned wheel), 16x, fp32 z
+    python -m benchmarks.decode_profile --compressions 4,16 --z-bits 8 --threads 2
+    python -m benchmarks.decode_profile --model tiny          # a small random Llama (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from hf_roast import RoastConfig, get_roast_model
+from hf_roast.backends.cpu import ops as cpu_ops
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.decode_profile", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--model", choices=("auto", "smollm2", "tiny"), default="auto")
+    p.add_argument("--compressions", default="16", help="comma-separated hf-roast arms")
+    p.add_argument(
+        "--z-bits", default="", help="also these arms with z packed to 8 / 4 bits (comma-separated)"
+    )
+    p.add_argument("--new-tokens", type=int, default=33)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
+    return p.parse_args(argv)
+
+
+class Clock:
+    """Seconds spent inside the GEMV and inside the output layer, and the GEMV's calls, since the last reset."""
+
+    def __init__(self) -> None:
+        self.gemv = self.head = 0.0
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.gemv = self.head = 0.0
+        self.calls = 0
+
+
+def instrument(clock: Clock) -> Callable[[], None]:
+    """Time every call of the CPU path's GEMV; returns the undo."""
+    real = cpu_ops._gemv
+
+    def timed(lib, x, args):
+        start = time.perf_counter()
+        try:
+            return real(lib, x, args)
+        finally:
+            clock.gemv += time.perf_counter() - start
+            clock.calls += 1
+
+    cpu_ops._gemv = timed
+
+    def undo() -> None:
+        cpu_ops._gemv = real
+
+    return undo
+
+
+def time_output_layer(model: torch.nn.Module, clock: Clock) -> None:
+    head = model.get_output_embeddings()
+    started: list[float] = []
+    head.register_forward_pre_hook(lambda module, args: started.append(time.perf_counter()))
+
+    def done(module, args, out):
+        clock.head += time.perf_counter() - started.pop()
+
+    head.register_forward_hook(done)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hf_roast.scripts.bench_generate import PROMPT_TOKENS, load_model
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    dense, description = load_model(args.model)
+    arms: dict[str, torch.nn.Module] = {"dense": dense}
+    for c in (float(v) for v in args.compressions.split(",")):
+        arms[f"hf-roast {c:g}x"] = model = get_roast_model(copy.deepcopy(dense), RoastConfig(compression=c))
+        for bits in (int(v) for v in args.z_bits.split(",") if v.strip()):
+            arms[f"hf-roast {c:g}x int{bits}"] = copy.deepcopy(model).quantize_z(bits)
+    clock = Clock()
+    for model in arms.values():
+        time_output_layer(model, clock)
+    prompt = torch.randint(
+        3, dense.config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0)
+    )
+
+    def generate(model, n: int) -> tuple[float, float, float, int]:
+        clock.reset()
+        start = time.perf_counter()
+        model.generate(
+            prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+        return time.perf_counter() - start, clock.gemv, clock.head, clock.calls
+
+    undo = instrument(clock)
+    try:
+        for model in arms.values():
+            generate(model, 4)  # warm-up: library load, allocator
+        per_token: dict[str, list[tuple[float, ...]]] = {name: [] for name in arms}
+        n = args.new_tokens - 1
+        for _ in range(args.rounds):
+            for name, model in arms.items():
+                long, short = generate(model, args.new_tokens), generate(model, 1)
+                per_token[name].append(tuple((a - b) / n for a, b in zip(long, short)))
+    finally:
+        undo()
+    print(
+        f"{description}; {torch.get_num_threads()} threads; ms per decode token, medians of {args.rounds} rounds"
+    )
+    print(f"{'arm':<22} {'token':>7} {'tok/s':>6} {'GEMV':>7} {'calls':>6} {'output layer':>13} {'rest':>7}")
+    for name, rows in per_token.items():
+        token, gemv, head, calls = (statistics.median(v) for v in zip(*rows))
+        rest = token - gemv - head
+        print(
+            f"{name:<22} {token * 1e3:7.1f} {1 / token:6.1f} {gemv * 1e3:7.1f} {calls:6.0f} {head * 1e3:13.1f} "
+            f"{rest * 1e3:7.1f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
