@@ -88,6 +88,9 @@ class Arm:
     # trained (QAT, straight-through) or the fine-tuned dense weights are rounded once
     sparsity: str | None = None
     qat: bool = False
+    # roast, fine-tuning: task-agnostic recovery before the task (hf_roast.recover): the compressed model is
+    # distilled from its dense self on Wikipedia passages until this many non-padding tokens; 0: none
+    recover_tokens: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -118,6 +121,8 @@ class Arm:
             raise ValueError(f"Arm {self.name}: a compression pattern is for hf-roast arms.")
         if self.module_balance and self.method != "roast":
             raise ValueError(f"Arm {self.name}: module_balance is for hf-roast arms.")
+        if self.recover_tokens < 0 or (self.recover_tokens and self.method != "roast"):
+            raise ValueError(f"Arm {self.name}: recover_tokens is a token budget (>= 0), for hf-roast arms.")
         if self.prune_by not in PRUNE_CRITERIA or (self.prune_by != "magnitude" and self.method != "prune"):
             raise ValueError(f"Arm {self.name}: prune_by is one of {PRUNE_CRITERIA}, for pruning arms.")
 
@@ -130,6 +135,7 @@ class Arm:
                 + (f" x int{self.z_bits} (QAT)" if self.z_bits < 32 else "")
                 + (" (+embeddings)" if self.compress_embeddings else "")
                 + (" (norm-preserving init)" if self.norm_init else "")
+                + (" (recovered before the task)" if self.recover_tokens else "")
             )
         if self.method == "prune":
             return f"{self.prune_by} pruning" + (" (+embeddings)" if self.compress_embeddings else "")

@@ -7,6 +7,7 @@ scored on test, once.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -50,6 +51,51 @@ class ClassificationSource:
     load_model: Callable[[int], nn.Module]
     tokenizer: object
     data: TextClassificationData
+    # unlabelled text for the arms that recover before the task (Arm.recover_tokens), and its description
+    recovery_text: Callable[[], list[str]] | None = None
+    recovery_text_description: str = ""
+
+
+RECOVERY_LR = 1e-4
+"""``hf_roast.recover``'s rate for the recovered arms: the rate dense fine-tunes at on this task (its grid's
+choice); the recipe's groups take their ratios of it, as in fine-tuning."""
+RECOVERY_BATCH = 32
+RECOVERY_MAX_LENGTH = 128
+"""Wikipedia passages of up to ~450 characters (``data.wikipedia_passages``) fit in 128 tokens."""
+RECOVERY_HIDDEN_WEIGHT = 1.0
+"""The hidden-state MSE's weight beside the logits' KL (``recover``'s default). The logits are those of the
+classifier's fresh head, which teacher and student share, so the hidden states carry the signal."""
+
+
+def recover_before_task(model: nn.Module, teacher: nn.Module, source: ClassificationSource, arm: Arm) -> dict:
+    """Distil the dense model into the freshly compressed one on the source's unlabelled text, in place, until
+    ``arm.recover_tokens`` tokens (``hf_roast.recover``); returns its record for the arm's result."""
+    from hf_roast import recover
+
+    if source.recovery_text is None:
+        raise ValueError(
+            f"Arm {arm.name} recovers before the task, but the source {source.name} has no text."
+        )
+    with ResourceMeter() as meter:
+        report = recover(
+            model,
+            teacher,
+            source.recovery_text(),
+            source.tokenizer,
+            token_budget=arm.recover_tokens,
+            batch_size=RECOVERY_BATCH,
+            max_length=RECOVERY_MAX_LENGTH,
+            lr=RECOVERY_LR,
+            hidden_weight=RECOVERY_HIDDEN_WEIGHT,
+            seed=arm.seed,
+            data_description=source.recovery_text_description,
+            show_progress=False,
+        )
+    head = report.losses[:10]
+    record = report.to_dict()
+    record["first_loss"] = sum(head) / max(1, len(head))
+    record.update(meter.as_dict())
+    return record
 
 
 def _encode(tokenizer, texts: list[str], labels: list[int], max_length: int):
@@ -190,7 +236,14 @@ def run_classification_arm(
         for lr in grid:
             set_seed(arm.seed)
             calibration = calibration_batches(train_set, tok, setup.batch_size) if arm.calibrate else None
-            model, storage = build_arm_model(source.load_model(len(data.label_names)), arm, calibration)
+            dense = source.load_model(len(data.label_names))
+            dense_copy = (
+                copy.deepcopy(dense) if arm.recover_tokens else None
+            )  # the same head as the student's
+            model, storage = build_arm_model(dense, arm, calibration)
+            if arm.recover_tokens:
+                storage["recovery"] = recover_before_task(model, dense_copy, source, arm)
+                del dense_copy
             with ResourceMeter() as meter:
                 loss, z_lr_multiplier = train(model, train_set, tok, setup, lr, arm.seed, arm, teacher)
             finish_training(model, arm)  # quantised arms are scored as they are stored

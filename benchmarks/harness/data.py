@@ -202,4 +202,23 @@ def split_articles(articles: list[str], eval_every: int = 5) -> tuple[list[str],
     return train, held_out
 
 
+def wikipedia_passages(max_chars: int = 450) -> list[str]:
+    """The training articles (:func:`split_articles`) as passages of whole sentences, each at most about
+    ``max_chars`` characters (a longer sentence stands alone): documents a short-context encoder reads whole."""
+    train, _ = split_articles(load_wikipedia_articles())
+    passages = []
+    for article in train:
+        for line in article.splitlines():
+            current = ""
+            for sentence in line.replace(". ", ".\n").splitlines():
+                if current and len(current) + 1 + len(sentence) > max_chars:
+                    passages.append(current)
+                    current = sentence
+                else:
+                    current = f"{current} {sentence}".strip()
+            if len(current) >= 40:  # headings and list stubs carry little to distil
+                passages.append(current)
+    return passages
+
+
 # ---- models ------------------------------------------------------------------------------------------

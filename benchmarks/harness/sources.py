@@ -80,7 +80,14 @@ def tiny_classification_source(n: int = 160) -> ClassificationSource:
         )
         return BertForSequenceClassification(config)
 
-    return ClassificationSource("tiny-bert (config, random init)", load, tokenizer, data)
+    return ClassificationSource(
+        "tiny-bert (config, random init)",
+        load,
+        tokenizer,
+        data,
+        recovery_text=lambda: [t for t, _ in tiny_sentences(200, seed=7)],
+        recovery_text_description="200 template sentences (tiny)",
+    )
 
 
 def tiny_lm_source() -> LanguageModelSource:
@@ -113,7 +120,7 @@ def minilm_classification_source(train_size: int | None, val_size: int = 1000) -
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .data import PINNED, load_rotten_tomatoes
+    from .data import PINNED, load_rotten_tomatoes, wikipedia_passages
 
     path = minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -123,7 +130,14 @@ def minilm_classification_source(train_size: int | None, val_size: int = 1000) -
         hf_logging.set_verbosity_error()  # the new classifier head is reported missing, as expected
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
 
-    return ClassificationSource(f"all-MiniLM-L6-v2 ({PINNED['minilm']['package']})", load, tokenizer, data)
+    return ClassificationSource(
+        f"all-MiniLM-L6-v2 ({PINNED['minilm']['package']})",
+        load,
+        tokenizer,
+        data,
+        recovery_text=wikipedia_passages,
+        recovery_text_description="Wikipedia passages (gensim 4.4.0's enwiki test dump, training articles)",
+    )
 
 
 def smollm2_source() -> LanguageModelSource:

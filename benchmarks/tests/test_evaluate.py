@@ -743,3 +743,19 @@ def test_per_module_budget_arms_store_exactly_what_the_plain_arm_stores():
             assert (spec.segment_start_tile > 0) == (".attention." in spec.name), spec.name
     with pytest.raises(ValueError, match="for hf-roast arms"):
         Arm("p", "prune", 4.0, compression_pattern=(("attention", 2.0),))
+
+
+def test_a_recovered_arm_distils_its_token_budget_before_the_task(tiny_sweep):
+    """Arm.recover_tokens: hf_roast.recover runs on the source's unlabelled text before the fine-tune, to its
+    budget, and the arm's result records the run (a plain arm has no such record)."""
+    results = tiny_sweep / "classification"
+    recovered = json.loads((results / "roast-stable-4x-rec2k.json").read_text())
+    record = recovered["storage"]["recovery"]
+    assert record["token_budget"] == 2000 and 2000 <= record["tokens"] < 2000 + 32 * 128
+    assert record["steps"] > 0 and record["data"] == "200 template sentences (tiny)"
+    assert math.isfinite(record["final_loss"]) and record["wall_seconds"] > 0
+    assert "recovered before the task" in recovered["arm"]["label"]
+    plain = json.loads((results / "roast-stable-4x.json").read_text())
+    assert "recovery" not in plain["storage"]
+    with pytest.raises(ValueError, match="recover_tokens"):
+        Arm("p", "prune", 4.0, recover_tokens=1000)
