@@ -122,7 +122,9 @@ class RoastConfig:
             "dropped units' tile rows of q/k/v/gate/up and tile columns of o/down are never read from z, "
             "multiplied or given a gradient, and o/down rescale what they sum by (units / kept units), like "
             "dropout. 1.0: off, bit for bit the model without it. model.eval() always runs the full model. "
-            "Llama-style blocks (q/k/v/o_proj, gate/up/down_proj) with sign 'tile' or 'none' and a tile mapper. "
+            "Llama-style blocks (q/k/v/o_proj, gate/up/down_proj) or BERT-style ones (attention.self.query/key/"
+            "value -> attention.output.dense, intermediate.dense -> output.dense) with sign 'tile' or 'none' and "
+            "a tile mapper. "
             "Not stored in checkpoints. See hf_roast.sliceout."
         },
     )

@@ -1,13 +1,23 @@
 """SliceOut for ROAST layers: each training step computes only some tile-aligned units of every block.
 
-A block is a Llama-style attention (``q_proj``, ``k_proj``, ``v_proj`` -> ``o_proj``) or MLP (``gate_proj``,
-``up_proj`` -> ``down_proj``). Its *consumer* (o / down) sums over its input units; its *producers* (q, k, v /
-gate, up) compute them. A training step keeps ``K = round(keep * N)`` of the block's ``N`` units:
+A block is an attention or an MLP, found by the names of its linear layers (:data:`LAYOUTS`, one row per layout):
+
+* Llama-style: attention ``q_proj``, ``k_proj``, ``v_proj`` -> ``o_proj``; MLP ``gate_proj``, ``up_proj`` ->
+  ``down_proj``;
+* BERT-style (a ``BertLayer``, and the encoders that copy it): attention ``attention.self.query``, ``.key``,
+  ``.value`` -> ``attention.output.dense``; MLP ``intermediate.dense`` -> ``output.dense``.
+
+Its *consumer* (o / down / output dense) sums over its input units; its *producers* (q, k, v / gate, up /
+intermediate dense) compute them. A training step keeps ``K = round(keep * N)`` of the block's ``N`` units:
 
 * the consumer reads only the kept units' tile columns of its W, and rescales its sum by ``N / K`` (the
   dropout rescale: with a uniform random subset it is an unbiased estimate of the full sum);
 * each producer computes only the tile rows of its W whose outputs reach a kept unit, and writes zeros for
   the rest (they are never read: the consumer drops those columns).
+
+Tensor shapes never change (a producer's output keeps its full width), so the code between the layers (RoPE,
+attention, activations, norms, residuals) runs as it is: a dropped head's q, k and v are zeros (so is its
+attention output), and the consumer drops its columns anyway; a dropped MLP unit's activation is dropped likewise.
 
 So the weight gather from z, the matmul and the scatter of dz all shrink to the kept tiles, on every
 execution path: a step reads a layer through compacted tile tables (:meth:`LayerMapping.select_tiles`), and a
@@ -17,9 +27,10 @@ Units are tile-aligned, so a dropped unit owns whole tiles of every matrix of it
 
 * MLP: ``lcm(tile rows, tile cols)`` consecutive hidden units (32 with the default 32 x 32 tile); the last unit
   may be shorter (a partial last tile);
-* attention: the fewest whole key/value groups (a key/value head with the query heads that read it) whose
-  rows fill whole tiles of q, k, v and whose columns fill whole tile columns of o; a unit's heads are dropped
-  from all four. A block with a single unit (heads narrower than a tile, one group) is never sliced.
+* attention: the fewest whole key/value groups (a key/value head with the query heads that read it; one head
+  each in BERT, which has as many key/value heads as heads) whose rows fill whole tiles of q, k, v and whose
+  columns fill whole tile columns of o; a unit's heads are dropped from all four. A block with a single unit
+  (heads narrower than a tile, one group) is never sliced.
 
 The mask of block ``b`` at step ``s`` is drawn from a generator seeded by ``(seed, s, b)``: every layer of the
 block reads the same mask, and a forward recomputed by gradient checkpointing drops the same units. The step
@@ -45,10 +56,37 @@ from .layers import RoastLinear, RoastStore
 from .mapping import LayerMapping, tiles_along
 from .vocab import SLICEOUT_MODES, check_choice, check_keep_fraction
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-"""Child names of a Llama-style attention block: three producers, then the consumer."""
-MLP = ("gate_proj", "up_proj", "down_proj")
-"""Child names of a Llama-style MLP block (``gate_proj`` optional): producers, then the consumer."""
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where one kind of block keeps its linear layers: dotted paths from the block's *container* (the module
+    found to hold them all: a Llama attention or MLP module, a ``BertLayer``)."""
+
+    family: str  # "Llama" / "BERT", for messages
+    kind: str  # "attention" (producers q, k, v in this order) or "mlp"
+    producers: tuple[str, ...]  # compute the units: SliceOut keeps their tile rows
+    consumer: str  # sums over the units: SliceOut keeps its tile columns and rescales
+    optional: tuple[str, ...] = ()  # producers a container may lack
+
+    def describe(self) -> str:
+        return f"{self.family} {self.kind} ({', '.join(self.producers)} -> {self.consumer})"
+
+
+LAYOUTS = (
+    BlockLayout("Llama", "attention", ("q_proj", "k_proj", "v_proj"), "o_proj"),
+    BlockLayout("Llama", "mlp", ("gate_proj", "up_proj"), "down_proj", optional=("gate_proj",)),
+    BlockLayout(
+        "BERT",
+        "attention",
+        ("attention.self.query", "attention.self.key", "attention.self.value"),
+        "attention.output.dense",
+    ),
+    BlockLayout("BERT", "mlp", ("intermediate.dense",), "output.dense"),
+)
+"""The block layouts SliceOut finds, tried in this order on every module of the model. A module is a block's
+container when it holds the consumer (compressed) and every producer not optional; a module may contain several
+blocks (a ``BertLayer``: its attention and its MLP). A block is named after the deepest module that holds all its
+layers (``...self_attn``, ``...mlp``; ``...layer.0.attention`` and ``...layer.0`` in BERT)."""
 
 
 def kept_count(keep: float, n_units: int) -> int:
@@ -251,24 +289,40 @@ def _sliceable(module: nn.Module | None) -> bool:
     return isinstance(module, RoastLinear) and module.spec.kind == "linear"
 
 
-def _head_dim(attention: nn.Module, q: nn.Module) -> int:
-    head_dim = getattr(attention, "head_dim", None)
-    if not isinstance(head_dim, int):
-        config = getattr(attention, "config", None)
-        heads = getattr(config, "num_attention_heads", None)
-        head_dim = getattr(config, "head_dim", None) or (q.out_features // heads if heads else None)
-    if not isinstance(head_dim, int) or head_dim < 1:
-        raise ValueError(f"SliceOut cannot tell the head size of {type(attention).__name__}.")
-    return head_dim
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    """``module``'s submodule at a dotted path, or None."""
+    for part in path.split("."):
+        module = module._modules.get(part) if module is not None else None
+    return module
 
 
-def _attention_units(attention: nn.Module, tile: tuple[int, int]) -> tuple[int, dict[str, Member]] | None:
-    """(units, members) of an attention block, or None when it has one unit only."""
-    q, k, v, o = (getattr(attention, n) for n in ATTENTION)
-    hd = _head_dim(attention, q)
+def _head_dim(owners: list[nn.Module], q: nn.Module) -> int:
+    """The head size, from the first of ``owners`` (the attention modules: a Llama attention; a BERT
+    attention's self-attention) that tells it (``head_dim``, ``attention_head_size``, or its config's
+    ``head_dim`` or ``num_attention_heads``)."""
+    for owner in owners:
+        for attribute in ("head_dim", "attention_head_size"):
+            head_dim = getattr(owner, attribute, None)
+            if isinstance(head_dim, int):
+                break
+        else:
+            config = getattr(owner, "config", None)
+            heads = getattr(config, "num_attention_heads", None)
+            head_dim = getattr(config, "head_dim", None) or (q.out_features // heads if heads else None)
+        if isinstance(head_dim, int) and head_dim >= 1:
+            return head_dim
+    raise ValueError(f"SliceOut cannot tell the head size of {type(owners[0]).__name__}.")
+
+
+def _attention_units(
+    owners: list[nn.Module], q: nn.Module, k: nn.Module, tile: tuple[int, int]
+) -> tuple[int, Member, Member, Member] | None:
+    """(units, the q member, the k and v member, the o member) of an attention block, or None when it has one
+    unit only. ``owners``: the modules that may tell the head size (see :func:`_head_dim`)."""
+    hd = _head_dim(owners, q)
     heads, kv_heads = q.out_features // hd, k.out_features // hd
     if heads * hd != q.out_features or kv_heads * hd != k.out_features or heads % kv_heads:
-        raise ValueError(f"SliceOut: {type(attention).__name__}'s projections are not whole heads of {hd}.")
+        raise ValueError(f"SliceOut: {type(owners[0]).__name__}'s projections are not whole heads of {hd}.")
     n_rep = heads // kv_heads
     tr, tc = tile
     for groups in range(1, kv_heads):
@@ -276,33 +330,89 @@ def _attention_units(attention: nn.Module, tile: tuple[int, int]) -> tuple[int, 
             break
     else:
         return None
-    members = {
-        "q_proj": Member("rows", groups * n_rep * hd // tr),
-        "k_proj": Member("rows", groups * hd // tr),
-        "v_proj": Member("rows", groups * hd // tr),
-        "o_proj": Member("cols", groups * n_rep * hd // tc),
-    }
-    return -(-kv_heads // groups), members
+    q_member = Member("rows", groups * n_rep * hd // tr)
+    kv_member = Member("rows", groups * hd // tr)
+    o_member = Member("cols", groups * n_rep * hd // tc)
+    return -(-kv_heads // groups), q_member, kv_member, o_member
 
 
-def _mlp_units(mlp: nn.Module, tile: tuple[int, int]) -> tuple[int, dict[str, Member]] | None:
-    """(units, members) of an MLP block, or None when it has one unit only."""
+def _mlp_units(consumer: nn.Module, tile: tuple[int, int]) -> tuple[int, Member, Member] | None:
+    """(units, the producers' member, the consumer's member) of an MLP block, or None when it has one unit
+    only."""
     unit = math.lcm(*tile)
-    n_units = -(-mlp.down_proj.in_features // unit)
+    n_units = -(-consumer.in_features // unit)
     if n_units < 2:
         return None
-    members = {"gate_proj": Member("rows", unit // tile[0]), "up_proj": Member("rows", unit // tile[0])}
-    members["down_proj"] = Member("cols", unit // tile[1])
+    return n_units, Member("rows", unit // tile[0]), Member("cols", unit // tile[1])
+
+
+def _block_members(
+    layout: BlockLayout, container: nn.Module, tile: tuple[int, int]
+) -> tuple[int, dict[str, Member]] | None:
+    """(units, member of each path) of the layout's block in ``container``, or None when it has one unit only."""
+    consumer = _submodule(container, layout.consumer)
+    if layout.kind == "attention":
+        q_path, k_path, v_path = layout.producers
+        q = _submodule(container, q_path)
+        owners = [container]
+        parent = _submodule(container, q_path.rpartition(".")[0]) if "." in q_path else container
+        if parent is not container:
+            owners.insert(0, parent)  # BERT: the self-attention tells the head size
+        found = _attention_units(owners, q, _submodule(container, k_path), tile)
+        if found is None:
+            return None
+        n_units, q_member, kv_member, o_member = found
+        members = {q_path: q_member, k_path: kv_member, v_path: kv_member}
+    else:
+        found = _mlp_units(consumer, tile)
+        if found is None:
+            return None
+        n_units, producer_member, o_member = found
+        members = dict.fromkeys(layout.producers, producer_member)
+    members[layout.consumer] = o_member
     return n_units, members
+
+
+def _holds(container: nn.Module, layout: BlockLayout) -> bool:
+    """Whether ``container`` holds the layout's block: a compressed consumer, every producer not optional, and
+    the widths agree (q / each MLP producer writes as many outputs as the consumer reads)."""
+    consumer = _submodule(container, layout.consumer)
+    if not _sliceable(consumer):
+        return False
+    widths = []
+    for i, path in enumerate(layout.producers):
+        producer = _submodule(container, path)
+        if producer is None:
+            if path not in layout.optional:
+                return False
+        elif layout.kind == "mlp" or i == 0:  # attention: k and v may be narrower (grouped heads)
+            widths.append(getattr(producer, "out_features", consumer.in_features))
+    return all(w == consumer.in_features for w in widths)
+
+
+def _block_name(container_name: str, paths: list[str]) -> str:
+    """The name of the deepest module holding all of ``paths`` (dotted, from the container)."""
+    common = []
+    for parts in zip(*(p.split(".")[:-1] for p in paths)):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return ".".join(n for n in (container_name, *common) if n)
+
+
+def _layouts_text() -> str:
+    return "; ".join(layout.describe() for layout in LAYOUTS)
 
 
 def enable_sliceout(model: nn.Module, keep: float, mode: str = "random", seed: int = 0) -> SliceOut:
     """Switch SliceOut on for ``model`` (a compressed HF model, or a RoastModel) and return its state.
 
-    Finds every Llama-style block whose consumer (``o_proj`` / ``down_proj``) is a ROAST linear layer,
-    attaches the block's mask to its ROAST layers, and counts steps with a forward pre-hook on the module that
-    holds the store. Called again, it only changes ``keep``, ``mode`` and ``seed``. ``keep=1`` computes the full
-    model, bit for bit as without SliceOut."""
+    Finds every block of a known layout (:data:`LAYOUTS`: Llama-style ``q/k/v_proj -> o_proj`` and
+    ``gate/up_proj -> down_proj``; BERT-style ``attention.self.query/key/value -> attention.output.dense`` and
+    ``intermediate.dense -> output.dense``) whose consumer is a ROAST linear layer, attaches the block's mask to
+    its ROAST layers, and counts steps with a forward pre-hook on the module that holds the store. Called again,
+    it only changes ``keep``, ``mode`` and ``seed``. ``keep=1`` computes the full model, bit for bit as without
+    SliceOut."""
     root, store = _store_root(model)
     state = store.__dict__.get("sliceout")
     if state is not None:
@@ -316,28 +426,28 @@ def enable_sliceout(model: nn.Module, keep: float, mode: str = "random", seed: i
         )
     state = SliceOut(keep, mode, seed)
     for name, module in root.named_modules():
-        children = module._modules
-        if all(n in children for n in ATTENTION) and _sliceable(children["o_proj"]):
-            found = _attention_units(module, plan.tile)
-        elif "up_proj" in children and _sliceable(children.get("down_proj")):
-            found = _mlp_units(module, plan.tile)
-        else:
-            continue
-        if found is None:
-            state.skipped.append(name)
-            continue
-        n_units, members = found
-        block = SliceBlock(state, len(state.blocks), name, n_units)
-        state.blocks.append(block)
-        for child, member in members.items():
-            layer = children.get(child)
-            if _sliceable(layer):
-                object.__setattr__(layer, "_sliceout", SliceSite(block, member))
+        for layout in LAYOUTS:
+            if not _holds(module, layout):
+                continue
+            paths = [p for p in (*layout.producers, layout.consumer) if _submodule(module, p) is not None]
+            block_name = _block_name(name, paths)
+            found = _block_members(layout, module, plan.tile)
+            if found is None:
+                state.skipped.append(block_name)
+                continue
+            n_units, members = found
+            block = SliceBlock(state, len(state.blocks), block_name, n_units)
+            state.blocks.append(block)
+            for path, member in members.items():
+                layer = _submodule(module, path)
+                if _sliceable(layer):
+                    object.__setattr__(layer, "_sliceout", SliceSite(block, member))
     if not state.blocks:
         raise ValueError(
-            "SliceOut found no block to slice: it needs Llama-style blocks (q/k/v/o_proj attention, "
-            "gate/up/down_proj MLP) whose o_proj / down_proj is compressed and spans at least two tile-aligned "
-            f"units (skipped for a single unit: {state.skipped[:4]}). A smaller `tile` gives more units."
+            f"SliceOut found no block to slice: it knows {_layouts_text()}, and needs blocks whose consumer "
+            "(o_proj / down_proj, attention.output.dense / output.dense) is compressed and spans at least two "
+            f"tile-aligned units (skipped for a single unit: {state.skipped[:4]}). A smaller `tile` gives more "
+            "units."
         )
     if state.skipped:
         warnings.warn(

@@ -33,9 +33,10 @@ def tiny_gpt2(seed: int = 0):
     return tf.GPT2LMHeadModel(cfg).eval()
 
 
-def tiny_bert_classifier(seed: int = 0, num_labels: int = 3):
+def tiny_bert_classifier(seed: int = 0, num_labels: int = 3, **overrides):
+    """A 2-layer BERT classifier; ``overrides`` change BertConfig fields."""
     torch.manual_seed(seed)
-    cfg = tf.BertConfig(
+    fields = dict(
         vocab_size=VOCAB,
         hidden_size=64,
         num_hidden_layers=2,
@@ -44,7 +45,8 @@ def tiny_bert_classifier(seed: int = 0, num_labels: int = 3):
         max_position_embeddings=64,
         num_labels=num_labels,
     )
-    return tf.BertForSequenceClassification(cfg).eval()
+    fields.update(overrides)
+    return tf.BertForSequenceClassification(tf.BertConfig(**fields)).eval()
 
 
 def tiny_t5(seed: int = 0):

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_gpt2, tiny_llama
+from helpers import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 from hf_roast import RoastConfig, RoastModel, SliceOut, enable_sliceout, get_roast_model
 from hf_roast.layers import RoastLinear
@@ -365,6 +365,214 @@ def test_enable_again_changes_keep_and_keep_one_switches_off():
     enable_sliceout(rm, 1.0)
     ids = batch()
     assert torch.equal(step(rm, ids)[2], step(reference, ids)[2])
+
+
+# ---- BERT-style encoder layers (attention.self.query/key/value -> attention.output.dense, intermediate -> output)
+def roast_bert(keep=1.0, mode="random", seed=0, enable=False, **config):
+    """A tiny BERT classifier (2 layers, 4 heads of 16, intermediate 128, no dropout) compressed 4x with 16 x 16
+    tiles (4 attention units, 8 MLP units per layer), biases made nonzero, in train mode. ``enable``: attach
+    SliceOut even at keep 1."""
+    model = tiny_bert_classifier(
+        intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    cfg = RoastConfig(
+        compression=4,
+        init="random",
+        tile=TILE,
+        target_modules="all-linear",
+        exclude_modules=["classifier"],
+        sliceout_keep=keep,
+        sliceout_mode=mode,
+        sliceout_seed=seed,
+        **config,
+    )
+    rm = get_roast_model(model, cfg)
+    if enable and keep == 1.0:
+        enable_sliceout(rm, 1.0, mode, seed)
+    with torch.no_grad():  # biases start at zero: make them matter
+        for _, layer in rm.roast_layers():
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.normal_(0, 0.1)
+    return rm.train()
+
+
+def bert_batch(seed=0, shape=(2, 11)):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 96, shape, generator=gen), torch.randint(0, 3, shape[:1], generator=gen)
+
+
+def bert_step(rm, ids, labels):
+    """Loss, logits and the gradients of z and of every bias after one forward and backward."""
+    rm.zero_grad(set_to_none=True)
+    out = rm(input_ids=ids, labels=labels)
+    out.loss.backward()
+    biases = {
+        n: p.grad.clone() for n, p in rm.named_parameters() if n.endswith("bias") and p.grad is not None
+    }
+    return out.loss.detach(), out.logits.detach(), rm.roast_store.z.grad.clone(), biases
+
+
+BERT_MEMBERS = {
+    "attention.self.query": ("attention", Member("rows", 1)),
+    "attention.self.key": ("attention", Member("rows", 1)),
+    "attention.self.value": ("attention", Member("rows", 1)),
+    "attention.output.dense": ("attention", Member("cols", 1)),
+    "intermediate.dense": ("", Member("rows", 1)),
+    "output.dense": ("", Member("cols", 1)),
+}
+
+
+def test_bert_layers_are_an_attention_and_an_mlp_block():
+    rm = roast_bert(keep=0.5)
+    state = sliceout_state(rm)
+    assert [(b.name, b.n_units) for b in state.blocks] == [
+        ("bert.encoder.layer.0.attention", 4),  # a head of 16 per unit
+        ("bert.encoder.layer.0", 8),  # 128 / 16
+        ("bert.encoder.layer.1.attention", 4),
+        ("bert.encoder.layer.1", 8),
+    ] and not state.skipped
+    sites = {
+        n: (m.__dict__["_sliceout"].block.name, m.__dict__["_sliceout"].member) for n, m in sliced_layers(rm)
+    }
+    want = {}
+    for i in range(2):
+        prefix = f"bert.encoder.layer.{i}"
+        for path, (block, member) in BERT_MEMBERS.items():
+            want[f"{prefix}.{path}"] = (f"{prefix}.{block}".rstrip("."), member)
+    assert sites == want  # the pooler and the (uncompressed) classifier stay whole
+    # all-MiniLM-L6-v2's shapes (hidden 384, 12 heads of 32, intermediate 1536), default 32 x 32 tile
+    mini = get_roast_model(
+        tiny_bert_classifier(
+            hidden_size=384, num_attention_heads=12, intermediate_size=1536, num_hidden_layers=1
+        ),
+        RoastConfig(compression=16, exclude_modules=["classifier"], sliceout_keep=0.5),
+    )
+    assert [(b.name, b.n_units) for b in sliceout_state(mini).blocks] == [
+        ("bert.encoder.layer.0.attention", 12),
+        ("bert.encoder.layer.0", 48),
+    ]
+
+
+def test_bert_keep_one_is_bit_identical_forward_and_grads():
+    plain, attached = roast_bert(), roast_bert(enable=True)
+    assert (
+        not sliced_layers(plain) and len(sliced_layers(attached)) == 12
+    )  # 2 x (q, k, v, o, intermediate, output)
+    ids, labels = bert_batch()
+    for a, b in zip(bert_step(plain, ids, labels), bert_step(attached, ids, labels)):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            assert torch.equal(a, b)
+
+
+def test_bert_eval_runs_the_full_model():
+    full, sliced = roast_bert(), roast_bert(keep=0.5)
+    ids, _ = bert_batch()
+    full.eval(), sliced.eval()
+    with torch.no_grad():
+        assert torch.equal(full(input_ids=ids).logits, sliced(input_ids=ids).logits)
+    assert sliceout_state(sliced).step == 0
+    sliced.train(), full.train()
+    with torch.no_grad():
+        assert not torch.allclose(full(input_ids=ids).logits, sliced(input_ids=ids).logits)
+    assert sliceout_state(sliced).step == 1
+
+
+@pytest.mark.parametrize("mode", ["random", "contiguous"])
+def test_bert_layer_matches_a_dense_reference(mode):
+    """One BertLayer at keep 0.5 against a dense one: each W materialised from z, the dropped heads' q/k/v rows
+    and MLP units zeroed, the consumers' kept columns rescaled by N / K, autograd for dx, dz and the biases. z
+    tiles read only by dropped units get no gradient; the kept ones do."""
+    rm = roast_bert(keep=0.5, mode=mode, seed=4, scaler="none")  # dz as autograd gives it
+    layer = rm.base_model.bert.encoder.layer[1]
+    attn, o, inter, out = layer.attention.self, layer.attention.output, layer.intermediate, layer.output
+    producers = [attn.query, attn.key, attn.value, inter.dense]
+    consumers = [o.dense, out.dense]
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    z = rm.roast_store.z
+    y = layer(x)
+    cuts = {m: current_cut(m) for m in producers + consumers}
+    assert [cuts[m].scale for m in consumers] == [2.0, 2.0]  # 2 of 4 heads, 4 of 8 MLP units
+    for producer, consumer in (
+        (attn.query, o.dense),
+        (attn.key, o.dense),
+        (attn.value, o.dense),
+        (inter.dense, out.dense),
+    ):
+        assert index_list(cuts[producer].units, 64 if consumer is o.dense else 128) == index_list(
+            cuts[consumer].units, cuts[consumer].size
+        )
+    grad_y = torch.randn_like(y)
+    linears = producers + consumers
+    got = torch.autograd.grad(y, [x, z, *(m.bias for m in linears)], grad_y)
+
+    zr = z.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    br = [m.bias.detach().clone().requires_grad_() for m in linears]
+    masks = []
+    for consumer in consumers:
+        mask = torch.zeros(cuts[consumer].size)
+        mask[index_list(cuts[consumer].units, cuts[consumer].size)] = 1.0
+        masks.append(mask)
+    heads = [F.linear(xr, dense_weight(m, zr), b) * masks[0] for m, b in zip(producers[:3], br[:3])]
+    q, k, v = (t.view(2, 7, 4, 16).transpose(1, 2) for t in heads)
+    context = (torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v).transpose(1, 2).reshape(2, 7, 64)
+    attended = F.linear(context * masks[0], dense_weight(o.dense, zr)) * cuts[o.dense].scale + br[4]
+    h = o.LayerNorm(attended + xr)
+    hidden = F.gelu(F.linear(h, dense_weight(inter.dense, zr), br[3]) * masks[1])
+    want_y = out.LayerNorm(
+        F.linear(hidden * masks[1], dense_weight(out.dense, zr)) * cuts[out.dense].scale + br[5] + h
+    )
+    want = torch.autograd.grad(want_y, [xr, zr, *br], grad_y)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    names = (
+        "dx",
+        "dz",
+        "db_query",
+        "db_key",
+        "db_value",
+        "db_intermediate",
+        "db_attention_output",
+        "db_output",
+    )
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    for db, mask in zip(got[2:6], [masks[0]] * 3 + [masks[1]]):  # query, key, value, intermediate
+        assert torch.all(db[mask == 0] == 0)
+    assert (got[4][masks[0] == 1] != 0).all() and (
+        got[5][masks[1] == 1] != 0
+    ).all()  # (a key bias: ~0 anyway)
+    # z: only this layer ran, so its kept tiles' slots are all that get a gradient
+    plan = rm.plan
+    kept = torch.zeros(plan.num_slot_tiles, dtype=torch.bool)
+    for m in linears:
+        cut = cuts[m]
+        grid = m.tile_slot.view(m.spec.n_tile_rows(plan.tile), m.spec.n_tile_cols(plan.tile))
+        kept[(grid[cut.tiles] if cut.axis == "rows" else grid[:, cut.tiles]).flatten()] = True
+    per_tile = got[1].view(-1, plan.tile_numel)
+    assert (~kept).sum() > 0 and kept.sum() > 0
+    assert torch.all(per_tile[~kept] == 0)
+    assert (per_tile[kept] != 0).any(dim=1).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("mode", ["random", "contiguous"])
+def test_a_tiny_bert_classifier_trains_with_sliceout(mode):
+    rm = roast_bert(keep=0.5, mode=mode)
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=3e-3)
+    ids, labels = bert_batch(5, (8, 12))
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss = rm(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.2
+    assert sliceout_state(rm).step == 12
+    rm.eval()
+    with torch.no_grad():
+        assert math.isfinite(rm(input_ids=ids, labels=labels).loss.item())
 
 
 # ---- configuration and checkpoints ---------------------------------------------------------------------------
