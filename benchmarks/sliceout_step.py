@@ -9,6 +9,11 @@ model and optimizer state; CPU: the process's peak RSS, the same for every row).
 
     python -m benchmarks.sliceout_step                    # the default model, 20 timed steps per setting
     python -m benchmarks.sliceout_step --device cuda --steps 50 --json sliceout_step.json
+    python -m benchmarks.sliceout_step --model minilm --batch-size 32 --context 64   # the fine-tuning experiment's step
+
+``--model minilm``: the pinned all-MiniLM-L6-v2 with a 2-class head, compressed like the fine-tuning experiment's
+hf-roast arms (``harness.arms.roast_config_for``; plain least-squares init), on random token batches of
+``--batch-size`` x ``--context`` with random labels (``--hidden`` and the other shape options do not apply).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compression", type=float, default=16.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--model", choices=("scratch", "minilm"), default="scratch")
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=688)
@@ -51,11 +57,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace, keep: float, mode: str) -> torch.nn.Module:
-    """The scratch experiment's hf-roast model at ``keep`` (seeded: every setting starts from the same z)."""
+    """The experiment's hf-roast model at ``keep`` (seeded: every setting starts from the same z)."""
     from hf_roast.sliceout import enable_sliceout
 
     from .harness.arms import Arm
     from .harness.scratch import ScratchSetup, build_scratch_model
+
+    if args.model == "minilm":
+        from hf_roast.scripts.pinned_models import minilm_dir
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        from hf_roast import get_roast_model
+
+        from .harness.arms import roast_config_for
+
+        hf_logging.set_verbosity_error()  # the new classifier head is reported missing, as expected
+        arm = Arm(name="sliceout", method="roast", compression=args.compression, tile=tuple(args.tile))
+        dense = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+        model = get_roast_model(dense, roast_config_for(arm))
+        if keep < 1.0:
+            enable_sliceout(model, keep, mode, seed=0)
+        return model.to(args.device).train()
 
     setup = ScratchSetup(
         hidden_size=args.hidden,
@@ -87,15 +110,26 @@ class _Stepper:
         self.generator = torch.Generator().manual_seed(0)  # every setting sees the same batches
         self.loss = float("nan")
 
-    def step(self) -> float:
+    def batch(self) -> dict[str, torch.Tensor]:
+        """Random inputs of the model's task: bytes with themselves as LM labels, or tokens and 2-class labels."""
         from .harness.scratch import BYTE_VOCAB
 
-        args = self.args
-        ids = torch.randint(0, BYTE_VOCAB, (args.batch_size, args.context), generator=self.generator)
-        ids = ids.to(self.device)
+        args, g = self.args, self.generator
+        if args.model == "minilm":
+            vocab = self.model.config.vocab_size
+            ids = torch.randint(1000, vocab, (args.batch_size, args.context), generator=g)
+            labels = torch.randint(0, 2, (args.batch_size,), generator=g)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        else:
+            ids = torch.randint(0, BYTE_VOCAB, (args.batch_size, args.context), generator=g)
+            batch = {"input_ids": ids, "labels": ids}
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def step(self) -> float:
+        batch = self.batch()
         _sync(self.device)
         start = time.perf_counter()
-        loss = self.model(input_ids=ids, labels=ids).loss
+        loss = self.model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
@@ -153,9 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     base = rows[0]["median_ms"]
     memory = "CUDA step peak" if args.device.startswith("cuda") else "process peak RSS"
+    shape = (
+        "all-MiniLM-L6-v2 classifier"
+        if args.model == "minilm"
+        else f"{args.layers} layers, width {args.hidden}, MLP {args.intermediate}"
+    )
     print(
-        f"SliceOut training step: {args.layers} layers, width {args.hidden}, MLP {args.intermediate}, "
-        f"{args.compression:g}x, batch {args.batch_size} x {args.context}, {args.device}, median of {args.steps}"
+        f"SliceOut training step: {shape}, {args.compression:g}x, batch {args.batch_size} x {args.context}, "
+        f"{args.device}, median of {args.steps}"
     )
     print(f"{'keep':>5} {'mode':>10} {'median ms':>10} {'min ms':>8} {'vs keep 1':>9} {memory + ' MiB':>26}")
     for row in rows:

@@ -78,7 +78,7 @@ class Arm:
     # set by the harness, not by hand: the rate came from an unfinished grid_from arm (``--rate-from-partial``),
     # the best on validation among the rates it had finished, e.g. "1 of 2 rates"
     rate_from_partial: str | None = None
-    # roast from scratch: SliceOut (RoastConfig.sliceout_keep / sliceout_mode): the fraction of each block's units
+    # roast: SliceOut (RoastConfig.sliceout_keep / sliceout_mode): the fraction of each block's units
     # a training step computes; validation and held-out scoring run the full model
     sliceout_keep: float = 1.0
     sliceout_mode: str = "random"
@@ -185,6 +185,9 @@ def roast_config_for(arm: Arm, init: str = "pretrained") -> RoastConfig:
         z_group_size=Z_GROUP_SIZE,
         z_qat=arm.method == "roast" and arm.z_bits < 32,
         module_balance=arm.module_balance,
+        sliceout_keep=arm.sliceout_keep if arm.method == "roast" else 1.0,
+        sliceout_mode=arm.sliceout_mode,
+        sliceout_seed=arm.seed,
     )
 
 

@@ -114,6 +114,12 @@ def _recipe(c, **kw) -> Arm:
     return _roast(c, recipe=recipe, lrs=kw.pop("lrs", (RECIPE_LR,)), **kw)
 
 
+SLICEOUT_FINETUNE_EQUAL_TIME = 1.14
+"""The fine-tune's schedule (epochs x this) at which SliceOut keep 0.75 in contiguous mode spends the time of one
+epoch at keep 1: ``python -m benchmarks.sliceout_step --model minilm --batch-size 32 --context 64 --steps 20``
+measured its step at 0.879 of keep 1's on the 2-core CPU machine (random mode: 0.990, so its equal-steps arm is
+also its equal-time arm within 1 %)."""
+
 RECOVERY_BUDGETS = (1_000_000, 250_000, 62_500)
 """Tokens of task-agnostic recovery (``hf_roast.recover`` on Wikipedia) before the fine-tune, 4x apart, the largest
 first (it decides the target). About 175 MFLOP a token on MiniLM: an hour per million tokens on one CPU core."""
@@ -209,6 +215,11 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
     # task-agnostic recovery before the fine-tune (issue 27): what a token budget of distillation from the dense
     # model on Wikipedia buys at 16x, against the same arm without it and the mean-pooled embeddings
     arms += [(2, _recovered(16, t)) for t in RECOVERY_BUDGETS]
+    # SliceOut (issue 26) at keep 0.75 against roast-stable-16x: the same steps (random mode, whose step costs
+    # about what keep 1's does), and the same time (contiguous mode, a few more steps)
+    arms += [(3, _recipe(16, sliceout_keep=0.75, suffix="-keep0.75"))]
+    equal_time = {"sliceout_mode": "contiguous", "schedule": SLICEOUT_FINETUNE_EQUAL_TIME}
+    arms += [(3, _recipe(16, sliceout_keep=0.75, suffix="-keep0.75-contiguous-equaltime", **equal_time))]
     # a heavier hidden-state term (how far the weight of DISTILL_HIDDEN is from its best)
     for weight in (10, 30):
         heavier = {**kdh, "distill_hidden": float(weight), "suffix": f"-kdh{weight}"}
