@@ -218,8 +218,8 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
     # and dense int3 at the same bytes, trained (QAT) and rounded after dense fine-tuning
     arms += [(2, _lowbit(4, sparsity="2:4", lrs=LOWBIT_QAT_LRS)), (2, _lowbit(3, lrs=LOWBIT_QAT_LRS))]
     arms += [(2, _lowbit(3, qat=False, lrs=DENSE_LRS))]
-    # second seeds where the low-bit arms and SmartDeal came within a point of each other (80.2-80.5 %), at the rates
-    # their grids chose
+    # second seeds where the low-bit arms and SmartDeal came within a point of each other (80.2-80.5 %) or of
+    # hf-roast x int4 (SmartDeal at 16x of bytes, 78.6 %), at the rates their grids chose
     arms += [(3, _lowbit(4, sparsity="2:4", lrs=(3e-4,), seed=1)), (3, _lowbit(3, lrs=(1e-4,), seed=1))]
     # task-agnostic recovery before the fine-tune (issue 27): what a token budget of distillation from the dense
     # model on Wikipedia buys at 16x, against the same arm without it and the mean-pooled embeddings
@@ -260,7 +260,7 @@ def classification_arms(mode: str) -> list[tuple[int, Arm]]:
         more += [_rtn(b, lrs=DENSE_LRS) for b in (8, 4)]
         # SmartDeal (issue 26, seed 003) at the 8x and 16x byte budgets, on its own grid
         more += [_smartdeal(r, lrs=SMARTDEAL_LRS) for r in (8, 16)]
-        more += [_smartdeal(8, seed=1, lrs=(1e-3,))]
+        more += [_smartdeal(r, seed=1, lrs=(1e-3,)) for r in (8, 16)]
         # per-module budgets (RoastConfig.compression_pattern) at the very z of roast-stable-16x: attention
         # compressed twice as hard as the MLP (and pooler), then the other way round
         more += [_recipe(16, compression_pattern=ATTENTION_HARDER, suffix="-attn2x")]
