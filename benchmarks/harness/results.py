@@ -454,7 +454,7 @@ _STYLE = {
     "int3 at the same bytes (QAT / round-to-nearest)": ("#e377c2", "p"),
     "narrower model": ("#8c564b", "^"),
     "round-to-nearest int8 / int4 of the dense model": ("#7f7f7f", "P"),
-    "SmartDeal": ("#bcbd22", "X"),
+    "SmartDeal": ("#ff7f0e", "*"),
     "hf-roast, no module balance": ("#ff7f0e", "s"),
     "hf-roast, roast mapper": ("#2ca02c", "D"),
     "hf-roast, hashednet mapper": ("#e377c2", "X"),
@@ -577,40 +577,57 @@ def _compression_axis(ax, rows: list[dict]) -> None:
 def _plot_classification(rows: list[dict], folder: Path, plt) -> list[tuple[str, str]]:
     dense = (_pick(rows, "dense") or [None])[0]
     written = []
-    # 1. at equal stored bytes, which method keeps the most accuracy
-    fig, ax = plt.subplots(figsize=(8, 5.6))
+    # 1. at equal stored bytes, which method keeps the most accuracy: against the low-bit formats (left), against
+    # pruning and smaller models (right); hf-roast in both, so each panel reads on its own
+    fig, (low_bit, others) = plt.subplots(1, 2, figsize=(13, 5.6), sharey=True)
+    x = _bytes_x_with_floor(rows)
+    sharing = [
+        ("hf-roast", _pick(rows, "hf-roast stable")),
+        ("hf-roast x int8 z", _pick(rows, "hf-roast stable x int8 (QAT)")),
+        ("hf-roast x int4 z", _pick(rows, "hf-roast stable x int4 (QAT)")),
+    ]
     _draw(
-        ax,
+        low_bit,
         [
-            ("hf-roast", _pick(rows, "hf-roast stable")),
-            ("hf-roast x int8 z", _pick(rows, "hf-roast stable x int8 (QAT)")),
-            ("hf-roast x int4 z", _pick(rows, "hf-roast stable x int4 (QAT)")),
-            ("magnitude pruning", _pick(rows, "magnitude pruning")),
-            (
-                "smaller model, mean-pooled (first k layers; 0 layers at the left edge)",
-                _pick(rows, "smaller model, mean-pooled (first k layers)"),
-            ),
+            *sharing,
             ("2:4 sparse x int4 (QAT)", _pick(rows, "2:4 sparse x int4 (QAT), fp16 scales")),
             (
                 "int3 at the same bytes (QAT / round-to-nearest)",
                 _pick(rows, "int3 (QAT), fp16 scales") + _pick(rows, "int3 (round-to-nearest), fp16 scales"),
             ),
+            ("SmartDeal", _pick(rows, "SmartDeal (power-of-two sparse C x int8 basis)")),
             (
                 "round-to-nearest int8 / int4 of the dense model",
                 _pick(rows, "round-to-nearest int8 (dense targets)")
                 + _pick(rows, "round-to-nearest int4 (dense targets)"),
             ),
-            ("SmartDeal", _pick(rows, "SmartDeal (power-of-two sparse C x int8 basis)")),
         ],
-        _bytes_x_with_floor(rows),
+        x,
         dense,
         ".2f",
     )
-    ax.set_xlabel(_TARGET_BYTES.replace(" (log", _PRUNING_NOTE + " (log"))
-    ax.set_ylabel("test accuracy, % (higher is better)")
+    low_bit.set_title("against low-bit formats of the dense weights", fontsize=10)
+    _draw(
+        others,
+        [
+            *sharing,
+            ("magnitude pruning", _pick(rows, "magnitude pruning")),
+            (
+                "smaller model, mean-pooled (first k layers; 0 layers at the left edge)",
+                _pick(rows, "smaller model, mean-pooled (first k layers)"),
+            ),
+        ],
+        x,
+        dense,
+        ".2f",
+    )
+    others.set_title("against pruning and smaller models", fontsize=10)
+    low_bit.set_xlabel(_TARGET_BYTES)
+    others.set_xlabel(_TARGET_BYTES.replace(" (log", _PRUNING_NOTE + " (log"))
+    low_bit.set_ylabel("test accuracy, % (higher is better)")
     _finish(
         fig,
-        [ax],
+        [low_bit, others],
         folder / "classification_frontier.png",
         "MiniLM-L6 fine-tuned on Rotten Tomatoes: accuracy at equal stored bytes",
     )
