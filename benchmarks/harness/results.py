@@ -70,6 +70,8 @@ def _variant(arm: dict, experiment: str = "classification") -> str:
         parts.append("calibrated init")
     if arm.get("module_balance"):
         parts.append(BALANCE_TAG)
+    if arm.get("recover_tokens"):  # each budget its own row, never a seed of another
+        parts.append(f"recovered on {arm['recover_tokens']:,} tokens")
     if arm.get("sliceout_keep", 1.0) != 1.0:  # a training option: its own row, never a seed of keep 1
         parts.append(f"SliceOut keep {arm['sliceout_keep']:g} ({arm.get('sliceout_mode', 'random')})")
     if arm.get("scaler", "v5") != "v5":
@@ -111,7 +113,12 @@ def group_rows(results: list[dict], experiment: str) -> list[dict]:
                 "variant": variant,
                 "schedule": rs[0]["arm"].get("schedule", 1.0),
                 # distillation or LM recovery: not a plain schedule variant
-                "extra_recipe": bool(rs[0]["arm"].get("distill") or rs[0]["arm"].get("recovery_steps")),
+                "extra_recipe": bool(
+                    rs[0]["arm"].get("distill")
+                    or rs[0]["arm"].get("recovery_steps")
+                    or rs[0]["arm"].get("recover_tokens")
+                ),
+                "recover_tokens": rs[0]["arm"].get("recover_tokens", 0),
                 "seeds": sorted(r["arm"]["seed"] for r in rs),
                 "mean": statistics.fmean(values),
                 "spread": (max(values) - min(values)) / 2 if len(values) > 1 else None,
@@ -710,7 +717,77 @@ def _plot_classification(rows: list[dict], folder: Path, plt) -> list[tuple[str,
     written.append(
         ("classification_distillation.png", "what distillation from the dense model and 3 epochs recover")
     )
+    recovered = [r for r in rows if r["recover_tokens"]]
+    if recovered:
+        written.append(_plot_recovery(rows, recovered, dense, folder, plt))
     return written
+
+
+RECOVERED = "hf-roast stable (recovered before the task)"
+
+
+def _plot_recovery(rows: list[dict], recovered: list[dict], dense, folder: Path, plt) -> tuple[str, str]:
+    """Test accuracy after the fine-tune against the tokens of task-agnostic recovery before it, per compression,
+    with the arm without recovery at the left edge (a log axis has no zero) and the no-encoder model's line."""
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    floor = min(r["recover_tokens"] for r in recovered) / 2
+    no_encoder = [
+        r
+        for r in _pick(rows, "smaller model, mean-pooled (first k layers)")
+        if r["storage"]["target_bytes"] == 0
+    ]
+    if no_encoder:
+        ax.axhline(
+            no_encoder[0]["mean"],
+            color="#8c564b",
+            lw=1.2,
+            ls="--",
+            label="no encoder layer (embeddings mean-pooled)",
+        )
+        ax.axhline(
+            no_encoder[0]["mean"] + 2,
+            color="#8c564b",
+            lw=0.8,
+            ls=":",
+            label="the target: no encoder + 2 points",
+        )
+    if dense is not None:
+        ax.axhline(dense["mean"], color="black", lw=1, ls=":", label="dense")
+    for i, budget in enumerate(sorted({r["budget"] for r in recovered})):
+        plain = [r for r in _pick(rows, "hf-roast stable") if r["budget"] == budget]
+        points = sorted(
+            plain + [r for r in recovered if r["budget"] == budget], key=lambda r: r["recover_tokens"]
+        )
+        colour = ("#1f77b4", "#9467bd", "#2ca02c")[i % 3]
+        ax.errorbar(
+            [r["recover_tokens"] or floor for r in points],
+            [r["mean"] for r in points],
+            yerr=[r["spread"] or 0 for r in points],
+            color=colour,
+            marker="o",
+            capsize=3,
+            label=f"hf-roast {budget:g}x, recovered, then fine-tuned",
+        )
+    ticks = sorted({floor} | {r["recover_tokens"] for r in recovered})
+    ax.set_xscale("log")
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(
+        ["none" if t == floor else f"{t / 1e6:g}M" if t >= 1e6 else f"{t / 1e3:g}k" for t in ticks]
+    )
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.set_xlabel(
+        "tokens of recovery (distillation from the dense model on Wikipedia) before the fine-tune (log scale)"
+    )
+    ax.set_ylabel("test accuracy, % (higher is better)")
+    _finish(
+        fig,
+        [ax],
+        folder / "classification_recovery.png",
+        "MiniLM-L6 on Rotten Tomatoes: what recovery before the task buys",
+        ncol=2,
+    )
+    return ("classification_recovery.png", "what task-agnostic recovery before the fine-tune buys")
 
 
 _SPLIT = "projections' rate searched, the rest at 0.01"
