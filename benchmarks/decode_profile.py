@@ -14,14 +14,12 @@ by the tokens, median of ``--rounds``, the arms interleaved round by round.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-from hf_roast import RoastConfig, get_roast_model
 from hf_roast.backends.cpu import ops as cpu_ops
 
 
@@ -86,18 +84,14 @@ def time_output_layer(model: torch.nn.Module, clock: Clock) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_roast.scripts.bench_generate import PROMPT_TOKENS, load_model
+    from hf_roast.scripts.bench_generate import PROMPT_TOKENS, build_arms, load_model
 
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     dense, description = load_model(args.model)
-    arms: dict[str, torch.nn.Module] = {"dense": dense}
-    for c in (float(v) for v in args.compressions.split(",")):
-        arms[f"hf-roast {c:g}x"] = model = get_roast_model(copy.deepcopy(dense), RoastConfig(compression=c))
-        for bits in (int(v) for v in args.z_bits.split(",") if v.strip()):
-            arms[f"hf-roast {c:g}x int{bits}"] = copy.deepcopy(model).quantize_z(bits)
+    arms = build_arms(dense, args.compressions, args.z_bits)
     clock = Clock()
     for model in arms.values():
         time_output_layer(model, clock)

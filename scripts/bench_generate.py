@@ -128,6 +128,19 @@ def load_model(which: str):
     return LlamaForCausalLM(config).eval(), "random Llama (SmolLM2's widths, 6 layers; config, no weights)"
 
 
+def build_arms(dense: torch.nn.Module, compressions: str, z_bits: str) -> dict[str, torch.nn.Module]:
+    """Dense, then hf-roast at each of the comma-separated ``compressions`` (a copy each), and each of those with z
+    packed to each of the comma-separated ``z_bits``, by name."""
+    arms: dict[str, torch.nn.Module] = {"dense": dense}
+    for c in (float(v) for v in compressions.split(",")):
+        start = time.perf_counter()
+        arms[f"hf-roast {c:g}x"] = model = get_roast_model(copy.deepcopy(dense), RoastConfig(compression=c))
+        print(f"compressed {c:g}x in {time.perf_counter() - start:.1f} s", flush=True)
+        for bits in (int(v) for v in z_bits.split(",") if v.strip()):
+            arms[f"hf-roast {c:g}x int{bits}"] = copy.deepcopy(model).quantize_z(bits)
+    return arms
+
+
 def _seconds(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -141,14 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     dense, description = load_model(args.model)
     vocab = dense.config.vocab_size
-    arms: dict[str, torch.nn.Module] = {"dense": dense}
-    z_bits = [int(v) for v in args.z_bits.split(",") if v.strip()]
-    for c in (float(v) for v in args.compressions.split(",")):
-        start = time.perf_counter()
-        arms[f"hf-roast {c:g}x"] = model = get_roast_model(copy.deepcopy(dense), RoastConfig(compression=c))
-        print(f"compressed {c:g}x in {time.perf_counter() - start:.1f} s", flush=True)
-        for bits in z_bits:
-            arms[f"hf-roast {c:g}x int{bits}"] = copy.deepcopy(model).quantize_z(bits)
+    arms = build_arms(dense, args.compressions, args.z_bits)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (1, PROMPT_TOKENS), generator=g)
     long_prompt = torch.randint(3, vocab, (1, PREFILL_TOKENS), generator=g)

@@ -25,6 +25,11 @@ def roast_llama(keep=1.0, mode="random", seed=0, tile=TILE, bias=True, enable=Fa
     """A tiny Llama (4 heads of 16, 2 key/value heads, MLP 96; biases everywhere) compressed 4x, in train mode.
     ``enable``: attach SliceOut even at keep 1 (config keep 1 attaches nothing)."""
     model = tiny_llama(attention_bias=bias, mlp_bias=bias)
+    return compressed(model, keep, mode, seed, tile, enable, **config)
+
+
+def compressed(model, keep, mode, seed, tile, enable, **config):
+    """``model`` compressed 4x (random init) with SliceOut at ``keep``, biases made nonzero, in train mode."""
     cfg = RoastConfig(
         compression=4,
         init="random",
@@ -375,25 +380,8 @@ def roast_bert(keep=1.0, mode="random", seed=0, enable=False, **config):
     model = tiny_bert_classifier(
         intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
-    cfg = RoastConfig(
-        compression=4,
-        init="random",
-        tile=TILE,
-        target_modules="all-linear",
-        exclude_modules=["classifier"],
-        sliceout_keep=keep,
-        sliceout_mode=mode,
-        sliceout_seed=seed,
-        **config,
-    )
-    rm = get_roast_model(model, cfg)
-    if enable and keep == 1.0:
-        enable_sliceout(rm, 1.0, mode, seed)
-    with torch.no_grad():  # biases start at zero: make them matter
-        for _, layer in rm.roast_layers():
-            if getattr(layer, "bias", None) is not None:
-                layer.bias.normal_(0, 0.1)
-    return rm.train()
+    config = {"target_modules": "all-linear", "exclude_modules": ["classifier"], **config}
+    return compressed(model, keep, mode, seed, TILE, enable, **config)
 
 
 def bert_batch(seed=0, shape=(2, 11)):

@@ -6,9 +6,10 @@ def test_decode_profile_splits_a_token_into_gemv_output_layer_and_rest(capsys):
 
     assert main(["--model", "tiny", "--new-tokens", "3", "--rounds", "1", "--threads", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("arm "))
     rows = {
         line.split()[0] + (" " + line.split()[1] if line.startswith("hf-roast") else ""): line
-        for line in lines[2:]
+        for line in lines[header + 1 :]
     }
     assert set(rows) == {"dense", "hf-roast 16x"}
     dense_calls = float(rows["dense"].split()[4])
