@@ -77,17 +77,22 @@ def index_list(ids, size):
     return list(range(size))[ids] if isinstance(ids, slice) else ids.tolist()
 
 
+def assert_bit_identical(results_a, results_b):
+    """Two steps' results (tensors, or dicts of tensors) equal bit for bit."""
+    for a, b in zip(results_a, results_b, strict=True):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            assert torch.equal(a, b)
+
+
 # ---- keep = 1 and eval: the model without SliceOut, bit for bit ------------------------------------------
 def test_keep_one_is_bit_identical_forward_and_grads():
     plain = roast_llama()
     attached = roast_llama(enable=True)
     assert not sliced_layers(plain) and len(sliced_layers(attached)) == 14  # 2 x (q, k, v, o, gate, up, down)
     ids = batch()
-    for a, b in zip(step(plain, ids), step(attached, ids)):
-        if isinstance(a, dict):
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        else:
-            assert torch.equal(a, b)
+    assert_bit_identical(step(plain, ids), step(attached, ids))
 
 
 def test_eval_runs_the_full_model_and_counts_no_step():
@@ -339,15 +344,25 @@ def test_gradient_checkpointing_recomputes_the_same_mask():
     torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("mode", ["random", "contiguous"])
-def test_a_tiny_llama_trains_with_sliceout(mode):
-    rm = roast_llama(keep=0.5, mode=mode)
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=3e-3)
+def _llama_training_case(mode):
     ids = batch(5, (4, 16))
+    return roast_llama(keep=0.5, mode=mode), {"input_ids": ids, "labels": ids}
+
+
+def _bert_training_case(mode):
+    ids, labels = bert_batch(5, (8, 12))
+    return roast_bert(keep=0.5, mode=mode), {"input_ids": ids, "labels": labels}
+
+
+@pytest.mark.parametrize("case", [_llama_training_case, _bert_training_case], ids=["llama", "bert"])
+@pytest.mark.parametrize("mode", ["random", "contiguous"])
+def test_a_tiny_model_trains_with_sliceout(mode, case):
+    rm, inputs = case(mode)
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=3e-3)
     losses = []
     for _ in range(12):
         optimizer.zero_grad()
-        loss = rm(input_ids=ids, labels=ids).loss
+        loss = rm(**inputs).loss
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -355,7 +370,7 @@ def test_a_tiny_llama_trains_with_sliceout(mode):
     assert sliceout_state(rm).step == 12
     rm.eval()
     with torch.no_grad():
-        assert math.isfinite(rm(input_ids=ids, labels=ids).loss.item())
+        assert math.isfinite(rm(**inputs).loss.item())
 
 
 def test_enable_again_changes_keep_and_keep_one_switches_off():
@@ -447,11 +462,7 @@ def test_bert_keep_one_is_bit_identical_forward_and_grads():
         not sliced_layers(plain) and len(sliced_layers(attached)) == 12
     )  # 2 x (q, k, v, o, intermediate, output)
     ids, labels = bert_batch()
-    for a, b in zip(bert_step(plain, ids, labels), bert_step(attached, ids, labels)):
-        if isinstance(a, dict):
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        else:
-            assert torch.equal(a, b)
+    assert_bit_identical(bert_step(plain, ids, labels), bert_step(attached, ids, labels))
 
 
 def test_bert_eval_runs_the_full_model():
@@ -542,25 +553,6 @@ def test_bert_layer_matches_a_dense_reference(mode):
     assert (~kept).sum() > 0 and kept.sum() > 0
     assert torch.all(per_tile[~kept] == 0)
     assert (per_tile[kept] != 0).any(dim=1).float().mean() > 0.99
-
-
-@pytest.mark.parametrize("mode", ["random", "contiguous"])
-def test_a_tiny_bert_classifier_trains_with_sliceout(mode):
-    rm = roast_bert(keep=0.5, mode=mode)
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=3e-3)
-    ids, labels = bert_batch(5, (8, 12))
-    losses = []
-    for _ in range(12):
-        optimizer.zero_grad()
-        loss = rm(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.2
-    assert sliceout_state(rm).step == 12
-    rm.eval()
-    with torch.no_grad():
-        assert math.isfinite(rm(input_ids=ids, labels=labels).loss.item())
 
 
 # ---- configuration and checkpoints ---------------------------------------------------------------------------
