@@ -84,12 +84,21 @@ def time_output_layer(model: torch.nn.Module, clock: Clock) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_roast.scripts.bench_generate import PROMPT_TOKENS, build_arms, load_model
-
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
+    try:
+        with torch.no_grad():  # not set_grad_enabled: a caller (a test) keeps its own autograd state
+            profile(args)
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+def profile(args: argparse.Namespace) -> None:
+    from hf_roast.scripts.bench_generate import PROMPT_TOKENS, build_arms, load_model
+
     dense, description = load_model(args.model)
     arms = build_arms(dense, args.compressions, args.z_bits)
     clock = Clock()
@@ -130,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<22} {token * 1e3:7.1f} {1 / token:6.1f} {gemv * 1e3:7.1f} {calls:6.0f} {head * 1e3:13.1f} "
             f"{rest * 1e3:7.1f}"
         )
-    return 0
 
 
 if __name__ == "__main__":

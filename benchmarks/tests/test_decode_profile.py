@@ -1,10 +1,16 @@
 """``python -m benchmarks.decode_profile``: the split of a decode token runs end to end (tiny model)."""
 
+import torch
+
 
 def test_decode_profile_splits_a_token_into_gemv_output_layer_and_rest(capsys):
     from benchmarks.decode_profile import main
 
+    threads = torch.get_num_threads()
     assert main(["--model", "tiny", "--new-tokens", "3", "--rounds", "1", "--threads", "1"]) == 0
+    assert (
+        torch.is_grad_enabled() and torch.get_num_threads() == threads
+    )  # the caller's state is left as it was
     lines = capsys.readouterr().out.strip().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("arm "))
     rows = {
