@@ -232,18 +232,23 @@ def run_classification_arm(
         raise ValueError(f"Arm {arm.name} distils, but no dense teacher was given: run the dense arm first.")
     grid = arm.lrs or setup.lr_grid
     runs, best, best_model, storage = [], None, None, None
+    recovered = None  # (state, record): recovery does not depend on the fine-tune's rate, so it runs once
     with ResourceMeter() as whole:
         for lr in grid:
             set_seed(arm.seed)
             calibration = calibration_batches(train_set, tok, setup.batch_size) if arm.calibrate else None
             dense = source.load_model(len(data.label_names))
-            dense_copy = (
-                copy.deepcopy(dense) if arm.recover_tokens else None
-            )  # the same head as the student's
+            # the teacher keeps the student's fresh head
+            teacher_copy = copy.deepcopy(dense) if arm.recover_tokens and recovered is None else None
             model, storage = build_arm_model(dense, arm, calibration)
             if arm.recover_tokens:
-                storage["recovery"] = recover_before_task(model, dense_copy, source, arm)
-                del dense_copy
+                if recovered is None:
+                    record = recover_before_task(model, teacher_copy, source, arm)
+                    recovered = ({k: v.detach().clone() for k, v in model.state_dict().items()}, record)
+                    del teacher_copy
+                else:
+                    model.load_state_dict(recovered[0])
+                storage["recovery"] = recovered[1]
             with ResourceMeter() as meter:
                 loss, z_lr_multiplier = train(model, train_set, tok, setup, lr, arm.seed, arm, teacher)
             finish_training(model, arm)  # quantised arms are scored as they are stored
