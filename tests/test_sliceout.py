@@ -53,10 +53,11 @@ def batch(seed=0, shape=(2, 11)):
     return torch.randint(3, 96, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def step(rm, ids):
-    """Loss, logits and the gradients of z and of every bias after one forward and backward."""
+def step(rm, ids, labels=None):
+    """Loss, logits and the gradients of z and of every bias after one forward and backward (labels: the ids
+    themselves, a causal LM's, unless given)."""
     rm.zero_grad(set_to_none=True)
-    out = rm(input_ids=ids, labels=ids)
+    out = rm(input_ids=ids, labels=ids if labels is None else labels)
     out.loss.backward()
     biases = {
         n: p.grad.clone() for n, p in rm.named_parameters() if n.endswith("bias") and p.grad is not None
@@ -95,9 +96,10 @@ def test_keep_one_is_bit_identical_forward_and_grads():
     assert_bit_identical(step(plain, ids), step(attached, ids))
 
 
-def test_eval_runs_the_full_model_and_counts_no_step():
-    full, sliced = roast_llama(), roast_llama(keep=0.5)
-    ids = batch()
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_eval_runs_the_full_model_and_counts_no_step(family):
+    build, ids = (roast_llama, batch()) if family == "llama" else (roast_bert, bert_batch()[0])
+    full, sliced = build(), build(keep=0.5)
     full.eval(), sliced.eval()
     with torch.no_grad():
         assert torch.equal(full(input_ids=ids).logits, sliced(input_ids=ids).logits)
@@ -404,17 +406,6 @@ def bert_batch(seed=0, shape=(2, 11)):
     return torch.randint(3, 96, shape, generator=gen), torch.randint(0, 3, shape[:1], generator=gen)
 
 
-def bert_step(rm, ids, labels):
-    """Loss, logits and the gradients of z and of every bias after one forward and backward."""
-    rm.zero_grad(set_to_none=True)
-    out = rm(input_ids=ids, labels=labels)
-    out.loss.backward()
-    biases = {
-        n: p.grad.clone() for n, p in rm.named_parameters() if n.endswith("bias") and p.grad is not None
-    }
-    return out.loss.detach(), out.logits.detach(), rm.roast_store.z.grad.clone(), biases
-
-
 BERT_MEMBERS = {
     "attention.self.query": ("attention", Member("rows", 1)),
     "attention.self.key": ("attention", Member("rows", 1)),
@@ -462,20 +453,7 @@ def test_bert_keep_one_is_bit_identical_forward_and_grads():
         not sliced_layers(plain) and len(sliced_layers(attached)) == 12
     )  # 2 x (q, k, v, o, intermediate, output)
     ids, labels = bert_batch()
-    assert_bit_identical(bert_step(plain, ids, labels), bert_step(attached, ids, labels))
-
-
-def test_bert_eval_runs_the_full_model():
-    full, sliced = roast_bert(), roast_bert(keep=0.5)
-    ids, _ = bert_batch()
-    full.eval(), sliced.eval()
-    with torch.no_grad():
-        assert torch.equal(full(input_ids=ids).logits, sliced(input_ids=ids).logits)
-    assert sliceout_state(sliced).step == 0
-    sliced.train(), full.train()
-    with torch.no_grad():
-        assert not torch.allclose(full(input_ids=ids).logits, sliced(input_ids=ids).logits)
-    assert sliceout_state(sliced).step == 1
+    assert_bit_identical(step(plain, ids, labels), step(attached, ids, labels))
 
 
 @pytest.mark.parametrize("mode", ["random", "contiguous"])
