@@ -66,6 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)."
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="Language model: where the arms run (e.g. cuda; fp32 with TF32 matrix products there).",
+    )
     p.add_argument("--rerun", action="store_true", help="Recompute arms whose results exist.")
     p.add_argument(
         "--rates-per-pass",
@@ -103,6 +108,20 @@ def _reuse_base_lr(arm, folder: Path):
     if path.is_file():
         return replace(arm, lrs=(json.loads(path.read_text())["selected_lr"],))
     return arm
+
+
+def _reuse_recovery_lr(arm, folder: Path):
+    """A recovered LM arm without rates takes the rate its ``grid_from`` arm chose (by distillation loss)."""
+    from dataclasses import replace
+
+    if arm.lrs or not arm.grid_from:
+        return arm
+    path = folder / f"{arm.grid_from}.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{arm.name} takes its recovery rate from {arm.grid_from}: run that arm first."
+        )
+    return replace(arm, lrs=(json.loads(path.read_text())["selected_lr"],))
 
 
 def _reuse_method_lr(arm, folder: Path, mode: str, partial_ok: bool = False):
@@ -173,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
     mode = "tiny" if args.tiny else ("full" if args.full else ("quick" if args.quick else "default"))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,6 +282,7 @@ def _run_queue(todo, mode: str, args, out: Path, tqdm, results) -> bool:
         else:
             from benchmarks.harness.language_model import run_lm_arm
 
+            arm = _reuse_recovery_lr(arm, folder)
             result, model = run_lm_arm(arm, source, setup, cache)
             metric = f"ppl {result['perplexity']:.3f}"
         result["mode"] = mode
@@ -317,8 +339,18 @@ def _prepare(experiment: str, mode: str, args):
     from benchmarks.harness.language_model import LanguageModelSetup
 
     if mode == "tiny":
-        return sources.tiny_lm_source(), LanguageModelSetup(context=32, eval_tokens=128, train_context=16), {}
-    setup = LanguageModelSetup(eval_tokens=args.eval_tokens, train_batch_size=args.recovery_batch)
+        setup = LanguageModelSetup(
+            context=32,
+            eval_tokens=128,
+            train_context=16,
+            recover_batch_size=4,
+            recover_max_length=32,
+            device=args.device,
+        )
+        return sources.tiny_lm_source(), setup, {}
+    setup = LanguageModelSetup(
+        eval_tokens=args.eval_tokens, train_batch_size=args.recovery_batch, device=args.device
+    )
     return sources.smollm2_source(), setup, {}
 
 

@@ -88,8 +88,9 @@ class Arm:
     # trained (QAT, straight-through) or the fine-tuned dense weights are rounded once
     sparsity: str | None = None
     qat: bool = False
-    # roast, fine-tuning: task-agnostic recovery before the task (hf_roast.recover): the compressed model is
-    # distilled from its dense self on Wikipedia passages until this many non-padding tokens; 0: none
+    # roast (and prune, language model): task-agnostic recovery (hf_roast.recover; pruning: the same loop):
+    # the compressed model is distilled from its dense self on Wikipedia passages until this many non-padding
+    # tokens, before the task (fine-tuning) or before perplexity is measured (language model); 0: none
     recover_tokens: int = 0
 
     def __post_init__(self):
@@ -121,8 +122,10 @@ class Arm:
             raise ValueError(f"Arm {self.name}: a compression pattern is for hf-roast arms.")
         if self.module_balance and self.method != "roast":
             raise ValueError(f"Arm {self.name}: module_balance is for hf-roast arms.")
-        if self.recover_tokens < 0 or (self.recover_tokens and self.method != "roast"):
-            raise ValueError(f"Arm {self.name}: recover_tokens is a token budget (>= 0), for hf-roast arms.")
+        if self.recover_tokens < 0 or (self.recover_tokens and self.method not in ("roast", "prune")):
+            raise ValueError(
+                f"Arm {self.name}: recover_tokens is a token budget (>= 0), for hf-roast and pruning arms."
+            )
         if self.prune_by not in PRUNE_CRITERIA or (self.prune_by != "magnitude" and self.method != "prune"):
             raise ValueError(f"Arm {self.name}: prune_by is one of {PRUNE_CRITERIA}, for pruning arms.")
 

@@ -202,22 +202,29 @@ def split_articles(articles: list[str], eval_every: int = 5) -> tuple[list[str],
     return train, held_out
 
 
-def wikipedia_passages(max_chars: int = 450) -> list[str]:
+def wikipedia_passages(max_chars: int = 450, across_paragraphs: bool = False) -> list[str]:
     """The training articles (:func:`split_articles`) as passages of whole sentences, each at most about
-    ``max_chars`` characters (a longer sentence stands alone): documents a short-context encoder reads whole."""
+    ``max_chars`` characters (a longer sentence stands alone): documents a short-context encoder reads whole.
+    With ``across_paragraphs`` a passage runs on over an article's paragraph breaks (kept as newlines), so that
+    passages come out about ``max_chars`` long: a decoder's long contexts, with little padding in a batch."""
     train, _ = split_articles(load_wikipedia_articles())
     passages = []
     for article in train:
+        current = ""
         for line in article.splitlines():
-            current = ""
-            for sentence in line.replace(". ", ".\n").splitlines():
+            if not across_paragraphs:
+                current = ""
+            for i, sentence in enumerate(line.replace(". ", ".\n").splitlines()):
+                joiner = "\n" if i == 0 and across_paragraphs else " "
                 if current and len(current) + 1 + len(sentence) > max_chars:
                     passages.append(current)
                     current = sentence
                 else:
-                    current = f"{current} {sentence}".strip()
-            if len(current) >= 40:  # headings and list stubs carry little to distil
+                    current = f"{current}{joiner}{sentence}".strip()
+            if not across_paragraphs and len(current) >= 40:  # headings and list stubs carry little to distil
                 passages.append(current)
+        if across_paragraphs and len(current) >= 40:
+            passages.append(current)
     return passages
 
 

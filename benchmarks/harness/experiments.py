@@ -460,12 +460,43 @@ def _lm_recipe(c, **kw) -> Arm:
     return _recipe(c, lrs=None, **kw)
 
 
+DECODER_RECOVERY_LRS = (1e-4, 3e-4, 1e-3)
+"""The rates a decoder's recovery is tried at (the smallest budget, 4x; the larger budgets and 16x take its choice,
+decided by the distillation loss of the run's last steps): the LM's dense rate and two above it."""
+DECODER_RECOVERY_BUDGETS = (250_000, 1_000_000, 4_000_000)
+"""Tokens of distillation from the dense SmolLM2 on passages of the training articles, 4x apart. About 1.1 GFLOP a
+token with the teacher: hours per million tokens on one CPU core, seconds on a GPU."""
+
+
+def _lm_recovered(method: str, c: float, tokens: int, lrs=None, grid_from=None) -> Arm:
+    """A decoder compressed ``c`` times, then distilled from its dense self on ``tokens`` of text (pruning: the
+    same loop, budget and rates); hf-roast as a user runs it (calibrated init, the recipe's groups)."""
+    suffix = f"-rec{_tokens(tokens)}"
+    if method == "roast":
+        return _recipe(c, recover_tokens=tokens, suffix="-cal" + suffix, lrs=lrs, grid_from=grid_from)
+    return _prune(c, recover_tokens=tokens, suffix=suffix, lrs=lrs, grid_from=grid_from)
+
+
+def lm_recovered_arms(budgets=DECODER_RECOVERY_BUDGETS, lrs=DECODER_RECOVERY_LRS) -> list[tuple[int, Arm]]:
+    """The grid at the smallest budget and 4x first, then every budget in increasing order (a sweep cut short
+    still has whole budgets)."""
+    grids = {m: _lm_recovered(m, 4, budgets[0], lrs=lrs) for m in ("roast", "prune")}
+    arms = [(5, a) for a in grids.values()]
+    for tier, tokens in enumerate(budgets):
+        for c in (4, 16):
+            for method, grid in grids.items():
+                if (c, tokens) != (4, budgets[0]):
+                    arms.append((5 + min(tier, 2), _lm_recovered(method, c, tokens, grid_from=grid.name)))
+    return arms
+
+
 def lm_arms(mode: str, recovery_steps: int) -> list[tuple[int, Arm]]:
     steps = recovery_steps
     if mode == "tiny":
         arms = [Arm("dense", "dense"), _roast(1), _roast(4), _prune(4)]
         arms = [(1, a) for a in arms] + [(3, _roast(4, recovery_steps=steps, suffix="-rec"))]
-        return arms + [(3, _lm_recipe(4, recovery_steps=steps, suffix="-cal-rec"))]
+        arms += [(3, _lm_recipe(4, recovery_steps=steps, suffix="-cal-rec"))]
+        return arms + lm_recovered_arms(budgets=(256, 512), lrs=(1e-3, 3e-3))
     arms = [(1, a) for a in (Arm("dense", "dense"), _roast(1), _roast(4), _prune(4), _roast(8), _prune(8))]
     arms += [(2, _roast(2)), (2, _prune(2)), (2, _roast(4, norm_init=True, suffix="-norminit"))]
     arms += [(3, _roast(c, recovery_steps=steps, suffix=f"-rec{steps}")) for c in (4, 8)]
@@ -473,8 +504,11 @@ def lm_arms(mode: str, recovery_steps: int) -> list[tuple[int, Arm]]:
     # the user's default: calibrated init, then recovery with the fine-tuning recipe at the dense rate
     arms += [(3, _lm_recipe(c, suffix="-cal")) for c in (4, 8)]
     arms += [(3, _lm_recipe(c, recovery_steps=steps, suffix=f"-cal-rec{steps}")) for c in (4, 8)]
+    # the starting points and baselines of the recovered arms: 16x without recovery, round-to-nearest
+    arms += [(3, _lm_recipe(16, suffix="-cal")), (3, _prune(16)), (3, _rtn(8)), (3, _rtn(4))]
     if mode == "full":
         arms += [(4, _roast(c, mapper=m)) for m in ("roast", "hashednet") for c in (4, 8)]
+        arms += lm_recovered_arms()  # hours per arm on a CPU: a GPU's sweep (README "Recovery")
     return arms
 
 

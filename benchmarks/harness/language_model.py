@@ -1,11 +1,16 @@
 """Experiment 2: a causal LM's perplexity on held-out articles, compressed without and with recovery.
 
 No-training arms show what the least-squares projection alone keeps (1x must equal dense); recovery
-arms fine-tune every arm for the same number of steps on the same batches of *other* articles.
+arms fine-tune every arm for the same number of steps on the same batches of *other* articles. Recovered arms
+(``Arm.recover_tokens``) distil the dense model into the compressed one on passages of those other articles
+until a token budget (``hf_roast.recover``; a pruned model runs the same loop with AdamW), the user's
+task-agnostic recovery step; a grid of rates is decided by the distillation loss of the run's last steps.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import random
 from collections.abc import Callable
@@ -30,6 +35,14 @@ class LanguageModelSetup:
     lr: float = 1e-4
     seed: int = 0
     calibration_batches: int = 8
+    # recovered arms (Arm.recover_tokens): documents per step, their truncation, and the hidden states' weight
+    recover_batch_size: int = 16
+    recover_max_length: int = 512
+    recover_hidden_weight: float = 0.0
+    """The logits' KL alone: SmolLM2's hidden states carry massive activations, so their MSE in raw units is about
+    1,000 times the KL at the start (1,372 on the first batch at 4x) and would decide every step; Minitron's
+    recipe for retraining pruned decoders also distils the logits alone."""
+    device: str = "cpu"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +56,9 @@ class LanguageModelSource:
     train_texts: list[str]
     eval_texts: list[str]
     description: str
+    # the documents recovered arms distil on (passages of train_texts), and their description
+    recovery_text: Callable[[], list[str]] | None = None
+    recovery_text_description: str = ""
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -58,14 +74,15 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
 def perplexity(model: nn.Module, tokens: torch.Tensor, context: int) -> tuple[float, torch.Tensor]:
     """exp(mean next-token NLL) over non-overlapping windows; also the first window's logits (for 1x checks)."""
     model.eval()
+    device = next(model.parameters()).device
     total_nll, total_count, first_logits = 0.0, 0, None
     for start in range(0, len(tokens) - 1, context):
-        window = tokens[start : start + context].unsqueeze(0)
+        window = tokens[start : start + context].unsqueeze(0).to(device)
         if window.shape[1] < 2:
             break
         logits = model(input_ids=window).logits.float()
         if first_logits is None:
-            first_logits = logits[0, :8].clone()
+            first_logits = logits[0, :8].cpu()
         nll = nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
         total_nll += float(nll)
         total_count += window.shape[1] - 1
@@ -109,16 +126,138 @@ def recover(
     return losses
 
 
+def distil_pruned(
+    model: nn.Module,
+    teacher: nn.Module,
+    docs: list[str],
+    tokenizer,
+    *,
+    token_budget: int,
+    batch_size: int,
+    max_length: int,
+    lr: float,
+    hidden_weight: float,
+    seed: int,
+) -> tuple[list[float], int]:
+    """``hf_roast.recover``'s loop for a pruned dense model, so that pruning gets the same recovery: the same
+    documents per step, loss, warm-up and decay over the budget, and clipping, with AdamW at ``lr`` on every
+    parameter (the fixed masks keep the pruned weights at zero). Returns the per-step losses and the tokens seen."""
+    from hf_roast.recovery import batch_indices, lr_factor, recovery_loss, tokenize_batch
+
+    device = next(model.parameters()).device
+    teacher.to(device).eval()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    tokens, step, losses = 0, 0, []
+    model.train()
+    while tokens < token_budget:
+        texts = [docs[i] for i in batch_indices(len(docs), batch_size, seed, step)]
+        batch = {k: v.to(device) for k, v in tokenize_batch(tokenizer, texts, max_length).items()}
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(tokens, token_budget)
+        out = model(**batch, output_hidden_states=hidden_weight > 0)
+        with torch.no_grad():
+            target = teacher(**batch, output_hidden_states=hidden_weight > 0)
+        loss = recovery_loss(out, target, batch["attention_mask"], hidden_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        tokens += int(batch["attention_mask"].sum())
+        step += 1
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses, tokens
+
+
+def recover_lm(
+    model: nn.Module,
+    teacher: nn.Module,
+    source: LanguageModelSource,
+    arm: Arm,
+    setup: LanguageModelSetup,
+    lr: float,
+) -> dict:
+    """Distil ``teacher`` into ``model`` (in place) on the source's recovery text until ``arm.recover_tokens``;
+    returns the run's record: tokens, steps, first and final loss (means of 10 steps), time and memory."""
+    from hf_roast import recover as distil
+
+    docs = source.recovery_text() if source.recovery_text else source.train_texts
+    kw = dict(
+        token_budget=arm.recover_tokens,
+        batch_size=setup.recover_batch_size,
+        max_length=setup.recover_max_length,
+        lr=lr,
+        hidden_weight=setup.recover_hidden_weight,
+        seed=arm.seed,
+    )
+    with ResourceMeter() as meter:
+        if arm.method == "roast":
+            report = distil(
+                model,
+                teacher,
+                docs,
+                source.tokenizer,
+                show_progress=False,
+                data_description=source.recovery_text_description or None,
+                **kw,
+            )
+            losses, tokens, steps = report.losses, report.tokens, report.steps
+        else:
+            losses, tokens = distil_pruned(model, teacher, docs, source.tokenizer, **kw)
+            steps = len(losses)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    head, tail = losses[:10], losses[-10:]
+    return {
+        "lr": lr,
+        "tokens": tokens,
+        "steps": steps,
+        "first_loss": sum(head) / len(head),
+        "final_loss": sum(tail) / len(tail),
+        "documents": len(docs),
+        "data": source.recovery_text_description or source.description,
+        **{k: v for k, v in kw.items() if k not in ("lr",)},
+        **meter.as_dict(),
+    }
+
+
+def _built(source: LanguageModelSource, arm: Arm, setup: LanguageModelSetup, cache: dict, calibration):
+    """The arm's freshly compressed model, built on the setup's device (the calibrated init of SmolLM2 takes 8
+    minutes on 2 CPU cores). The same compression of another budget or rate starts from the weights of the first
+    one built: it is built again without calibration, then given those weights."""
+    if not arm.recover_tokens:
+        model, storage = build_arm_model(source.load_model().to(setup.device), arm, calibration)
+        return model, storage
+    same = dataclasses.replace(arm, name="", recover_tokens=0, lrs=None, grid_from=None)
+    key = ("built", repr(same))
+    if key in cache:
+        state, storage = cache[key]
+        fresh = source.load_model().to(setup.device)
+        model, _ = build_arm_model(fresh, dataclasses.replace(arm, calibrate=False))
+        model.load_state_dict(state)
+        return model, copy.deepcopy(storage)
+    model, storage = build_arm_model(source.load_model().to(setup.device), arm, calibration)
+    cache[key] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, copy.deepcopy(storage))
+    # the curve's first point: the same init before any recovery (every budget and rate starts from it)
+    storage["perplexity_before_recovery"], _ = perplexity(model, cache["eval_tokens"], setup.context)
+    cache[key][1]["perplexity_before_recovery"] = storage["perplexity_before_recovery"]
+    return model, storage
+
+
 def run_lm_arm(
     arm: Arm, source: LanguageModelSource, setup: LanguageModelSetup, cache: dict | None = None
 ) -> tuple[dict, nn.Module]:
-    """Compress, optionally recover for ``arm.recovery_steps`` steps, and measure held-out perplexity."""
+    """Compress, optionally recover (``arm.recovery_steps`` steps of LM loss, or distillation up to
+    ``arm.recover_tokens``, at each rate of ``arm.lrs``), and measure held-out perplexity."""
     from transformers import set_seed
+
+    from .arms import finish_training
 
     cache = cache if cache is not None else {}
     if "eval_tokens" not in cache:
         cache["eval_tokens"] = token_stream(source.tokenizer, source.eval_texts)[: setup.eval_tokens]
     eval_tokens = cache["eval_tokens"]
+    recovery_runs: list[dict] = []
     with ResourceMeter() as whole:
         set_seed(arm.seed)
         if (arm.recovery_steps or arm.calibrate) and "train_tokens" not in cache:
@@ -133,7 +272,7 @@ def run_lm_arm(
                 setup.seed + 1,
             )
         with ResourceMeter() as init_meter:
-            model, storage = build_arm_model(source.load_model(), arm, calibration)
+            model, storage = _built(source, arm, setup, cache, calibration)
         losses: list[float] = []
         train_meter = None
         if arm.recovery_steps:
@@ -144,8 +283,28 @@ def run_lm_arm(
                 setup.train_context,
                 setup.seed,
             )
+            batches = [b.to(setup.device) for b in batches]
             with ResourceMeter() as train_meter:
                 losses = recover(model, batches, arm.lrs[0] if arm.lrs else setup.lr, arm.recipe)
+        if arm.recover_tokens:
+            if "teacher" not in cache:
+                cache["teacher"] = source.load_model().to(setup.device)
+            best = None
+            with ResourceMeter() as train_meter:
+                for i, lr in enumerate(arm.lrs or (setup.lr,)):
+                    student = model if i == 0 else _built(source, arm, setup, cache, calibration)[0]
+                    set_seed(arm.seed)
+                    run = recover_lm(student, cache["teacher"], source, arm, setup, lr)
+                    run["perplexity"], _ = perplexity(
+                        student, eval_tokens, setup.context
+                    )  # reported, not chosen on
+                    recovery_runs.append(run)
+                    if best is None or run["final_loss"] < best[0]["final_loss"]:
+                        best = (run, student)
+                    else:
+                        del student
+            model = best[1]
+        finish_training(model, arm)
         with ResourceMeter() as eval_meter:
             ppl, first_logits = perplexity(model, eval_tokens, setup.context)
     if arm.method == "prune":
@@ -169,6 +328,11 @@ def run_lm_arm(
         "arm_wall_seconds": round(whole.seconds, 2),
         "arm_peak_rss_mb": round(whole.peak_rss / 2**20, 1),
     }
+    if recovery_runs:
+        chosen = min(recovery_runs, key=lambda r: r["final_loss"])
+        result["recovery"] = chosen
+        result["recovery_runs"] = recovery_runs
+        result["selected_lr"] = chosen["lr"]
     if arm.method == "dense":
         cache["dense_first_logits"] = first_logits
     if "dense_first_logits" in cache and first_logits is not None:

@@ -953,7 +953,99 @@ def _plot_language_model(rows: list[dict], folder: Path, plt) -> list[tuple[str,
         folder / "language_model_frontier.png",
         "SmolLM2-135M compressed without long recovery training: perplexity at equal stored bytes",
     )
-    return [("language_model_frontier.png", "a pre-trained LM after compression: perplexity at equal bytes")]
+    written = [
+        ("language_model_frontier.png", "a pre-trained LM after compression: perplexity at equal bytes")
+    ]
+    if any(r["recover_tokens"] for r in rows):
+        written.append(_plot_lm_recovery(rows, dense, folder, plt))
+    return written
+
+
+LM_RECOVERY_TARGET = 100.0
+"""Issue 27's decoder target: SmolLM2 at 4x below this held-out perplexity after the largest recovery budget."""
+
+
+def _lm_recovery_series(rows: list[dict]) -> list[tuple[str, float, list[tuple[int, dict | float]]]]:
+    """(method, compression, [(tokens, row)]) per recovered curve; its first point (0 tokens) is the perplexity
+    of the same init before recovery, which every budget's result records."""
+    curves = []
+    for method, name in (("hf-roast", "hf-roast"), ("magnitude pruning", "magnitude pruning")):
+        recovered = [r for r in rows if r["recover_tokens"] and r["label"].startswith(method)]
+        for c in sorted({r["budget"] for r in recovered}):
+            points = sorted((r["recover_tokens"], r) for r in recovered if r["budget"] == c)
+            before = points[0][1]["storage"].get("perplexity_before_recovery")
+            curves.append((name, c, ([(0, before)] if before else []) + points))
+    return curves
+
+
+def check_lm_recovery_targets(rows: list[dict]) -> list[dict]:
+    """The decoder target: hf-roast at 4x below LM_RECOVERY_TARGET after the largest budget run."""
+    curve = next((pts for name, c, pts in _lm_recovery_series(rows) if name == "hf-roast" and c == 4), None)
+    target = (
+        f"SmolLM2-135M at 4x: held-out perplexity below {LM_RECOVERY_TARGET:g} after the largest recovery run"
+    )
+    if not curve or not curve[-1][0]:
+        return [{"target": target, "met": None, "detail": "no recovered 4x arm"}]
+    tokens, row = curve[-1]
+    return [
+        {
+            "target": target,
+            "met": row["mean"] < LM_RECOVERY_TARGET,
+            "detail": f"{row['mean']:.1f} after {tokens:,} tokens ({row['names'][0]})",
+        }
+    ]
+
+
+def _plot_lm_recovery(rows: list[dict], dense, folder: Path, plt) -> tuple[str, str]:
+    """Held-out perplexity against tokens of distillation from the dense model, per method and compression,
+    with the starting point (no recovery) at the left edge, and dense, round-to-nearest and the target as lines."""
+    fig, ax = plt.subplots(figsize=(8.5, 5.4))
+    curves = _lm_recovery_series(rows)
+    floor = min(t for _, _, pts in curves for t, _ in pts if t) / 2
+    styles = {
+        ("hf-roast", 4): ("#1f77b4", "o", "-"),
+        ("hf-roast", 16): ("#1f77b4", "s", "--"),
+        ("magnitude pruning", 4): ("#d62728", "o", "-"),
+        ("magnitude pruning", 16): ("#d62728", "s", "--"),
+    }
+    for name, c, pts in curves:
+        colour, marker, ls = styles.get((name, c), ("#7f7f7f", "^", ":"))
+        ax.plot(
+            [t or floor for t, _ in pts],
+            [p if isinstance(p, float) else p["mean"] for _, p in pts],
+            color=colour,
+            marker=marker,
+            ls=ls,
+            label=f"{name} {c:g}x, recovered",
+        )
+    if dense is not None:
+        ax.axhline(dense["mean"], color="black", lw=1, ls=":", label=f"dense ({dense['mean']:.1f})")
+    for bits, colour in ((8, "#2ca02c"), (4, "#8c564b")):
+        rtn = _pick(rows, f"round-to-nearest int{bits} (dense targets)")
+        if rtn:
+            ax.axhline(
+                rtn[0]["mean"], color=colour, lw=1, ls="-.", label=f"round-to-nearest int{bits}, no recovery"
+            )
+    ax.axhline(LM_RECOVERY_TARGET, color="#9467bd", lw=0.8, ls=":", label="the 4x target")
+    ticks = sorted({floor} | {t for _, _, pts in curves for t, _ in pts if t})
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(
+        ["none" if t == floor else f"{t / 1e6:g}M" if t >= 1e6 else f"{t / 1e3:g}k" for t in ticks]
+    )
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("tokens of recovery: distillation from the dense model on Wikipedia (log scale)")
+    ax.set_ylabel("held-out perplexity (log scale, lower is better)")
+    _finish(
+        fig,
+        [ax],
+        folder / "language_model_recovery.png",
+        "SmolLM2-135M compressed 4x and 16x: what recovery buys, per token",
+        ncol=2,
+    )
+    return ("language_model_recovery.png", "what task-agnostic recovery buys a compressed decoder")
 
 
 def plot(rows: list[dict], experiment: str, path: Path) -> list[tuple[str, str]]:
@@ -1042,6 +1134,12 @@ def write_summary(results_dir: Path, meta: dict) -> dict:
                 )
         if experiment == "scratch":
             md.append("\nHeld-out bits per byte by compression of the projections:\n\n" + scratch_pivot(rows))
+        if experiment == "language_model" and any(r["recover_tokens"] for r in rows):
+            block["targets"] = check_lm_recovery_targets(rows)
+            md.append("\nTargets:\n\n")
+            for t in block["targets"]:
+                verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+                md.append(f"- {t['target']}: **{verdict}** ({t['detail']})\n")
         if experiment in ("classification", "scratch"):
             if experiment == "classification":
                 block["targets"] = (

@@ -140,11 +140,17 @@ def minilm_classification_source(train_size: int | None, val_size: int = 1000) -
     )
 
 
+DECODER_PASSAGE_CHARS = 2000
+"""The recovered decoder's documents: runs of whole sentences of the training articles, across paragraphs, of about
+2,000 characters (about 450 tokens, inside the 512-token truncation): long contexts, as perplexity reads, and
+batches with little padding."""
+
+
 def smollm2_source() -> LanguageModelSource:
     from hf_roast.scripts.pinned_models import smollm2_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import PINNED, load_wikipedia_articles, split_articles
+    from .data import PINNED, load_wikipedia_articles, split_articles, wikipedia_passages
 
     path = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -164,4 +170,9 @@ def smollm2_source() -> LanguageModelSource:
         train,
         held_out,
         description,
+        recovery_text=lambda: wikipedia_passages(DECODER_PASSAGE_CHARS, across_paragraphs=True),
+        recovery_text_description=(
+            f"Wikipedia passages of ~{DECODER_PASSAGE_CHARS} characters ({PINNED['enwiki']['package']}'s "
+            "enwiki test dump, training articles)"
+        ),
     )
