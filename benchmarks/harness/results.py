@@ -1016,15 +1016,25 @@ def _plot_lm_recovery(rows: list[dict], dense, folder: Path, plt) -> tuple[str, 
             color=colour,
             marker=marker,
             ls=ls,
-            label=f"{name} {c:g}x, recovered",
+            label=f"{name} {c:g}x, recovered ({pts[-1][1]['storage']['target_bytes'] / MB:.0f} MB stored)",
         )
     if dense is not None:
-        ax.axhline(dense["mean"], color="black", lw=1, ls=":", label=f"dense ({dense['mean']:.1f})")
+        ax.axhline(
+            dense["mean"],
+            color="black",
+            lw=1,
+            ls=":",
+            label=f"dense ({dense['mean']:.1f}, {dense['storage']['target_bytes'] / MB:.0f} MB)",
+        )
     for bits, colour in ((8, "#2ca02c"), (4, "#8c564b")):
         rtn = _pick(rows, f"round-to-nearest int{bits} (dense targets)")
         if rtn:
             ax.axhline(
-                rtn[0]["mean"], color=colour, lw=1, ls="-.", label=f"round-to-nearest int{bits}, no recovery"
+                rtn[0]["mean"],
+                color=colour,
+                lw=1,
+                ls="-.",
+                label=f"round-to-nearest int{bits}, no recovery ({rtn[0]['storage']['target_bytes'] / MB:.0f} MB)",
             )
     ax.axhline(LM_RECOVERY_TARGET, color="#9467bd", lw=0.8, ls=":", label="the 4x target")
     ticks = sorted({floor} | {t for _, _, pts in curves for t, _ in pts if t})
@@ -1038,6 +1048,7 @@ def _plot_lm_recovery(rows: list[dict], dense, folder: Path, plt) -> tuple[str, 
     ax.grid(alpha=0.3)
     ax.set_xlabel("tokens of recovery: distillation from the dense model on Wikipedia (log scale)")
     ax.set_ylabel("held-out perplexity (log scale, lower is better)")
+    ax.set_title("MB: what the target projections store (pruning: values + bitmask)", fontsize=9)
     _finish(
         fig,
         [ax],

@@ -317,6 +317,37 @@ def test_tiny_sweep_writes_every_arm_and_the_summary(tiny_sweep):
             assert (tiny_sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_tiny_sweep_recovers_the_decoder_by_distillation_at_every_budget(tiny_sweep):
+    """The recovered LM arms: the grid arm tries each rate and keeps the lowest final distillation loss, the
+    other budgets and 16x take its rate, every budget starts from the same init (its perplexity recorded),
+    the token budget is met, and pruning's recovery keeps its mask."""
+    summary = json.loads((tiny_sweep / "results.json").read_text())
+    lm = {r["arm"]["name"]: r for r in summary["experiments"]["language_model"]["arms"]}
+    for method, grid in (("roast", "roast-stable-4x-cal-rec0.256k"), ("prune", "prune-4x-rec0.256k")):
+        runs = lm[grid]["recovery_runs"]
+        assert [r["lr"] for r in runs] == [1e-3, 3e-3]
+        best = min(runs, key=lambda r: r["final_loss"])
+        assert lm[grid]["selected_lr"] == best["lr"] and lm[grid]["perplexity"] == best["perplexity"]
+        prefix = "roast-stable-{}x-cal" if method == "roast" else "prune-{}x"
+        others = [prefix.format(c) + f"-rec0.{t}k" for c in (4, 16) for t in (256, 512)][1:]
+        for name in others:
+            r = lm[name]
+            assert [run["lr"] for run in r["recovery_runs"]] == [best["lr"]], name
+            assert r["recovery"]["tokens"] >= r["arm"]["recover_tokens"] > 0
+            assert r["recovery"]["first_loss"] > 0 and r["recovery"]["hidden_weight"] == 0.0
+        before = {
+            lm[prefix.format(4) + f"-rec0.{t}k"]["storage"]["perplexity_before_recovery"] for t in (256, 512)
+        }
+        assert len(before) == 1, "every budget starts from the same compressed init"
+    # pruned weights stay pruned through recovery: the nonzeros left are the kept values
+    pruned = lm["prune-4x-rec0.512k"]["storage"]
+    assert 0 < pruned["kept_values_after_training"] <= pruned["target_values"]
+    targets = summary["experiments"]["language_model"]["targets"]
+    assert targets[0]["met"] is not None and "roast-stable-4x-cal-rec0.512k" in targets[0]["detail"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tiny_sweep / "language_model_recovery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_tiny_sweep_trains_every_scratch_arm_on_the_same_budget(tiny_sweep):
     from benchmarks.harness.experiments import scratch_arms
 
@@ -758,4 +789,9 @@ def test_a_recovered_arm_distils_its_token_budget_before_the_task(tiny_sweep):
     plain = json.loads((results / "roast-stable-4x.json").read_text())
     assert "recovery" not in plain["storage"]
     with pytest.raises(ValueError, match="recover_tokens"):
-        Arm("p", "prune", 4.0, recover_tokens=1000)
+        Arm("r", "rtn", 1.0, z_bits=8, recover_tokens=1000)
+    with pytest.raises(ValueError, match="recover_tokens"):
+        Arm("n", "roast", 4.0, recover_tokens=-1)
+    assert (
+        Arm("p", "prune", 4.0, recover_tokens=1000).recover_tokens == 1000
+    )  # the decoder's recovered baseline
