@@ -40,7 +40,7 @@ class LanguageModelSetup:
     recover_max_length: int = 512
     recover_hidden_weight: float = 0.0
     """The logits' KL alone: SmolLM2's hidden states carry massive activations, so their MSE in raw units is about
-    1,000 times the KL at the start (1,372 on the first batch at 4x) and would decide every step; Minitron's
+    200 times the KL at the start (1,372 against about 7 on the first batches at 4x) and would decide every step; Minitron's
     recipe for retraining pruned decoders also distils the logits alone."""
     device: str = "cpu"
 
