@@ -9,6 +9,14 @@ by the tokens, median of ``--rounds``, the arms interleaved round by round.
     python -m benchmarks.decode_profile                       # SmolLM2-135M (pinned wheel), 16x, fp32 z
     python -m benchmarks.decode_profile --compressions 4,16 --z-bits 8 --threads 2
     python -m benchmarks.decode_profile --model tiny          # a small random Llama (smoke test)
+    python -m benchmarks.decode_profile --compile --threads 2 # compiled, static cache: where the token goes
+
+With ``--compile`` each arm's forward runs under ``torch.compile`` with a static KV cache (as ``hf-roast bench
+--generate --compile`` runs it), and the torch profiler splits a token further: the whole ``hf_roast::roast_linear``
+op (its GEMV plus the Python of its CPU kernel, entered from the compiled graph), dynamo's guard evaluation before
+each call of the compiled forward, the compiled graph's own Python wrapper, and the output layer (the matrix
+products whose output is as wide as the vocabulary). The profiler adds its own cost; the split, not the total, is
+the reading.
 """
 
 from __future__ import annotations
@@ -36,6 +44,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compiled forward and static cache, split by the torch profiler",
     )
     return p.parse_args(argv)
 
@@ -90,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         with torch.no_grad():  # not set_grad_enabled: a caller (a test) keeps its own autograd state
-            profile(args)
+            (profile_compiled if args.compile else profile)(args)
     finally:
         torch.set_num_threads(threads)
     return 0
@@ -139,6 +152,88 @@ def profile(args: argparse.Namespace) -> None:
             f"{name:<22} {token * 1e3:7.1f} {1 / token:6.1f} {gemv * 1e3:7.1f} {calls:6.0f} {head * 1e3:13.1f} "
             f"{rest * 1e3:7.1f}"
         )
+
+
+COMPILED_PARTS = ("roast_linear op", "its GEMV", "guards", "graph wrapper", "output layer")
+
+
+def compiled_split(events, vocab: int, gemv_seconds: float) -> dict[str, float]:
+    """Seconds of a profiled run by part (see the module docstring); ``events`` are the profiler's averages
+    with input shapes recorded."""
+    split = dict.fromkeys(COMPILED_PARTS, 0.0)
+    split["its GEMV"] = gemv_seconds
+    for e in events:
+        if e.key == "hf_roast::roast_linear" or e.key == "hf_roast::roast_linear_packed":
+            split["roast_linear op"] += e.cpu_time_total / 1e6
+        elif e.key == "TorchDynamo Cache Lookup":
+            split["guards"] += e.self_cpu_time_total / 1e6
+        elif e.key.startswith("## Call CompiledFxGraph"):
+            split["graph wrapper"] += e.self_cpu_time_total / 1e6
+        elif e.key in ("aten::mm", "aten::addmm") and any(vocab in shape for shape in e.input_shapes or []):
+            split["output layer"] += e.self_cpu_time_total / 1e6
+    return split
+
+
+def profile_compiled(args: argparse.Namespace) -> None:
+    from hf_roast.scripts.bench_generate import (
+        PROMPT_TOKENS,
+        _transformers_model,
+        build_arms,
+        compiled_forward,
+        load_model,
+    )
+
+    dense, description = load_model(args.model)
+    arms = build_arms(dense, args.compressions, args.z_bits)
+    vocab = dense.config.vocab_size
+    prompt = torch.randint(3, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    clock = Clock()
+    compiled = {name: torch.compile(_transformers_model(m).forward) for name, m in arms.items()}
+
+    def run(name: str, n: int, profiled: bool):
+        clock.reset()
+        with compiled_forward(arms[name], compiled[name]):
+            if not profiled:
+                start = time.perf_counter()
+                arms[name].generate(
+                    prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                    eos_token_id=None, cache_implementation="static",
+                )  # fmt: skip
+                return time.perf_counter() - start
+            with torch.profiler.profile(record_shapes=True) as prof:
+                arms[name].generate(
+                    prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                    eos_token_id=None, cache_implementation="static",
+                )  # fmt: skip
+            return compiled_split(prof.key_averages(group_by_input_shape=True), vocab, clock.gemv)
+
+    undo = instrument(clock)
+    try:
+        for name in arms:  # compiles every shape the rounds use (untimed)
+            run(name, args.new_tokens, False)
+            run(name, 1, False)
+        n = args.new_tokens - 1
+        token: dict[str, list[float]] = {name: [] for name in arms}
+        parts: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
+        for _ in range(args.rounds):
+            for name in arms:
+                token[name].append((run(name, args.new_tokens, False) - run(name, 1, False)) / n)
+                long, short = run(name, args.new_tokens, True), run(name, 1, True)
+                parts[name].append({k: (long[k] - short[k]) / n for k in COMPILED_PARTS})
+    finally:
+        undo()
+    print(
+        f"{description}; {torch.get_num_threads()} threads; compiled, static cache; ms per decode token, medians "
+        f"of {args.rounds} rounds (token: unprofiled; the parts: profiled)"
+    )
+    header = f"{'arm':<22} {'token':>7} {'tok/s':>6} " + " ".join(f"{p:>15}" for p in COMPILED_PARTS)
+    print(header)
+    for name in arms:
+        t = statistics.median(token[name])
+        cells = " ".join(
+            f"{statistics.median(d[p] for d in parts[name]) * 1e3:15.1f}" for p in COMPILED_PARTS
+        )
+        print(f"{name:<22} {t * 1e3:7.1f} {1 / t:6.1f} {cells}")
 
 
 if __name__ == "__main__":

@@ -22,3 +22,32 @@ def test_decode_profile_splits_a_token_into_gemv_output_layer_and_rest(capsys):
     roast_calls = float(rows["hf-roast 16x"].split()[5])
     assert dense_calls == 0  # a dense model never reaches the hashed GEMV
     assert roast_calls == 6 * 7  # every compressed projection of the 6-layer model, once per token
+
+
+def test_the_compiled_split_sorts_profiler_events_into_its_parts():
+    """``--compile`` reads the profiler: the op (with its kernel's Python), guards, the graph's own wrapper,
+    and the matrix products as wide as the vocabulary; nothing else is counted."""
+    from types import SimpleNamespace
+
+    from benchmarks.decode_profile import compiled_split
+
+    def event(key, total=0.0, own=0.0, shapes=None):
+        return SimpleNamespace(key=key, cpu_time_total=total, self_cpu_time_total=own, input_shapes=shapes)
+
+    events = [
+        event("hf_roast::roast_linear", total=3000.0, own=2500.0),
+        event("hf_roast::roast_linear_packed", total=1000.0),
+        event("TorchDynamo Cache Lookup", own=400.0),
+        event("## Call CompiledFxGraph abc", total=9000.0, own=700.0),
+        event("aten::mm", own=5000.0, shapes=[[1, 576], [576, 49152]]),
+        event("aten::mm", own=800.0, shapes=[[1, 576], [576, 1536]]),  # a projection, not the output layer
+        event("aten::add", own=100.0, shapes=[[49152], [49152]]),
+    ]
+    split = compiled_split(events, 49152, gemv_seconds=0.002)
+    assert split == {
+        "roast_linear op": 0.004,
+        "its GEMV": 0.002,
+        "guards": 0.0004,
+        "graph wrapper": 0.0007,
+        "output layer": 0.005,
+    }
