@@ -221,6 +221,11 @@ def recover_lm(
     }
 
 
+def _final_loss(run: dict) -> float:
+    """A recovery run's rank in its grid: its final distillation loss, a diverged run (NaN, inf) last."""
+    return run["final_loss"] if math.isfinite(run["final_loss"]) else math.inf
+
+
 def _built(source: LanguageModelSource, arm: Arm, setup: LanguageModelSetup, cache: dict, calibration):
     """The arm's freshly compressed model, built on the setup's device (the calibrated init of SmolLM2 takes 8
     minutes on 2 CPU cores). The same compression of another budget or rate starts from the weights of the first
@@ -299,7 +304,7 @@ def run_lm_arm(
                         student, eval_tokens, setup.context
                     )  # reported, not chosen on
                     recovery_runs.append(run)
-                    if best is None or run["final_loss"] < best[0]["final_loss"]:
+                    if best is None or _final_loss(run) < _final_loss(best[0]):
                         best = (run, student)
                     else:
                         del student
@@ -329,7 +334,7 @@ def run_lm_arm(
         "arm_peak_rss_mb": round(whole.peak_rss / 2**20, 1),
     }
     if recovery_runs:
-        chosen = min(recovery_runs, key=lambda r: r["final_loss"])
+        chosen = min(recovery_runs, key=_final_loss)
         result["recovery"] = chosen
         result["recovery_runs"] = recovery_runs
         result["selected_lr"] = chosen["lr"]

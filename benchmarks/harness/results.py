@@ -1145,19 +1145,15 @@ def write_summary(results_dir: Path, meta: dict) -> dict:
                 )
         if experiment == "scratch":
             md.append("\nHeld-out bits per byte by compression of the projections:\n\n" + scratch_pivot(rows))
-        if experiment == "language_model" and any(r["recover_tokens"] for r in rows):
+        if experiment == "classification":
+            block["targets"] = (
+                check_targets(rows) + check_bytes_budget_targets(rows) + check_bytes_targets(rows)
+            )
+        elif experiment == "scratch":
+            block["targets"] = check_scratch_targets(rows)
+        elif any(r["recover_tokens"] for r in rows):
             block["targets"] = check_lm_recovery_targets(rows)
-            md.append("\nTargets:\n\n")
-            for t in block["targets"]:
-                verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
-                md.append(f"- {t['target']}: **{verdict}** ({t['detail']})\n")
-        if experiment in ("classification", "scratch"):
-            if experiment == "classification":
-                block["targets"] = (
-                    check_targets(rows) + check_bytes_budget_targets(rows) + check_bytes_targets(rows)
-                )
-            else:
-                block["targets"] = check_scratch_targets(rows)
+        if block.get("targets"):
             md.append("\nTargets:\n\n")
             for t in block["targets"]:
                 verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
