@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=float, default=5e-5, help="The dense model's training rate (the recipe scales it)."
     )
     p.add_argument(
-        "--hidden-weight", type=float, default=1.0, help="Weight of the hidden states' MSE beside the logits' KL (0: logits only, what a decoder such as "
+        "--hidden-weight",
+        type=float,
+        default=1.0,
+        help="Weight of the hidden states' MSE beside the logits' KL (0: logits only, what a decoder such as "
         "Llama wants: its hidden states' MSE outweighs the KL; see docs/usage.md).",
     )
     p.add_argument("--calibrate", action="store_true", help="Calibrated init on a few batches of the text.")
