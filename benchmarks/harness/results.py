@@ -726,6 +726,18 @@ def _plot_classification(rows: list[dict], folder: Path, plt) -> list[tuple[str,
 RECOVERED = "hf-roast stable (recovered before the task)"
 
 
+def _token_axis(ax, tokens: set[int], floor: float) -> None:
+    """A log axis of recovery tokens, the arm without recovery drawn at ``floor`` and labelled "none"."""
+    ticks = sorted({floor} | tokens)
+    ax.set_xscale("log")
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(
+        ["none" if t == floor else f"{t / 1e6:g}M" if t >= 1e6 else f"{t / 1e3:g}k" for t in ticks]
+    )
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+
+
 def _plot_recovery(rows: list[dict], recovered: list[dict], dense, folder: Path, plt) -> tuple[str, str]:
     """Test accuracy after the fine-tune against the tokens of task-agnostic recovery before it, per compression,
     with the arm without recovery at the left edge (a log axis has no zero) and the no-encoder model's line."""
@@ -768,14 +780,7 @@ def _plot_recovery(rows: list[dict], recovered: list[dict], dense, folder: Path,
             capsize=3,
             label=f"hf-roast {budget:g}x, recovered, then fine-tuned",
         )
-    ticks = sorted({floor} | {r["recover_tokens"] for r in recovered})
-    ax.set_xscale("log")
-    ax.set_xticks(ticks)
-    ax.set_xticklabels(
-        ["none" if t == floor else f"{t / 1e6:g}M" if t >= 1e6 else f"{t / 1e3:g}k" for t in ticks]
-    )
-    ax.minorticks_off()
-    ax.grid(alpha=0.3)
+    _token_axis(ax, {r["recover_tokens"] for r in recovered}, floor)
     ax.set_xlabel(
         "tokens of recovery (distillation from the dense model on Wikipedia) before the fine-tune (log scale)"
     )
@@ -1037,15 +1042,8 @@ def _plot_lm_recovery(rows: list[dict], dense, folder: Path, plt) -> tuple[str, 
                 label=f"round-to-nearest int{bits}, no recovery ({rtn[0]['storage']['target_bytes'] / MB:.0f} MB)",
             )
     ax.axhline(LM_RECOVERY_TARGET, color="#9467bd", lw=0.8, ls=":", label="the 4x target")
-    ticks = sorted({floor} | {t for _, _, pts in curves for t, _ in pts if t})
-    ax.set_xscale("log")
+    _token_axis(ax, {t for _, _, pts in curves for t, _ in pts if t}, floor)
     ax.set_yscale("log")
-    ax.set_xticks(ticks)
-    ax.set_xticklabels(
-        ["none" if t == floor else f"{t / 1e6:g}M" if t >= 1e6 else f"{t / 1e3:g}k" for t in ticks]
-    )
-    ax.minorticks_off()
-    ax.grid(alpha=0.3)
     ax.set_xlabel("tokens of recovery: distillation from the dense model on Wikipedia (log scale)")
     ax.set_ylabel("held-out perplexity (log scale, lower is better)")
     ax.set_title("MB: what the target projections store (pruning: values + bitmask)", fontsize=9)
