@@ -251,6 +251,42 @@ def _check(token_budget, batch_size, max_length, lr, hidden_weight, output_dir, 
         raise ValueError("save_every needs an output_dir to save into, and a positive number of tokens.")
 
 
+def recovery_step(
+    student, teacher, docs: list[str], tokenizer, optimizer, base_lrs: list[float], state: dict
+) -> int:
+    """One step of recovery, advancing ``state`` (``step``, ``tokens``, ``losses`` and ``run``, the run's
+    arguments as :func:`recover` records them); returns the step's non-padding tokens.
+
+    The step's documents (:func:`batch_indices`), each group's rate at the tokens seen (``base_lrs`` times
+    :func:`lr_factor`), the loss (:func:`recovery_loss`) with dropout seeded by the seed and the step, clipping,
+    and the optimizer's step. :func:`recover` runs it; it is public so that a baseline with an optimizer of its own
+    (a pruned dense model, say) recovers exactly as hf-roast does."""
+    run, step = state["run"], state["step"]
+    device = next(student.parameters()).device
+    texts = [docs[i] for i in batch_indices(len(docs), run["batch_size"], run["seed"], step)]
+    batch = {k: v.to(device) for k, v in tokenize_batch(tokenizer, texts, run["max_length"]).items()}
+    factor = lr_factor(state["tokens"], run["token_budget"])
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base * factor
+    want_hidden = run["hidden_weight"] > 0
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # dropout: a function of the seed and the step
+        torch.manual_seed(run["seed"] * 1_000_003 + step)
+        out = student(**batch, output_hidden_states=want_hidden)
+        with torch.no_grad():
+            target = teacher(**batch, output_hidden_states=want_hidden)
+        loss = recovery_loss(out, target, batch["attention_mask"], run["hidden_weight"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    if run["max_grad_norm"]:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), run["max_grad_norm"])
+    optimizer.step()
+    seen = int(batch["attention_mask"].sum())
+    state["step"], state["tokens"] = step + 1, state["tokens"] + seen
+    state["losses"].append(float(loss.detach()))
+    return seen
+
+
 def recover(
     student: RoastModel,
     teacher,
@@ -329,8 +365,6 @@ def recover(
         )
     if resume and output_dir and (path := latest_checkpoint(output_dir)):
         state = _resume(student, optimizer, path, run)
-    want_hidden = hidden_weight > 0
-    devices = [device.index or 0] if device.type == "cuda" else []
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -339,26 +373,7 @@ def recover(
     student.train()
     try:
         while state["tokens"] < token_budget:
-            step = state["step"]
-            texts = [docs[i] for i in batch_indices(len(docs), batch_size, seed, step)]
-            batch = {k: v.to(device) for k, v in tokenize_batch(tokenizer, texts, max_length).items()}
-            factor = lr_factor(state["tokens"], token_budget)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * factor
-            with torch.random.fork_rng(devices=devices):  # dropout: a function of the seed and the step
-                torch.manual_seed(seed * 1_000_003 + step)
-                out = student(**batch, output_hidden_states=want_hidden)
-                with torch.no_grad():
-                    target = teacher(**batch, output_hidden_states=want_hidden)
-                loss = recovery_loss(out, target, batch["attention_mask"], hidden_weight)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
-            optimizer.step()
-            seen = int(batch["attention_mask"].sum())
-            state["step"], state["tokens"] = step + 1, state["tokens"] + seen
-            state["losses"].append(float(loss.detach()))
+            seen = recovery_step(student, teacher, docs, tokenizer, optimizer, base_lrs, state)
             bar.update(seen)
             bar.set_postfix(loss=f"{state['losses'][-1]:.4f}")
             if save_every and state["tokens"] // save_every > (state["tokens"] - seen) // save_every:
@@ -394,4 +409,12 @@ def _report(state: dict, run: dict, data: str, teacher: str | None) -> RecoveryR
     )
 
 
-__all__ = ["RecoveryReport", "batch_indices", "documents", "latest_checkpoint", "recover", "recovery_loss"]
+__all__ = [
+    "RecoveryReport",
+    "batch_indices",
+    "documents",
+    "latest_checkpoint",
+    "recover",
+    "recovery_loss",
+    "recovery_step",
+]

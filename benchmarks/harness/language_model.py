@@ -139,34 +139,29 @@ def distil_pruned(
     hidden_weight: float,
     seed: int,
 ) -> tuple[list[float], int]:
-    """``hf_roast.recover``'s loop for a pruned dense model, so that pruning gets the same recovery: the same
-    documents per step, loss, warm-up and decay over the budget, and clipping, with AdamW at ``lr`` on every
-    parameter (the fixed masks keep the pruned weights at zero). Returns the per-step losses and the tokens seen."""
-    from hf_roast.recovery import batch_indices, lr_factor, recovery_loss, tokenize_batch
+    """``hf_roast.recover``'s steps (:func:`hf_roast.recovery.recovery_step`) on a pruned dense model, so that
+    pruning gets the same recovery: the same documents per step, loss, warm-up and decay over the budget, and
+    clipping, with AdamW at ``lr`` on every parameter (the fixed masks keep the pruned weights at zero). Returns
+    the per-step losses and the tokens seen."""
+    from hf_roast.recovery import recovery_step
 
-    device = next(model.parameters()).device
-    teacher.to(device).eval()
+    teacher.to(next(model.parameters()).device).eval()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    tokens, step, losses = 0, 0, []
+    run = dict(
+        token_budget=token_budget,
+        batch_size=batch_size,
+        max_length=max_length,
+        lr=lr,
+        hidden_weight=hidden_weight,
+        seed=seed,
+        max_grad_norm=1.0,
+    )
+    state = {"step": 0, "tokens": 0, "losses": [], "run": run}
     model.train()
-    while tokens < token_budget:
-        texts = [docs[i] for i in batch_indices(len(docs), batch_size, seed, step)]
-        batch = {k: v.to(device) for k, v in tokenize_batch(tokenizer, texts, max_length).items()}
-        for group in optimizer.param_groups:
-            group["lr"] = lr * lr_factor(tokens, token_budget)
-        out = model(**batch, output_hidden_states=hidden_weight > 0)
-        with torch.no_grad():
-            target = teacher(**batch, output_hidden_states=hidden_weight > 0)
-        loss = recovery_loss(out, target, batch["attention_mask"], hidden_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        tokens += int(batch["attention_mask"].sum())
-        step += 1
-        losses.append(float(loss.detach()))
+    while state["tokens"] < token_budget:
+        recovery_step(model, teacher, docs, tokenizer, optimizer, [lr], state)
     model.eval()
-    return losses, tokens
+    return state["losses"], state["tokens"]
 
 
 def recover_lm(
