@@ -22,6 +22,7 @@ the reading.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -192,20 +193,17 @@ def profile_compiled(args: argparse.Namespace) -> None:
 
     def run(name: str, n: int, profiled: bool):
         clock.reset()
-        with compiled_forward(arms[name], compiled[name]):
-            if not profiled:
-                start = time.perf_counter()
-                arms[name].generate(
-                    prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                    eos_token_id=None, cache_implementation="static",
-                )  # fmt: skip
-                return time.perf_counter() - start
-            with torch.profiler.profile(record_shapes=True) as prof:
-                arms[name].generate(
-                    prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                    eos_token_id=None, cache_implementation="static",
-                )  # fmt: skip
-            return compiled_split(prof.key_averages(group_by_input_shape=True), vocab, clock.gemv)
+        profiler = torch.profiler.profile(record_shapes=True) if profiled else contextlib.nullcontext()
+        with compiled_forward(arms[name], compiled[name]), profiler:
+            start = time.perf_counter()
+            arms[name].generate(
+                prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None,
+                cache_implementation="static",
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+        if not profiled:
+            return seconds
+        return compiled_split(profiler.key_averages(group_by_input_shape=True), vocab, clock.gemv)
 
     undo = instrument(clock)
     try:

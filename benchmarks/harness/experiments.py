@@ -486,7 +486,7 @@ def lm_recovered_arms(budgets=DECODER_RECOVERY_BUDGETS, lrs=DECODER_RECOVERY_LRS
         for c in (4, 16):
             for method, grid in grids.items():
                 if (c, tokens) != (4, budgets[0]):
-                    arms.append((5 + min(tier, 2), _lm_recovered(method, c, tokens, grid_from=grid.name)))
+                    arms.append((5 + tier, _lm_recovered(method, c, tokens, grid_from=grid.name)))
     return arms
 
 

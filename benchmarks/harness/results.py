@@ -723,9 +723,6 @@ def _plot_classification(rows: list[dict], folder: Path, plt) -> list[tuple[str,
     return written
 
 
-RECOVERED = "hf-roast stable (recovered before the task)"
-
-
 def _token_axis(ax, tokens: set[int], floor: float) -> None:
     """A log axis of recovery tokens, the arm without recovery drawn at ``floor`` and labelled "none"."""
     ticks = sorted({floor} | tokens)
@@ -974,12 +971,12 @@ def _lm_recovery_series(rows: list[dict]) -> list[tuple[str, float, list[tuple[i
     """(method, compression, [(tokens, row)]) per recovered curve; its first point (0 tokens) is the perplexity
     of the same init before recovery, which every budget's result records."""
     curves = []
-    for method, name in (("hf-roast", "hf-roast"), ("magnitude pruning", "magnitude pruning")):
+    for method in ("hf-roast", "magnitude pruning"):
         recovered = [r for r in rows if r["recover_tokens"] and r["label"].startswith(method)]
         for c in sorted({r["budget"] for r in recovered}):
             points = sorted((r["recover_tokens"], r) for r in recovered if r["budget"] == c)
             before = points[0][1]["storage"].get("perplexity_before_recovery")
-            curves.append((name, c, ([(0, before)] if before else []) + points))
+            curves.append((method, c, ([(0, before)] if before else []) + points))
     return curves
 
 
