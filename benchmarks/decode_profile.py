@@ -1,7 +1,7 @@
 """``python -m benchmarks.decode_profile``: where an eager decode token of hf-roast goes on CPU.
 
 ``hf-roast bench --generate`` gives the end-to-end decode speed; this splits one greedy decode token of the
-compressed model into the time inside the C++ hashed GEMV (every compressed projection), the time of the dense
+compressed model into the time inside the C++ hashed GEMV's op (every compressed projection), the time of the dense
 output layer (SmolLM2 ties it to the embeddings, so it stays dense), and the rest (attention, norms, the
 Python of each layer call). Per arm: the difference between generating ``--new-tokens`` and 1 token, divided
 by the tokens, median of ``--rounds``, the arms interleaved round by round.
@@ -12,8 +12,8 @@ by the tokens, median of ``--rounds``, the arms interleaved round by round.
     python -m benchmarks.decode_profile --compile --threads 2 # compiled, static cache: where the token goes
 
 With ``--compile`` each arm's forward runs under ``torch.compile`` with a static KV cache (as ``hf-roast bench
---generate --compile`` runs it), and the torch profiler splits a token further: the whole ``hf_roast::roast_linear``
-op (its GEMV plus the Python of its CPU kernel, entered from the compiled graph), dynamo's guard evaluation before
+--generate --compile`` runs it), and the torch profiler splits a token further: the CPU path's op
+``hf_roast::roast_linear_cpu`` (its C++ GEMV, called from the compiled graph), dynamo's guard evaluation before
 each call of the compiled forward, the compiled graph's own Python wrapper, and the output layer (the matrix
 products whose output is as wide as the vocabulary). The profiler adds its own cost; the split, not the total, is
 the reading.
@@ -67,21 +67,22 @@ class Clock:
 
 
 def instrument(clock: Clock) -> Callable[[], None]:
-    """Time every call of the CPU path's GEMV; returns the undo."""
-    real = cpu_ops._gemv
+    """Time every eager call of the CPU path's op (its GEMV, and the op dispatcher around it); returns the
+    undo. A compiled graph calls the op without Python, so there the profiler times it instead."""
+    real = cpu_ops.cpu_roast_linear
 
-    def timed(lib, x, args):
+    def timed(*args):
         start = time.perf_counter()
         try:
-            return real(lib, x, args)
+            return real(*args)
         finally:
             clock.gemv += time.perf_counter() - start
             clock.calls += 1
 
-    cpu_ops._gemv = timed
+    cpu_ops.cpu_roast_linear = timed
 
     def undo() -> None:
-        cpu_ops._gemv = real
+        cpu_ops.cpu_roast_linear = real
 
     return undo
 
@@ -155,17 +156,16 @@ def profile(args: argparse.Namespace) -> None:
         )
 
 
-COMPILED_PARTS = ("roast_linear op", "its GEMV", "guards", "graph wrapper", "output layer")
+COMPILED_PARTS = ("GEMV op", "guards", "graph wrapper", "output layer")
 
 
-def compiled_split(events, vocab: int, gemv_seconds: float) -> dict[str, float]:
+def compiled_split(events, vocab: int) -> dict[str, float]:
     """Seconds of a profiled run by part (see the module docstring); ``events`` are the profiler's averages
     with input shapes recorded."""
     split = dict.fromkeys(COMPILED_PARTS, 0.0)
-    split["its GEMV"] = gemv_seconds
     for e in events:
-        if e.key == "hf_roast::roast_linear" or e.key == "hf_roast::roast_linear_packed":
-            split["roast_linear op"] += e.cpu_time_total / 1e6
+        if e.key == "hf_roast::roast_linear_cpu":
+            split["GEMV op"] += e.cpu_time_total / 1e6
         elif e.key == "TorchDynamo Cache Lookup":
             split["guards"] += e.self_cpu_time_total / 1e6
         elif e.key.startswith("## Call CompiledFxGraph"):
@@ -188,11 +188,9 @@ def profile_compiled(args: argparse.Namespace) -> None:
     arms = build_arms(dense, args.compressions, args.z_bits)
     vocab = dense.config.vocab_size
     prompt = torch.randint(3, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
-    clock = Clock()
     compiled = {name: torch.compile(_transformers_model(m).forward) for name, m in arms.items()}
 
     def run(name: str, n: int, profiled: bool):
-        clock.reset()
         profiler = torch.profiler.profile(record_shapes=True) if profiled else contextlib.nullcontext()
         with compiled_forward(arms[name], compiled[name]), profiler:
             start = time.perf_counter()
@@ -203,23 +201,19 @@ def profile_compiled(args: argparse.Namespace) -> None:
             seconds = time.perf_counter() - start
         if not profiled:
             return seconds
-        return compiled_split(profiler.key_averages(group_by_input_shape=True), vocab, clock.gemv)
+        return compiled_split(profiler.key_averages(group_by_input_shape=True), vocab)
 
-    undo = instrument(clock)
-    try:
-        for name in arms:  # compiles every shape the rounds use (untimed)
-            run(name, args.new_tokens, False)
-            run(name, 1, False)
-        n = args.new_tokens - 1
-        token: dict[str, list[float]] = {name: [] for name in arms}
-        parts: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
-        for _ in range(args.rounds):
-            for name in arms:
-                token[name].append((run(name, args.new_tokens, False) - run(name, 1, False)) / n)
-                long, short = run(name, args.new_tokens, True), run(name, 1, True)
-                parts[name].append({k: (long[k] - short[k]) / n for k in COMPILED_PARTS})
-    finally:
-        undo()
+    for name in arms:  # compiles every shape the rounds use (untimed)
+        run(name, args.new_tokens, False)
+        run(name, 1, False)
+    n = args.new_tokens - 1
+    token: dict[str, list[float]] = {name: [] for name in arms}
+    parts: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
+    for _ in range(args.rounds):
+        for name in arms:
+            token[name].append((run(name, args.new_tokens, False) - run(name, 1, False)) / n)
+            long, short = run(name, args.new_tokens, True), run(name, 1, True)
+            parts[name].append({k: (long[k] - short[k]) / n for k in COMPILED_PARTS})
     print(
         f"{description}; {torch.get_num_threads()} threads; compiled, static cache; ms per decode token, medians "
         f"of {args.rounds} rounds (token: unprofiled; the parts: profiled)"

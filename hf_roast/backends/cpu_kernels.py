@@ -16,9 +16,9 @@ Why one kernel that decides per call rather than registering one implementation 
 the same test session checks both implementations (the C++ one with the interpreter switched off for the
 test, :func:`triton_owns_cpu` patched), and a choice made at import time would depend on which module
 happened to be imported first. The check costs a dictionary lookup per call. In production the interpreter
-is never on; dispatch (:mod:`hf_roast.backends.dispatch`) routes a compiled CPU call to the op only when
-the C++ kernel implements it, and an eager call straight to the kernel's function (the same code, without the
-dispatcher's overhead on the per-token path).
+is never on, and dispatch (:mod:`hf_roast.backends.dispatch`) does not call these ops on CPU at all: eager
+and compiled calls alike take the CPU path's own op, ``hf_roast::roast_linear_cpu``, whose kernel is C++ with
+no Python around it (these kernels hand their calls to it).
 """
 
 from __future__ import annotations
@@ -57,16 +57,3 @@ def _kernel(name: str) -> Callable[..., torch.Tensor]:
 
 
 register_kernels("cpu", {name: _kernel(name) for name in SCHEMAS})
-
-
-def cpu_op_reason(z, layer_map, x: torch.Tensor, bias: torch.Tensor | None) -> str | None:
-    """None when a (compiled) CPU call can go through the op and the C++ kernel will run it; else why not."""
-    if _triton_owns_cpu_constant():
-        return "the Triton interpreter owns the ops' CPU kernels (tests)"
-    return cpu.op_unsupported_reason(z, layer_map, x, bias)
-
-
-@torch.compiler.assume_constant_result
-def _triton_owns_cpu_constant() -> bool:
-    """:func:`triton_owns_cpu` for ``torch.compile`` (sys.modules and the environment are no graph ops)."""
-    return triton_owns_cpu()

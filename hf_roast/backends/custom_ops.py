@@ -17,6 +17,21 @@ Ops (namespace ``hf_roast``):
   from a packed z (``RoastConfig.z_bits`` 8 or 4: integer codes and group scales; ``zformat`` is
   ``[bits, group_size]``). A packed z is no parameter, so only x and the bias get gradients.
 
+Three more ops have a CPU kernel only, the C++ one (:mod:`hf_roast.backends.cpu`, registered when its
+library loads), and no autograd: the CPU backend's inference entry points, which its callers use for calls
+that need no gradient:
+
+* ``roast_linear_cpu(x, z, scales, bias, tile_slot, tile_scale, geometry, zformat) -> y``: the forward of
+  ``roast_linear`` and ``roast_linear_packed`` in one (``zformat`` ``[0, 0]`` for a float z, else z is the
+  codes and ``scales`` their group scales);
+* ``roast_weight_cpu(z, scales, tile_slot, tile_scale, geometry, zformat, out)``: W in fp32 into ``out``;
+* ``roast_dequantize_cpu(codes, scales, bits, group, start, n) -> values``.
+
+They are separate ops, not the CPU kernels of ``roast_linear`` and friends, because under the Triton
+interpreter (tests without a GPU) CPU tensors must reach the Triton kernels through those ops, which the C++
+kernel cannot hand on; :mod:`hf_roast.backends.cpu_kernels` decides that per call, in Python, and a compiled
+graph or a decode step calls the C++ op directly, with no Python in between.
+
 ``geometry`` is :class:`~hf_roast.backends.geometry.Geometry` as a list of ints. The ops are defined once
 per process, on first import of this module, and never again (e.g. the same file imported under another
 module name), so a second import can neither fail nor shadow the first.
@@ -52,6 +67,15 @@ SCHEMAS = {
     "int[] geometry, int[] zformat, ScalarType dtype) -> Tensor",
 }
 
+CPU_SCHEMAS = {
+    "roast_linear_cpu": "(Tensor x, Tensor z, Tensor? scales, Tensor? bias, Tensor? tile_slot, Tensor tile_scale, "
+    "int[] geometry, int[] zformat) -> Tensor",
+    "roast_weight_cpu": "(Tensor z, Tensor? scales, Tensor? tile_slot, Tensor tile_scale, int[] geometry, "
+    "int[] zformat, Tensor(a!) out) -> ()",
+    "roast_dequantize_cpu": "(Tensor codes, Tensor scales, int bits, int group, int start, int n) -> Tensor",
+}
+"""The ops whose only kernel is the C++ one for CPU (registered by hf_roast/backends/cpu/roast_cpu_op.cpp)."""
+
 
 def qualname(name: str) -> str:
     return f"{NAMESPACE}::{name}"
@@ -60,7 +84,7 @@ def qualname(name: str) -> str:
 def ops_registered() -> bool:
     """True when every ``hf_roast::`` op exists in this process."""
     namespace = getattr(torch.ops, NAMESPACE)
-    return all(hasattr(namespace, name) for name in SCHEMAS)
+    return all(hasattr(namespace, name) for name in (*SCHEMAS, *CPU_SCHEMAS))
 
 
 def has_kernel(name: str, dispatch_key: str) -> bool:
@@ -116,6 +140,18 @@ def _embedding_packed_fake(ids, codes, scales, tile_slot, tile_scale, geometry, 
     return scales.new_empty((*ids.shape, geometry[1]), dtype=dtype)
 
 
+def _linear_cpu_fake(x, z, scales, bias, tile_slot, tile_scale, geometry, zformat):
+    return x.new_empty((*x.shape[:-1], geometry[0]))
+
+
+def _weight_cpu_fake(z, scales, tile_slot, tile_scale, geometry, zformat, out):
+    return None
+
+
+def _dequantize_cpu_fake(codes, scales, bits, group, start, n):
+    return scales.new_empty((n,))
+
+
 FAKES = {
     "roast_linear": _linear_fake,
     "roast_linear_grad_input": _linear_grad_input_fake,
@@ -125,6 +161,9 @@ FAKES = {
     "roast_linear_packed": _linear_packed_fake,
     "roast_linear_packed_grad_input": _linear_packed_grad_input_fake,
     "roast_embedding_packed": _embedding_packed_fake,
+    "roast_linear_cpu": _linear_cpu_fake,
+    "roast_weight_cpu": _weight_cpu_fake,
+    "roast_dequantize_cpu": _dequantize_cpu_fake,
 }
 
 
@@ -208,7 +247,7 @@ def _define() -> None:
     if ops_registered():
         return
     _LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
-    for name, schema in SCHEMAS.items():
+    for name, schema in (*SCHEMAS.items(), *CPU_SCHEMAS.items()):
         _LIBRARY.define(name + schema)
         torch.library.register_fake(qualname(name), FAKES[name], lib=_LIBRARY)
     for name, backward, setup in (

@@ -14,12 +14,9 @@ Quantisation-aware training (``z_qat``: an fp32 master read through its grid) al
 in training and in eval alike. A forced ``triton`` or ``cpu`` that cannot run raises an error saying why,
 rather than silently falling back. ``torch`` switches both off, native code included: no C++ runs under it.
 Embeddings take the PyTorch path on CPU under every backend: it already gathers only the looked-up rows.
-While ``torch.compile`` traces, a CPU call that needs no gradient goes through the op
-``hf_roast::roast_linear`` (one graph node; its CPU kernel, registered by :mod:`.cpu_kernels`, is the C++
-kernel, for any number of rows), so a compiled model runs the same kernel as eager decode. Eager calls
-reach the kernel's function directly: through the op dispatcher (a Python kernel behind a Python autograd
-wrapper) a 64 x 64 layer's call took 25 us instead of 8 us (busy 2-core machine, one thread), and SmolLM2
-makes 210 such calls per token.
+While ``torch.compile`` traces, a CPU call that needs no gradient goes through the same kernel, the op
+``hf_roast::roast_linear_cpu`` (one graph node; its CPU kernel is C++, for any number of rows), so a compiled
+model runs the same kernel as eager decode, and its graph calls the C++ kernel with no Python in between.
 Where ``auto`` would take the CPU path but no C++ compiler can build it, one warning says so and the
 PyTorch path runs.
 """
@@ -35,9 +32,8 @@ from hf_roast.mapping import LayerMapping
 from hf_roast.quant import QuantizedZ
 from hf_roast.vocab import BACKENDS, ENV_BACKEND
 
-from . import cpu_kernels  # also registers the ops' CPU kernels
+from . import cpu_kernels  # noqa: F401  (registers the ops' CPU kernels on import)
 from .cpu import ops as cpu
-from .custom_ops import call_linear
 from .pytorch import NativeWeight, RoastEmbeddingFunction, RoastLinearFunction, read_dtype
 from .pytorch import materialize_weight as _pytorch_weight
 
@@ -159,12 +155,12 @@ def _compiled_cpu_lane(
     layer_map: LayerMapping,
     backend: str,
 ) -> torch.Tensor | None:
-    """A CPU call while ``torch.compile`` traces, under ``auto`` or a forced ``cpu``: the op
-    ``hf_roast::roast_linear`` (one graph node, whose CPU kernel is the C++ one, for any number of rows), or
-    None for the PyTorch path, which dynamo traces instead (training, QAT, autocast, no compiler...)."""
-    reason = cpu_kernels.cpu_op_reason(z, layer_map, x, bias)
+    """A CPU call while ``torch.compile`` traces, under ``auto`` or a forced ``cpu``: the CPU path's op (one
+    graph node, for any number of rows), or None for the PyTorch path, which dynamo traces instead (training,
+    QAT, autocast, no compiler...)."""
+    reason = cpu.op_unsupported_reason(z, layer_map, x, bias)
     if reason is None:
-        return call_linear(x, z, bias, layer_map)
+        return cpu.cpu_roast_linear(x, z, bias, layer_map)
     if backend == "cpu":
         raise RuntimeError(
             f"The CPU backend was forced ({ENV_BACKEND} or config.backend='cpu') but cannot run this compiled "

@@ -1,22 +1,24 @@
-"""Compile, cache and load the CPU kernel, and check that Python and C agree on its argument structs.
+"""Compile, cache and load the CPU kernel, whose entry points are torch ops.
 
 The kernel is built once per machine with the system's C++ compiler (``$CXX``, else ``c++`` / ``g++`` /
-``clang++``) from :func:`source`: the translated formulas (:mod:`.translate`) followed by ``roast_cpu.cpp``,
-shipped as package data. Libraries are cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, as
-``torch.utils.cpp_extension`` caches its builds), keyed by the source, the flags, the compiler and the CPU,
-so a second process loads the library in milliseconds. Without a compiler, :func:`unavailable_reason` says
-why, and the backend's gate reports it.
+``clang++``) from :func:`source`: the translated formulas (:mod:`.translate`), the constants it shares with
+Python (:func:`c_constants`), then ``roast_cpu.cpp`` (the loops) and ``roast_cpu_op.cpp`` (their torch ops),
+shipped as package data. It compiles against torch's own headers and libraries, as
+``torch.utils.cpp_extension`` builds an extension. Libraries are cached in torch's extension directory
+(``TORCH_EXTENSIONS_DIR``), keyed by the source, the flags, the compiler, torch's version and the CPU, so a
+second process loads the library in milliseconds. Without a compiler, :func:`unavailable_reason` says why,
+and the backend's gate reports it.
 
-The kernel takes its arguments as two C structs, ``Z`` and ``Args``, mirrored here by :class:`ZStruct` and
-:class:`ArgsStruct`. Nothing in ctypes ties a mirror to its C struct, so a field added, dropped or
-reordered on one side only would shift every later field and silently corrupt memory. Each load therefore
-compares the sizes and field offsets the compiled library reports (``hf_roast_struct_layout``) with the mirrors'
-and raises :class:`StructLayoutError` on any difference.
+Loading the library registers the CPU kernels of ``hf_roast::roast_linear_cpu``, ``roast_weight_cpu`` and
+``roast_dequantize_cpu`` (defined in :mod:`hf_roast.backends.custom_ops`), once per process. Python passes
+tensors to those ops and never lays out a C struct itself: the C++ side fills its own argument structs from
+the op's arguments, so no ctypes mirror can drift from them.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -27,10 +29,31 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
+import torch
+
+from hf_roast.backends import custom_ops
+from hf_roast.backends.geometry import Geometry
+from hf_roast.mapping import is_tiled_mapper
+from hf_roast.vocab import MAPPERS, SIGN_IDS
+
 from .translate import c_formulas
 
-KERNEL_FILE = "roast_cpu.cpp"
-"""The kernel's C++ source, package data of ``hf_roast.backends.cpu``."""
+KERNEL_FILES = ("roast_cpu.cpp", "roast_cpu_op.cpp")
+"""The kernel's C++ sources, package data of ``hf_roast.backends.cpu``, compiled as one unit in this order."""
+
+MAX_ROWS = 16
+"""Most rows (batch x sequence) the fused GEMV takes per call: above it building W once is amortised over
+enough rows that a GEMM wins (measured: see docs/backends.md)."""
+MAX_TILE = 64
+"""The kernel's stack buffers hold mapping tiles of at most 64 x 64 (and at most MAX_ROWS rows)."""
+PARALLEL_GRAIN = 1 << 18
+"""Multiply-adds per thread below which a call runs on one thread. SmolLM2's k/v projections (110K
+multiply-adds) run on one thread, where a fork/join would cost more than it saves; its other layers
+(330K-885K) use torch's thread count. The loop runs in torch's own OpenMP pool, whose threads are still
+spinning from torch's previous op. Measured with ``hf-roast bench --generate --threads 2`` on an idle 2-core
+machine: 16x decode 1.07x dense with one thread per call, 1.07-1.2x with this grain; on a machine busy with
+other jobs a fork/join can wait a whole scheduler slice, so there fewer threads (``torch.set_num_threads``)
+are faster."""
 
 FLAGS = (
     "-O3",
@@ -39,102 +62,63 @@ FLAGS = (
     "-shared",
     "-fPIC",
     "-fno-math-errno",
+    "-std=c++20",  # torch's headers need it (as torch.utils.cpp_extension compiles)
+    "-w",  # torch's headers warn under -march=native; a failed build still reports its errors
 )
 
+OP_NAMES = ("roast_linear_cpu", "roast_weight_cpu", "roast_dequantize_cpu")
+"""The ops whose CPU kernels the library registers (hf_roast_register_ops in roast_cpu_op.cpp)."""
 
-class ZStruct(ctypes.Structure):
-    """The C struct ``Z`` (roast_cpu.cpp): z's storage, float (``zkind``) or packed (``bits`` 8 or 4)."""
 
-    _fields_ = [
-        ("data", ctypes.c_void_p),
-        ("zkind", ctypes.c_int64),
-        ("codes", ctypes.c_void_p),
-        ("scales", ctypes.c_void_p),
-        ("bits", ctypes.c_int64),
-        ("group", ctypes.c_int64),
+def c_constants() -> str:
+    """What the kernel shares with Python, as C constants generated from their one home: the order of
+    :class:`~hf_roast.backends.geometry.Geometry`'s fields (the ops' ``geometry`` list), which mappers are
+    tiled, the element-sign id, and the kernel's limits above."""
+    fields = [f.name for f in dataclasses.fields(Geometry)]
+    tiled = ", ".join("true" if is_tiled_mapper(m) else "false" for m in MAPPERS)
+    lines = [
+        f"static const size_t GEOMETRY_FIELDS = {len(fields)};",
+        *(f"static const int64_t GEO_{name} = {i};" for i, name in enumerate(fields)),
+        f"static const int64_t MAPPER_COUNT = {len(MAPPERS)};",
+        f"static const bool TILED_MAPPER[{len(MAPPERS)}] = {{{tiled}}};",
+        f"static const int64_t SIGN_ELEMENT = {SIGN_IDS['element']};",
+        f"static const int64_t MAX_ROWS = {MAX_ROWS};",
+        f"static const int64_t MAX_TILE = {MAX_TILE};",
+        f"static const int64_t PARALLEL_GRAIN = {PARALLEL_GRAIN};",
     ]
+    return "\n".join(lines)
 
 
-class ArgsStruct(ctypes.Structure):
-    """The C struct ``Args`` (roast_cpu.cpp): one call's pointers, geometry and hash constants."""
+def torch_flags() -> list[str]:
+    """Compile and link flags for torch's headers and libraries (its ABI, include and library paths)."""
+    from torch.utils.cpp_extension import include_paths, library_paths
 
-    _fields_ = [
-        ("x", ctypes.c_void_p),
-        ("n_rows", ctypes.c_int64),
-        ("cols", ctypes.c_int64),
-        ("z", ZStruct),
-        ("tile_slot", ctypes.c_void_p),
-        ("tile_scale", ctypes.c_void_p),
-        ("rows", ctypes.c_int64),
-        ("tr", ctypes.c_int64),
-        ("tc", ctypes.c_int64),
-        ("n_tr", ctypes.c_int64),
-        ("n_tc", ctypes.c_int64),
-        ("build", ctypes.c_int64),
-        ("rounding", ctypes.c_int64),
-        ("element_sign", ctypes.c_int64),
-        ("tile_offset", ctypes.c_int64),
-        ("segment_start", ctypes.c_int64),
-        ("segment_size", ctypes.c_int64),
-        ("slot_a", ctypes.c_int64),
-        ("slot_b", ctypes.c_int64),
-        ("sign_a", ctypes.c_int64),
-        ("sign_b", ctypes.c_int64),
-        ("bias", ctypes.c_void_p),
-        ("y", ctypes.c_void_p),
-        ("threads", ctypes.c_int64),
+    libs = library_paths()
+    return [
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-I{path}" for path in include_paths()),
+        *(f"-L{path}" for path in libs),
+        *(f"-Wl,-rpath,{path}" for path in libs),
+        "-lc10",
+        "-ltorch_cpu",
     ]
-
-
-STRUCTS = {0: ZStruct, 1: ArgsStruct}
-"""The mirrors by the id ``hf_roast_struct_layout`` takes for their C struct."""
-
-
-class StructLayoutError(RuntimeError):
-    """A ctypes mirror disagrees with its C struct: calling the kernel would corrupt memory."""
-
-
-def struct_layout(struct: type[ctypes.Structure]) -> tuple[int, dict[str, tuple[int, int]]]:
-    """A ctypes structure's sizeof, and the offset and size of each field by name."""
-    return ctypes.sizeof(struct), {
-        name: (getattr(struct, name).offset, getattr(struct, name).size) for name, _ in struct._fields_
-    }
-
-
-def c_struct_layout(lib, which: int) -> tuple[int, dict[str, tuple[int, int]]]:
-    """The same for the C struct ``which`` (0: ``Z``, 1: ``Args``), as the compiled library reports it."""
-    name, offset, size = ctypes.c_char_p(), ctypes.c_int64(), ctypes.c_int64()
-    n = lib.hf_roast_struct_layout(which, -1, ctypes.byref(name), ctypes.byref(offset), ctypes.byref(size))
-    if n < 0:
-        raise StructLayoutError(f"hf_roast CPU kernel: {KERNEL_FILE} reports no struct {which}")
-    total, fields = size.value, {}
-    for k in range(n):
-        lib.hf_roast_struct_layout(which, k, ctypes.byref(name), ctypes.byref(offset), ctypes.byref(size))
-        fields[name.value.decode()] = (offset.value, size.value)
-    return total, fields
-
-
-def check_struct_layouts(lib, structs: dict[int, type[ctypes.Structure]] = STRUCTS) -> None:
-    """Raise :class:`StructLayoutError` unless every mirror has its C struct's size, and the same fields at
-    the same offsets with the same sizes."""
-    for which, struct in structs.items():
-        c_side, py_side = c_struct_layout(lib, which), struct_layout(struct)
-        if c_side != py_side:
-            raise StructLayoutError(
-                f"hf_roast CPU kernel: the ctypes mirror {struct.__name__} (hf_roast/backends/cpu/build.py) "
-                f"does not match its C struct in {KERNEL_FILE}: C says (sizeof, {{field: (offset, size)}}) = "
-                f"{c_side}, ctypes says {py_side}. Keep the fields of both (and hf_roast_struct_layout) alike."
-            )
 
 
 def kernel_source() -> str:
-    """``roast_cpu.cpp`` as shipped with the package."""
-    return files(__package__).joinpath(KERNEL_FILE).read_text()
+    """The kernel's C++ files as shipped with the package, in compilation order."""
+    return "\n".join(files(__package__).joinpath(name).read_text() for name in KERNEL_FILES)
 
 
 def source() -> str:
-    """The complete C++ source the library is compiled from: translated formulas, then the kernel."""
-    return "#include <stdint.h>\n" + c_formulas() + "\n" + kernel_source()
+    """The complete C++ source the library is compiled from: translated formulas, shared constants, kernel."""
+    return (
+        "#include <stdint.h>\n#include <stddef.h>\n"
+        + c_formulas()
+        + "\n"
+        + c_constants()
+        + "\n"
+        + kernel_source()
+    )
 
 
 def compiler() -> str | None:
@@ -170,8 +154,7 @@ class Library:
     """The compiled kernel, built or loaded once per process on first use (thread-safe).
 
     A machine that cannot build it (no compiler, a compiler error) leaves :attr:`error` set and
-    :attr:`lib` None; a library whose structs disagree with the mirrors raises, since that is a bug of
-    this package, not of the machine."""
+    :attr:`lib` None."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -186,9 +169,6 @@ class Library:
                 self.tried = True
                 try:
                     self.lib = self._load()
-                except StructLayoutError:
-                    self.tried = False  # a bug of this package: every call says so, none runs the kernel
-                    raise
                 except (OSError, subprocess.SubprocessError, NotImplementedError) as exc:
                     self.error = f"{type(exc).__name__}: {str(exc).strip()[:500]}"
             return self.lib
@@ -198,8 +178,9 @@ class Library:
         if cxx is None:
             raise OSError("no C++ compiler found (set CXX, or install g++ / clang++)")
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-        src = source()
-        key = hashlib.sha256("\0".join([src, " ".join(FLAGS), version, _cpu_key()]).encode()).hexdigest()[:20]
+        src, flags = source(), [*FLAGS, *torch_flags()]
+        parts = [src, " ".join(flags), version, torch.__version__, _cpu_key()]
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
         directory = build_dir()
         target = directory / f"hf_roast_cpu_{key}.so"
         if not target.is_file():
@@ -210,7 +191,7 @@ class Library:
             src_path.write_text(src)
             try:
                 result = subprocess.run(
-                    [cxx, *FLAGS, str(src_path), "-o", tmp], capture_output=True, text=True
+                    [cxx, str(src_path), "-o", tmp, *flags], capture_output=True, text=True
                 )
                 if result.returncode != 0:
                     raise OSError(f"{cxx} failed: {result.stderr[-1500:]}")
@@ -221,15 +202,11 @@ class Library:
                     os.unlink(tmp)
             self.build_seconds = time.perf_counter() - start
         lib = ctypes.CDLL(str(target))
-        lib.hf_roast_struct_layout.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3
-        lib.hf_roast_struct_layout.restype = ctypes.c_int64
-        check_struct_layouts(lib)
-        lib.hf_roast_gemv.argtypes = [ctypes.POINTER(ArgsStruct)]
-        lib.hf_roast_gemv.restype = ctypes.c_int
-        lib.hf_roast_build_weight.argtypes = [ctypes.POINTER(ArgsStruct), ctypes.c_void_p]
-        lib.hf_roast_build_weight.restype = ctypes.c_int
-        lib.hf_roast_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
-        lib.hf_roast_dequantize.restype = ctypes.c_int
+        lib.hf_roast_kernel_calls.argtypes = [ctypes.c_int64]
+        lib.hf_roast_kernel_calls.restype = ctypes.c_int64
+        if not all(custom_ops.has_kernel(name, "CPU") for name in OP_NAMES):
+            # once per process: a second copy of the library (another cache) must not register them again
+            lib.hf_roast_register_ops()
         return lib
 
 

@@ -4,22 +4,26 @@
   for inference calls of a few rows (decode, short prompts);
 * :func:`build_weight`: W itself in fp32, in one pass over its tiles, for the PyTorch backend on CPU
   (prefill, training), which dispatch hands it to where the resolved backend allows native code;
-* :func:`linear_kernel` / :func:`linear_packed_kernel`: the same GEMV as the CPU implementation of the ops
+* :func:`linear_kernel` / :func:`linear_packed_kernel`: the same kernel as the CPU implementation of the ops
   ``hf_roast::roast_linear`` / ``roast_linear_packed`` (:mod:`hf_roast.backends.custom_ops`, registered for
-  CPU by :mod:`hf_roast.backends.cpu_kernels`), so that ``torch.compile`` traces a call as one node and
-  torch runs this kernel for CPU tensors. An op call may have any number of rows: above :data:`MAX_ROWS`
-  the kernel builds W in one pass and runs one GEMM, as the PyTorch path does on CPU (same values);
+  CPU by :mod:`hf_roast.backends.cpu_kernels`). An op call may have any number of rows: above
+  :data:`MAX_ROWS` the kernel builds W in one pass and runs one GEMM, as the PyTorch path does on CPU (same
+  values);
 * :func:`dequantize`: the kernel's reader of a packed z, exposed for tests.
+
+Each is a call of a torch op whose CPU kernel is C++ (``hf_roast::roast_linear_cpu``, ``roast_weight_cpu``,
+``roast_dequantize_cpu``, registered when :mod:`.build` loads the library), so an eager call and a compiled
+graph run the same kernel, and neither enters Python between the op and the loop.
 
 For a few rows building W costs far more than the product: the PyTorch path writes and reads back
 ``rows x cols`` weights per call, where the product itself needs only one pass over them. Here one small C++
-loop (``roast_cpu.cpp``, built by :mod:`.build`), parallelised with OpenMP over tile rows, reads each mapping
-tile straight from its aligned span of z (the tile tables of :class:`hf_roast.mapping.LayerMapping`: slot and
-``lambda * tile sign``) and reduces it against every input row while it sits in L1. The only per-call
-allocation is the output. Element signs and the HashedNet mapper use the formulas of ``hf_roast/mapping.py``
-translated to C (:mod:`.translate`), and the tests check that both paths read bit-identical weights. Weights
-are rounded into the activation dtype exactly as the PyTorch path rounds them (``(z * lambda * sign).to(dtype)``),
-and accumulated in fp32.
+loop (``roast_cpu.cpp``), parallelised with OpenMP over tile rows, reads each mapping tile straight from its
+aligned span of z (the tile tables of :class:`hf_roast.mapping.LayerMapping`: slot and ``lambda * tile
+sign``) and reduces it against every input row while it sits in L1. The only per-call allocation is the
+output. Element signs and the HashedNet mapper use the formulas of ``hf_roast/mapping.py`` translated to C
+(:mod:`.translate`), and the tests check that both paths read bit-identical weights. Weights are rounded into
+the activation dtype exactly as the PyTorch path rounds them (``(z * lambda * sign).to(dtype)``), and
+accumulated in fp32.
 
 z may be fp32, bf16 or fp16 (a 16-bit z multiplies in its own dtype first, as the PyTorch path does), or
 packed (``RoastConfig.z_bits`` 8 or 4, :class:`hf_roast.quant.QuantizedZ`): each slot tile's int8 or 4-bit
@@ -31,37 +35,18 @@ backward: the gate refuses both, and :mod:`hf_roast.backends.dispatch` asks it b
 
 from __future__ import annotations
 
-import ctypes
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
-from hf_roast.backends.geometry import Geometry, geometry_of
+from hf_roast.backends.geometry import geometry_of
 from hf_roast.mapping import LayerMapping
 from hf_roast.quant import QuantizedZ
 
 from . import build
-from .build import ArgsStruct, ZStruct
+from .build import MAX_ROWS, MAX_TILE
 
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Activation dtypes the kernel takes (it computes in fp32 and rounds W into them), and the float dtypes of z
 it reads (besides a packed z: int8 or 4-bit codes and their group scales)."""
-MAX_ROWS = 16
-"""Most rows (batch x sequence) a call may have on this path: above it the PyTorch path's W build is
-amortised over enough rows that its GEMM wins (measured: see README "Speed")."""
-MAX_TILE = 64
-"""The kernel's stack buffers hold tiles of at most 64 x 64 (and at most MAX_ROWS rows)."""
-PARALLEL_GRAIN = 1 << 18
-"""Multiply-adds per thread below which a call runs on one thread. SmolLM2's k/v projections (110K
-multiply-adds) run on one thread, where a fork/join would cost more than it saves; its other layers
-(330K-885K) use torch's thread count. The loop runs in torch's own OpenMP pool (the library links the
-libgomp torch loaded), whose threads are still spinning from torch's previous op. Measured with
-``hf-roast bench --generate --threads 2`` on an idle 2-core machine: 16x decode 1.07x dense with one
-thread per call, 1.07-1.2x with this grain; on a machine busy with other jobs a fork/join can wait a whole
-scheduler slice, so there fewer threads (``torch.set_num_threads``) are faster."""
-_ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class Unavailable(str):
@@ -184,154 +169,30 @@ def op_unsupported_reason(
     return Unavailable(reason) if reason else None
 
 
-def _z_struct(z: torch.Tensor | QuantizedZ) -> tuple[ZStruct, tuple[torch.Tensor, ...]]:
-    """The kernel's view of z, and the contiguous tensors it points into (kept alive by the caller)."""
+def _z_operands(z: torch.Tensor | QuantizedZ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """z as the ops take it: the float z, or the codes with their scales; and ``zformat`` ([0, 0] for float)."""
     if isinstance(z, QuantizedZ):
-        codes, scales = z.codes.contiguous(), z.scales.contiguous()
-        return ZStruct(None, 0, codes.data_ptr(), scales.data_ptr(), z.bits, z.group_size), (codes, scales)
-    data = z.detach().contiguous()
-    return ZStruct(data.data_ptr(), _ROUNDING[data.dtype], None, None, 0, 0), (data,)
+        return z.codes, z.scales, [z.bits, z.group_size]
+    return z, None, [0, 0]
 
 
-def dequantize(z: QuantizedZ, start: int = 0, n: int | None = None) -> torch.Tensor:
-    """``z[start : start + n]`` dequantised by the kernel's own reader (fp32): what the CPU path computes
-    with, exposed so that tests compare it with :meth:`hf_roast.quant.QuantizedZ.values_at` bit for bit."""
-    lib = build.loaded_library()
-    n = z.numel - start if n is None else n
-    if start < 0 or n < 0 or start + n > z.numel:
-        raise ValueError(f"span [{start}, {start + n}) lies outside z's {z.numel} values")
-    codes, scales = z.codes.contiguous(), z.scales.contiguous()
-    out = torch.empty(n, dtype=torch.float32)
-    status = lib.hf_roast_dequantize(
-        codes.data_ptr(), scales.data_ptr(), z.bits, z.group_size, start, n, out.data_ptr()
-    )
-    if status != 0:
-        raise ValueError(f"hf_roast CPU kernel refused z_bits={z.bits}")
-    return out
-
-
-def _prepared_args(
-    owner: dict,
-    geometry: Callable[[], Geometry],
-    z: torch.Tensor | QuantizedZ,
-    tile_slot: torch.Tensor | None,
-    tile_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    dtype: torch.dtype,
-) -> ArgsStruct:
-    """The call's constant arguments (pointers to z, the tables and the bias; geometry; hash constants),
-    built once per layer and cached in ``owner`` (its :class:`LayerMapping`'s ``__dict__`` for a direct
-    call, an entry keyed by the layer's ``tile_scale`` table for an op call): decode calls every layer once
-    per token, and rebuilding them cost more than the GEMV of a small layer. The cache holds the tensors it
-    points into (so no pointer outlives its memory) and is keyed by their identity and address
-    (``param.data = ...``, as ``Module.to`` does, keeps the Parameter but moves its memory), and by the
-    bias's version when the bias is rounded into a copy (bf16/fp16 activations), so an in-place update is
-    never missed. ``geometry`` is called on a miss only.
-    """
-    stored = (z.codes, z.scales) if isinstance(z, QuantizedZ) else (z, z)  # a packed z is rebuilt per read
-    needs_copy = bias is not None and dtype != torch.float32
-    key = (
-        *stored,
-        bias,
-        tile_slot,
-        tile_scale,
-        dtype,
-        stored[0].data_ptr(),
-        stored[1].data_ptr(),
-        bias.data_ptr() if bias is not None else 0,
-        bias._version if needs_copy else 0,
-    )
-    cached = owner.get("_cpu_args")
-    if cached is not None and all(a is b for a, b in zip(cached[0][:5], key)) and cached[0][5:] == key[5:]:
-        return cached[1]
-    geo = geometry()
-    z_view, keep_alive = _z_struct(z)
-    scale = tile_scale.contiguous()
-    slots = tile_slot.contiguous() if geo.tiled else None
-    b = None
-    if bias is not None:
-        b = bias.detach().to(dtype).to(torch.float32).contiguous()
-    rounding = _ROUNDING[dtype]
-    args = ArgsStruct(
-        n_rows=0,
-        cols=geo.cols,
-        z=z_view,
-        tile_slot=slots.data_ptr() if slots is not None else None,
-        tile_scale=scale.data_ptr(),
-        rows=geo.rows,
-        tr=geo.tile_rows,
-        tc=geo.tile_cols,
-        n_tr=geo.n_tile_rows,
-        n_tc=geo.n_tile_cols,
-        # fp32 weights straight from (dequantised) fp32 tiles unless a sign, a hash or a rounding intervenes
-        build=int(rounding != 0 or geo.element_sign or not geo.tiled or z_view.zkind != 0),
-        rounding=rounding,
-        element_sign=int(geo.element_sign),
-        tile_offset=geo.tile_offset,
-        segment_start=geo.seg_start,
-        segment_size=geo.seg_size,
-        slot_a=geo.slot_a,
-        slot_b=geo.slot_b,
-        sign_a=geo.sign_a,
-        sign_b=geo.sign_b,
-        bias=b.data_ptr() if b is not None else None,
-    )
-    # the entry holds every tensor the pointers reach, so none is freed while the entry lives
-    owner["_cpu_args"] = (key, args, (b, scale, slots, *keep_alive))
-    return args
-
-
-def _layer_args(
-    layer_map: LayerMapping, z: torch.Tensor | QuantizedZ, bias: torch.Tensor | None, dtype: torch.dtype
-) -> ArgsStruct:
-    """:func:`_prepared_args` of a direct call, cached on the layer's mapping."""
-    return _prepared_args(
-        layer_map.__dict__,
-        lambda: Geometry.from_list(geometry_of(layer_map)),
-        z,
-        layer_map.tile_slot,
-        layer_map.tile_scale,
-        bias,
-        dtype,
-    )
-
-
-def _gemv(lib, x: torch.Tensor, args: ArgsStruct) -> torch.Tensor:
-    """The fused GEMV of at most :data:`MAX_ROWS` rows of ``x`` (any leading shape), in ``x.dtype``."""
-    x2 = x
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.to(torch.float32).contiguous()
-    n = x2.numel() // args.cols
-    y = torch.empty(x.shape[:-1] + (args.rows,), dtype=torch.float32)
-    if n == 0:
-        return y.to(x.dtype)
-    # a copy per call: concurrent callers never share one struct
-    args = ArgsStruct.from_buffer_copy(args)
-    args.x = x2.data_ptr()
-    args.n_rows = n
-    args.y = y.data_ptr()
-    args.threads = max(1, min(torch.get_num_threads(), n * args.rows * args.cols // PARALLEL_GRAIN))
-    if lib.hf_roast_gemv(ctypes.byref(args)) != 0:
-        raise ValueError(f"hf_roast CPU kernel refused {n} rows with a {args.tr}x{args.tc} tile.")
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
-
-
-def _build(lib, args: ArgsStruct, out: torch.Tensor) -> torch.Tensor:
-    """W (fp32, ``rows x cols``) into the contiguous ``out``, from arguments prepared for fp32 weights."""
-    args = ArgsStruct.from_buffer_copy(args)
-    args.threads = max(1, min(torch.get_num_threads(), args.rows * args.cols // PARALLEL_GRAIN))
-    if lib.hf_roast_build_weight(ctypes.byref(args), out.data_ptr()) != 0:
-        raise ValueError(f"hf_roast CPU kernel refused to build a weight with a {args.tr}x{args.tc} tile.")
-    return out
+_LINEAR = torch.ops.hf_roast.roast_linear_cpu.default
+_WEIGHT = torch.ops.hf_roast.roast_weight_cpu.default
+_DEQUANTIZE = torch.ops.hf_roast.roast_dequantize_cpu.default
+"""The ops' overloads, looked up once (defined by :mod:`hf_roast.backends.custom_ops`, which .build imports)."""
 
 
 def cpu_roast_linear(
     x: torch.Tensor, z: torch.Tensor | QuantizedZ, bias: torch.Tensor | None, layer_map: LayerMapping
 ) -> torch.Tensor:
     """``x W^T + b`` in ``x.dtype`` with W read tile by tile from z (float, or packed codes dequantised as
-    they are read); no gradient. Check :func:`unsupported_reason` first."""
-    lib = build.loaded_library()
-    return _gemv(lib, x, _layer_args(layer_map, z, bias, x.dtype))
+    they are read); no gradient. Check :func:`unsupported_reason` (or, while compiling,
+    :func:`op_unsupported_reason`) first: the gate loads the library, which registers the op's kernel. A call of
+    the op itself (no Python between it and the loop), so a compiled graph calls it as one node."""
+    data, scales, zformat = _z_operands(z)
+    return _LINEAR(
+        x, data, scales, bias, layer_map.tile_slot, layer_map.tile_scale, geometry_of(layer_map), zformat
+    )
 
 
 def build_weight(z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, out: torch.Tensor) -> torch.Tensor:
@@ -343,72 +204,43 @@ def build_weight(z: torch.Tensor | QuantizedZ, layer_map: LayerMapping, out: tor
     spec = layer_map.spec
     if out.shape != (spec.rows, spec.cols) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"build_weight needs a contiguous fp32 {spec.rows}x{spec.cols} output.")
+    build.loaded_library()
+    data, scales, zformat = _z_operands(z)
+    with torch.no_grad():
+        _WEIGHT(data, scales, layer_map.tile_slot, layer_map.tile_scale, geometry_of(layer_map), zformat, out)
+    return out
+
+
+def dequantize(z: QuantizedZ, start: int = 0, n: int | None = None) -> torch.Tensor:
+    """``z[start : start + n]`` dequantised by the kernel's own reader (fp32): what the CPU path computes
+    with, exposed so that tests compare it with :meth:`hf_roast.quant.QuantizedZ.values_at` bit for bit."""
+    n = z.numel - start if n is None else n
+    if start < 0 or n < 0 or start + n > z.numel:
+        raise ValueError(f"span [{start}, {start + n}) lies outside z's {z.numel} values")
+    build.loaded_library()
+    return _DEQUANTIZE(z.codes, z.scales, z.bits, z.group_size, start, n)
+
+
+def kernel_calls() -> dict[str, int]:
+    """How often the C++ kernel has run its GEMV and its W build in this process: tests check with it that
+    torch ran this kernel (and not another implementation of the same op)."""
     lib = build.loaded_library()
-    return _build(lib, _layer_args(layer_map, z, None, torch.float32), out)
+    return {"gemv": lib.hf_roast_kernel_calls(0), "weight": lib.hf_roast_kernel_calls(1)}
 
 
 # --------------------------------------------------------------------------------------------------
 # The CPU implementation of the ops hf_roast::roast_linear and roast_linear_packed.
 # --------------------------------------------------------------------------------------------------
-_OP_ARGS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-"""Prepared arguments of op calls, by the layer's ``tile_scale`` table (the op gets no LayerMapping); an
-entry goes with its table."""
-
-kernel_calls = {"gemv": 0, "weight": 0}
-"""How often the op's CPU kernel ran the GEMV and the W build: tests check that torch ran this kernel."""
-
-
-def _op_linear(
-    x: torch.Tensor,
-    z: torch.Tensor | QuantizedZ,
-    bias: torch.Tensor | None,
-    tile_slot: torch.Tensor | None,
-    tile_scale: torch.Tensor,
-    geometry: list[int],
-) -> torch.Tensor:
-    """``x W^T + b`` for an op call: the GEMV for at most :data:`MAX_ROWS` rows, else W built in one pass and
-    one GEMM (``F.linear``, as the PyTorch path runs it on CPU with this W: the same values). Raises, never
-    guesses, for a call the kernel cannot read (dispatch routes those to the PyTorch path)."""
-    reason = _z_reason(z) or _tile_reason((int(geometry[2]), int(geometry[3])))
-    if reason is None and (not x.is_cpu or x.dtype not in CPU_DTYPES):
-        reason = (
-            f"the CPU kernel takes float32, bfloat16 or float16 CPU activations, not {x.dtype} on {x.device}"
-        )
-    if reason is not None:
-        raise RuntimeError(
-            f"hf_roast::roast_linear on CPU: {reason}. Call it through hf_roast's layers instead."
-        )
-    lib = build.loaded_library()
-    owner = _OP_ARGS.get(tile_scale)
-    if owner is None:
-        owner = _OP_ARGS[tile_scale] = {}
-    rows, cols = int(geometry[0]), int(geometry[1])
-    if x.shape[-1] != cols:
-        raise ValueError(
-            f"hf_roast::roast_linear: the input has {x.shape[-1]} features, the layer takes {cols}."
-        )
-
-    def geo() -> Geometry:
-        return Geometry.from_list(geometry)
-
-    if x.numel() // max(1, cols) <= MAX_ROWS:
-        kernel_calls["gemv"] += 1
-        return _gemv(lib, x, _prepared_args(owner, geo, z, tile_slot, tile_scale, bias, x.dtype))
-    kernel_calls["weight"] += 1
-    args = _prepared_args(owner, geo, z, tile_slot, tile_scale, None, torch.float32)
-    w = _build(lib, args, torch.empty(rows, cols, dtype=torch.float32)).to(x.dtype)
-    return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
-
-
 def linear_kernel(x, z, bias, tile_slot, tile_scale, scaler_inv, geometry) -> torch.Tensor:
     """The CPU kernel of ``hf_roast::roast_linear`` (forward only: the op has no CPU backward)."""
-    return _op_linear(x, z, bias, tile_slot, tile_scale, geometry)
+    build.loaded_library()
+    return _LINEAR(x, z, None, bias, tile_slot, tile_scale, geometry, [0, 0])
 
 
 def linear_packed_kernel(x, codes, scales, bias, tile_slot, tile_scale, geometry, zformat) -> torch.Tensor:
     """The CPU kernel of ``hf_roast::roast_linear_packed``: z as int8 / 4-bit codes and group scales."""
-    z = QuantizedZ(codes, scales, int(zformat[0]), int(zformat[1]))
-    return _op_linear(x, z, bias, tile_slot, tile_scale, geometry)
+    build.loaded_library()
+    return _LINEAR(x, codes, scales, bias, tile_slot, tile_scale, geometry, zformat)
 
 
 KERNELS = {"roast_linear": linear_kernel, "roast_linear_packed": linear_packed_kernel}

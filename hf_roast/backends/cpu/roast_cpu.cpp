@@ -4,9 +4,8 @@
    This file is not compiled alone: hf_roast/backends/cpu/build.py prepends the mapping and quantisation
    formulas (storage_index, code_of, group_of, dequantize_value, virtual_index, hashednet_slot, hash_sign),
    which hf_roast/backends/cpu/translate.py translates from the Python source of hf_roast/mapping.py and
-   hf_roast/quant.py, so that no formula is written twice. The structs Z and Args are mirrored by ctypes
-   structures in build.py; hf_roast_struct_layout below lets the loader check, at load time, that both
-   sides agree on every size and offset. */
+   hf_roast/quant.py, so that no formula is written twice, and the constants it shares with Python
+   (MAX_ROWS, MAX_TILE, ...). roast_cpu_op.cpp follows: the torch ops that fill Args and call these. */
 
 #include <stdint.h>
 #include <string.h>
@@ -98,7 +97,7 @@ static inline float read_one(const Z& z, int64_t index) {
   return v;
 }
 
-extern "C" int hf_roast_dequantize(const void* codes, const float* scales, int64_t bits, int64_t group,
+static int hf_roast_dequantize(const void* codes, const float* scales, int64_t bits, int64_t group,
                                    int64_t start, int64_t n, float* out) {
   if (bits != 8 && bits != 4) return 1;
   Z z = {nullptr, 0, codes, scales, bits, group};
@@ -167,9 +166,9 @@ static void run(const Args& A) {
   const BuildFn build = build_fn(A.z.bits ? 0 : A.z.zkind, A.rounding);
   #pragma omp parallel for schedule(static) num_threads(A.threads)
   for (int64_t i = 0; i < A.n_tr; i++) {
-    float acc_stack[16 * 64 * 8];
-    float wbuf_stack[64 * 64];
-    float ztile_stack[64 * 64];
+    float acc_stack[MAX_ROWS * MAX_TILE * 8];
+    float wbuf_stack[MAX_TILE * MAX_TILE];
+    float ztile_stack[MAX_TILE * MAX_TILE];
     const int64_t r0 = i * A.tr;
     const int64_t trh = (A.rows - r0 < A.tr) ? A.rows - r0 : A.tr;
     float* acc = acc_stack;
@@ -195,7 +194,7 @@ static void run(const Args& A) {
       }
       /* 8 partial sums per output row, kept across the whole tile row: no horizontal sum per tile,
          and the 8-wide inner loop is one vector FMA (AVX2) without reassociating anything. */
-      float xs[64];
+      float xs[MAX_TILE];
       const bool full = (TC > 0) && tcw == TC;
       for (int64_t n = 0; n < A.n_rows; n++) {
         const float* xr = A.x + n * A.cols + c0;
@@ -231,8 +230,8 @@ static void run(const Args& A) {
 
 /* W itself, rows x cols row-major fp32 (exactly the PyTorch path's materialize_weight in fp32), for calls
    with many rows: each tile goes from its span of z straight to its place in W, one pass. */
-extern "C" int hf_roast_build_weight(const Args* A, float* w) {
-  if (A->tr > 64 || A->tc > 64 || A->rounding != 0) return 1;
+static int hf_roast_build_weight(const Args* A, float* w) {
+  if (A->tr > MAX_TILE || A->tc > MAX_TILE || A->rounding != 0) return 1;
   if (A->z.bits == 0 && (A->z.zkind < 0 || A->z.zkind > 2)) return 1;
   if (A->z.bits != 0 && A->z.bits != 8 && A->z.bits != 4) return 1;
   const int64_t T = A->tr * A->tc;
@@ -240,7 +239,7 @@ extern "C" int hf_roast_build_weight(const Args* A, float* w) {
   const BuildFn build = build_fn(A->z.bits ? 0 : A->z.zkind, 0);
   #pragma omp parallel for schedule(static) num_threads(A->threads)
   for (int64_t i = 0; i < A->n_tr; i++) {
-    float ztile_stack[64 * 64];
+    float ztile_stack[MAX_TILE * MAX_TILE];
     const int64_t r0 = i * A->tr;
     const int64_t trh = (A->rows - r0 < A->tr) ? A->rows - r0 : A->tr;
     for (int64_t j = 0; j < A->n_tc; j++) {
@@ -258,44 +257,10 @@ extern "C" int hf_roast_build_weight(const Args* A, float* w) {
   return 0;
 }
 
-extern "C" int hf_roast_gemv(const Args* A) {
-  if (A->tr > 64 || A->tc > 64 || A->n_rows > 16 || A->rounding < 0 || A->rounding > 2) return 1;
+static int hf_roast_gemv(const Args* A) {
+  if (A->tr > MAX_TILE || A->tc > MAX_TILE || A->n_rows > MAX_ROWS || A->rounding < 0 || A->rounding > 2) return 1;
   if (A->z.bits == 0 && (A->z.zkind < 0 || A->z.zkind > 2)) return 1;
   if (A->z.bits != 0 && A->z.bits != 8 && A->z.bits != 4) return 1;
   if (A->tc == 32) run<32>(*A); else if (A->tc == 16) run<16>(*A); else if (A->tc == 64) run<64>(*A); else run<0>(*A);
   return 0;
-}
-
-/* The layout of Z (which 0) and Args (which 1): for k = -1, the struct's sizeof in *size; for k >= 0, the
-   name, offset and size of its k-th field in declaration order. Returns the number of fields, or -1 (an
-   unknown struct or field). build.py compares this with its ctypes mirrors when it loads the library: a
-   field added, dropped, retyped or reordered on one side only would otherwise shift or garble the fields
-   and silently corrupt memory. */
-struct FieldLayout { const char* name; int64_t offset, size; };
-#define HF_ROAST_FIELD(S, f) {#f, (int64_t)offsetof(S, f), (int64_t)sizeof(((S*)0)->f)}
-static const FieldLayout Z_FIELDS[] = {
-  HF_ROAST_FIELD(Z, data), HF_ROAST_FIELD(Z, zkind), HF_ROAST_FIELD(Z, codes), HF_ROAST_FIELD(Z, scales),
-  HF_ROAST_FIELD(Z, bits), HF_ROAST_FIELD(Z, group),
-};
-static const FieldLayout ARGS_FIELDS[] = {
-  HF_ROAST_FIELD(Args, x), HF_ROAST_FIELD(Args, n_rows), HF_ROAST_FIELD(Args, cols), HF_ROAST_FIELD(Args, z),
-  HF_ROAST_FIELD(Args, tile_slot), HF_ROAST_FIELD(Args, tile_scale), HF_ROAST_FIELD(Args, rows),
-  HF_ROAST_FIELD(Args, tr), HF_ROAST_FIELD(Args, tc), HF_ROAST_FIELD(Args, n_tr), HF_ROAST_FIELD(Args, n_tc),
-  HF_ROAST_FIELD(Args, build), HF_ROAST_FIELD(Args, rounding), HF_ROAST_FIELD(Args, element_sign),
-  HF_ROAST_FIELD(Args, tile_offset), HF_ROAST_FIELD(Args, segment_start), HF_ROAST_FIELD(Args, segment_size),
-  HF_ROAST_FIELD(Args, slot_a), HF_ROAST_FIELD(Args, slot_b), HF_ROAST_FIELD(Args, sign_a),
-  HF_ROAST_FIELD(Args, sign_b), HF_ROAST_FIELD(Args, bias), HF_ROAST_FIELD(Args, y), HF_ROAST_FIELD(Args, threads),
-};
-
-extern "C" int64_t hf_roast_struct_layout(int64_t which, int64_t k, const char** name, int64_t* offset,
-                                          int64_t* size) {
-  const FieldLayout* fields;
-  int64_t n, total;
-  if (which == 0) { fields = Z_FIELDS; n = sizeof(Z_FIELDS) / sizeof(Z_FIELDS[0]); total = sizeof(Z); }
-  else if (which == 1) { fields = ARGS_FIELDS; n = sizeof(ARGS_FIELDS) / sizeof(ARGS_FIELDS[0]); total = sizeof(Args); }
-  else return -1;
-  if (k < 0) { *size = total; return n; }
-  if (k >= n) return -1;
-  *name = fields[k].name; *offset = fields[k].offset; *size = fields[k].size;
-  return n;
 }
