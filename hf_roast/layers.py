@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .backends.dispatch import materialize_weight, roast_embedding, roast_linear
+from .backends.dispatch import layer_geometry, materialize_weight, roast_embedding, roast_linear
 from .balance import BalanceModuleGradient, balance_state
 from .mapping import LayerMapping, MappingPlan, ModuleSpec, gradient_scaler
 from .quant import QuantizedZ, check_bits, check_group
@@ -212,6 +212,8 @@ class RoastLayer(nn.Module):
         )
         # An empty buffer whose dtype/device follow .to(): the compute dtype reported by `weight`.
         self.register_buffer("_dtype_probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        # the ops' ints for this layer, once: plan and spec never change for a layer's lifetime
+        self._geometry = layer_geometry(store.plan, spec)
 
     @property
     def roast_store(self) -> RoastStore:
@@ -231,47 +233,12 @@ class RoastLayer(nn.Module):
 
         Decode calls every layer once per token, so the mapping is cached: the check is a few identity
         comparisons, and a stale mapping is impossible because any replaced table (``.to()``,
-        :meth:`rebuild_tables`, a new scaler, QAT switched on or off) changes the key.
+        :meth:`rebuild_tables`, a new scaler, QAT switched on or off) changes the key. While
+        ``torch.compile`` traces, the mapping is built afresh from the live tables instead: a compiled graph
+        reads the tables as inputs (their own guards keep it right), and every identity check traced here
+        would become a guard that dynamo evaluates before each call.
         """
-        store = self._roast_store
-        buffers = self._buffers
-        key = (
-            store.plan, self.spec, buffers["tile_slot"], buffers["tile_scale"], store._buffers["scaler_inv"],
-            store.fake_quant,
-        )  # fmt: skip
-        cached = self.__dict__.get("_layer_mapping_cache")
-        if cached is not None and all(a is b for a, b in zip(cached[0][:5], key)) and cached[0][5] == key[5]:
-            return cached[1]
-        inv = key[4] if key[4].numel() else None
-        mapping = LayerMapping(
-            store.plan, self.spec, key[2] if store.plan.is_tiled else None, key[3], inv, store.fake_quant
-        )
-        self.__dict__["_layer_mapping_cache"] = (key, mapping)
-        return mapping
-
-    def _check_ready(self) -> torch.Tensor | QuantizedZ:
-        z = self._roast_store.read_z()
-        if z.device.type == "meta":
-            raise RuntimeError(
-                f"{self.spec.name}: the shared ROAST array z is still on the meta device; the checkpoint did "
-                "not load it. Load the model with hf_roast (RoastModel.from_pretrained or an Auto class after "
-                "`import hf_roast`)."
-            )
-        tables = self._buffers["tile_scale"].device
-        if tables != z.device:
-            raise RuntimeError(
-                f"{self.spec.name}: layer tables are on {tables} but z is on {z.device}; move the "
-                "whole model with model.to(device) rather than single submodules."
-            )
-        return z
-
-    def _check_input(self, x: torch.Tensor, z: torch.Tensor) -> None:
-        """Clear errors for inputs the ROAST ops would otherwise turn into a cryptic failure."""
-        if x.device != z.device and x.device.type != "meta":
-            raise ValueError(
-                f"{self.spec.name}: the input is on {x.device} but the model's shared array z is on {z.device}; "
-                f"move the inputs (or the model, with model.to(device)) to one device."
-            )
+        return _layer_mapping(self)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -292,12 +259,76 @@ class RoastLayer(nn.Module):
     @torch.no_grad()
     def materialize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight this layer computes with, as a fresh tensor in the HF layout of the original."""
-        z = self._check_ready()
+        z = _ready_z(self)
         dtype = dtype or self._dtype_probe.dtype
         w = materialize_weight(
             z, self.layer_mapping(), dtype, self._roast_store.backend, scratch=False
         ).clone()
         return w.t().contiguous() if self.spec.kind == "conv1d" else w
+
+
+# The helpers of a layer's forward are module-level functions, not methods: for every method a compiled graph
+# traced, dynamo checks before each call, layer by layer, that no instance attribute shadows it, while a
+# global function is checked once per graph.
+def _layer_mapping(layer: RoastLayer) -> LayerMapping:
+    """:meth:`RoastLayer.layer_mapping`."""
+    store = layer._roast_store
+    buffers = layer._buffers
+    if torch.compiler.is_compiling():
+        return _new_mapping(
+            layer, store, buffers["tile_slot"], buffers["tile_scale"], store._buffers["scaler_inv"]
+        )
+    key = (
+        store.plan, layer.spec, buffers["tile_slot"], buffers["tile_scale"], store._buffers["scaler_inv"],
+        store.fake_quant,
+    )  # fmt: skip
+    cached = layer.__dict__.get("_layer_mapping_cache")
+    if cached is not None and all(a is b for a, b in zip(cached[0][:5], key)) and cached[0][5] == key[5]:
+        return cached[1]
+    mapping = _new_mapping(layer, store, key[2], key[3], key[4])
+    layer.__dict__["_layer_mapping_cache"] = (key, mapping)
+    return mapping
+
+
+def _new_mapping(
+    layer: RoastLayer,
+    store: RoastStore,
+    tile_slot: torch.Tensor,
+    tile_scale: torch.Tensor,
+    scaler_inv: torch.Tensor,
+) -> LayerMapping:
+    plan = store.plan
+    return LayerMapping(
+        plan, layer.spec, tile_slot if plan.is_tiled else None, tile_scale,
+        scaler_inv if scaler_inv.numel() else None, store.fake_quant, (layer.spec, list(layer._geometry)),
+    )  # fmt: skip
+
+
+def _ready_z(layer: RoastLayer) -> torch.Tensor | QuantizedZ:
+    """The store's z, or a clear error when it is not loaded or not beside the layer's tables."""
+    z = layer._roast_store.read_z()
+    if z.device.type == "meta":
+        raise RuntimeError(
+            f"{layer.spec.name}: the shared ROAST array z is still on the meta device; the checkpoint did "
+            "not load it. Load the model with hf_roast (RoastModel.from_pretrained or an Auto class after "
+            "`import hf_roast`)."
+        )
+    tables = layer._buffers["tile_scale"].device
+    if tables != z.device:
+        raise RuntimeError(
+            f"{layer.spec.name}: layer tables are on {tables} but z is on {z.device}; move the "
+            "whole model with model.to(device) rather than single submodules."
+        )
+    return z
+
+
+def _check_input(layer: RoastLayer, x: torch.Tensor, z: torch.Tensor | QuantizedZ) -> None:
+    """Clear errors for inputs the ROAST ops would otherwise turn into a cryptic failure."""
+    if x.device != z.device and x.device.type != "meta":
+        raise ValueError(
+            f"{layer.spec.name}: the input is on {x.device} but the model's shared array z is on {z.device}; "
+            f"move the inputs (or the model, with model.to(device)) to one device."
+        )
 
 
 class RoastLinear(RoastLayer):
@@ -327,8 +358,8 @@ class RoastLinear(RoastLayer):
         return (self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self._check_ready()
-        self._check_input(x, z)
+        z = _ready_z(self)
+        _check_input(self, x, z)
         if not x.is_floating_point():
             raise TypeError(
                 f"{self.spec.name}: the input has dtype {x.dtype}; a linear layer takes floating-point "
@@ -345,12 +376,12 @@ class RoastLinear(RoastLayer):
         if store.module_balance or store._module_views is not None:
             z = store.balanced_z(z, self.spec.name)
         # SliceOut (hf_roast.sliceout) attaches a site to the layers of a block; eval mode never slices
-        site = self.__dict__.get("_sliceout")
-        if site is not None and self.training:
-            y = site.linear(x, z, bias, self.layer_mapping(), store.backend)
+        site = self.__dict__.get("_sliceout") if self.training else None
+        if site is not None:
+            y = site.linear(x, z, bias, _layer_mapping(self), store.backend)
             if y is not None:
                 return y
-        return roast_linear(x, z, bias, self.layer_mapping(), store.backend)
+        return roast_linear(x, z, bias, _layer_mapping(self), store.backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, roast={self.spec.name!r}"
@@ -391,8 +422,8 @@ class RoastEmbedding(RoastLayer):
         return (self.num_embeddings, self.embedding_dim)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        z = self._check_ready()
-        self._check_input(input_ids, z)
+        z = _ready_z(self)
+        _check_input(self, input_ids, z)
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise TypeError(f"{self.spec.name}: token ids must be an integer tensor, got {input_ids.dtype}.")
         # in-graph (no host sync, no graph break): ids outside the table would read other rows of z
@@ -403,7 +434,7 @@ class RoastEmbedding(RoastLayer):
         store = self._roast_store
         if store.module_balance or store._module_views is not None:
             z = store.balanced_z(z, self.spec.name)
-        out = roast_embedding(input_ids, z, self.layer_mapping(), self._dtype_probe.dtype, store.backend)
+        out = roast_embedding(input_ids, z, _layer_mapping(self), self._dtype_probe.dtype, store.backend)
         if self.padding_idx is not None:
             pad = (input_ids == self.padding_idx).unsqueeze(-1)
             out = torch.where(pad, self.padding_row.to(out.dtype), out)

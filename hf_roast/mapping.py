@@ -561,6 +561,12 @@ class LayerMapping:
     fake_quant: tuple[int, int] | None = (
         None  # (bits, group_size): z is an fp32 master read through its grid (QAT)
     )
+    geometry: tuple[ModuleSpec, list[int]] | None = field(default=None, compare=False, repr=False)
+    """The backends' integer view of (plan, spec) (``hf_roast.backends.geometry``) as the layer that owns this
+    mapping computed it once, with the spec it was computed for (a copy made with another spec, e.g. by
+    ``dataclasses.replace``, does not use it); None: the backends compute it from plan and spec. Under
+    ``torch.compile`` every attribute a traced call reads is checked before each call, so a layer hands its
+    ints over whole."""
 
     @classmethod
     def build(cls, plan: MappingPlan, spec: ModuleSpec, device=None) -> LayerMapping:

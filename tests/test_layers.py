@@ -67,3 +67,23 @@ def test_model_to_dtype_moves_compute_dtype():
     rm = get_roast_model(OneLinear(), RoastConfig(compression=2.0, tile=(8, 8)))
     rm.to(torch.float16)
     assert rm.base_model.proj.weight.dtype == torch.float16
+
+
+def test_a_layer_hands_its_geometry_to_its_mapping_for_its_own_spec_only():
+    """A layer computes the ops' ints once and hands them over in its LayerMapping (so a compiled graph reads
+    one tuple, not every field of its spec); a copy of the mapping with another spec (the PyTorch path's row
+    blocks, SliceOut) must not reuse them."""
+    import dataclasses
+
+    from helpers import tiny_llama
+
+    from hf_roast.backends.geometry import geometry_of, spec_geometry
+
+    model = get_roast_model(tiny_llama(), RoastConfig(compression=4.0, tile=(8, 8), sign="element"))
+    for _, layer in model.roast_layers():
+        lm = layer.layer_mapping()
+        assert lm.geometry is not None and geometry_of(lm) is lm.geometry[1]
+        assert geometry_of(lm) == spec_geometry(lm.plan, lm.spec)
+    spec = lm.spec
+    block = dataclasses.replace(lm, spec=dataclasses.replace(spec, rows=8, tile_offset=spec.tile_offset + 3))
+    assert geometry_of(block) == spec_geometry(block.plan, block.spec) != geometry_of(lm)

@@ -34,6 +34,7 @@ from hf_roast.vocab import BACKENDS, ENV_BACKEND
 
 from . import cpu_kernels  # noqa: F401  (registers the ops' CPU kernels on import)
 from .cpu import ops as cpu
+from .geometry import spec_geometry
 from .pytorch import NativeWeight, RoastEmbeddingFunction, RoastLinearFunction, read_dtype
 from .pytorch import materialize_weight as _pytorch_weight
 
@@ -218,3 +219,9 @@ def materialize_weight(
     CPU backend's loop where the ``backend`` allows native code and its gate accepts, else by PyTorch ops."""
     native = native_weight(requested_backend(backend), z.device)
     return _pytorch_weight(z, layer_map, dtype, scratch=scratch, native=native)
+
+
+def layer_geometry(plan, spec) -> tuple[int, ...]:
+    """A layer's mapping as the ints the ops take (:func:`hf_roast.backends.geometry.spec_geometry`), for the
+    layer to compute once and hand over in its :class:`LayerMapping` (``geometry``)."""
+    return tuple(spec_geometry(plan, spec))

@@ -102,12 +102,20 @@ class Geometry:
 _GEOMETRY_CACHE: dict[tuple, list[int]] = {}
 
 
-def geometry_of(layer_map: LayerMapping) -> list[int]:
-    """The layer's Geometry as ints, cached: the seeded constants cost a SHA-256 each."""
-    plan, spec = layer_map.plan, layer_map.spec
+def spec_geometry(plan: MappingPlan, spec: ModuleSpec) -> list[int]:
+    """Module ``spec``'s Geometry under ``plan`` as ints, cached: the seeded constants cost a SHA-256 each."""
     key = (plan.mapper, plan.sign, plan.seed, plan.tile, spec.rows, spec.cols, spec.tile_offset,
            spec.segment_start, spec.segment_size)  # fmt: skip
     geometry = _GEOMETRY_CACHE.get(key)
     if geometry is None:
         geometry = _GEOMETRY_CACHE[key] = Geometry.of(plan, spec).as_list()
     return geometry
+
+
+def geometry_of(layer_map: LayerMapping) -> list[int]:
+    """The layer's Geometry as ints: the ones its owner handed over for this very spec
+    (``LayerMapping.geometry``), else :func:`spec_geometry`."""
+    handed = layer_map.geometry
+    if handed is not None and handed[0] is layer_map.spec:
+        return handed[1]
+    return spec_geometry(layer_map.plan, layer_map.spec)

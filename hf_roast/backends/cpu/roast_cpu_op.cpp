@@ -112,7 +112,8 @@ static Args layer_args(const at::Tensor& z, const std::optional<at::Tensor>& sca
 static void build_into(const Args& args, const at::Tensor& out) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 &&
                   out.size(0) == args.rows && out.size(1) == args.cols,
-              "hf_roast CPU kernel: W needs a contiguous fp32 ", args.rows, "x", args.cols, " output");
+              "hf_roast CPU kernel: W needs a contiguous fp32 ", args.rows, "x", args.cols, " output, not ",
+              out.scalar_type(), " ", out.sizes(), out.is_contiguous() ? "" : " (not contiguous)");
   Args A = args;
   A.threads = threads_for(A.rows * A.cols);
   TORCH_CHECK(hf_roast_build_weight(&A, out.data_ptr<float>()) == 0, "hf_roast CPU kernel refused a ", A.tr, "x",
