@@ -46,14 +46,14 @@ MAX_ROWS = 16
 enough rows that a GEMM wins (measured: see docs/backends.md)."""
 MAX_TILE = 64
 """The kernel's stack buffers hold mapping tiles of at most 64 x 64 (and at most MAX_ROWS rows)."""
-PARALLEL_GRAIN = 1 << 18
-"""Multiply-adds per thread below which a call runs on one thread. SmolLM2's k/v projections (110K
-multiply-adds) run on one thread, where a fork/join would cost more than it saves; its other layers
-(330K-885K) use torch's thread count. The loop runs in torch's own OpenMP pool, whose threads are still
-spinning from torch's previous op. Measured with ``hf-roast bench --generate --threads 2`` on an idle 2-core
-machine: 16x decode 1.07x dense with one thread per call, 1.07-1.2x with this grain; on a machine busy with
-other jobs a fork/join can wait a whole scheduler slice, so there fewer threads (``torch.set_num_threads``)
-are faster."""
+PARALLEL_GRAIN = 1 << 15
+"""Multiply-adds per thread below which a call runs on fewer threads (one below twice this). The loop runs in
+torch's own OpenMP pool, whose threads are still spinning from torch's previous op, so a fork/join costs about
+a microsecond: on SmolLM2-135M at 16x, 2 threads took each of its smallest projections (k/v, 110K
+multiply-adds) from 32 to 26 us a call and q/o (332K) from 67 to 48 / 60 to 45 us (one process, the two
+thread counts interleaved, the cache flushed as the output layer flushes it). Calls came to the kernel
+through ctypes and a Python op when a larger grain (2^18) measured best. On a machine busy with other jobs a
+fork/join can wait a whole scheduler slice, so there fewer threads (``torch.set_num_threads``) are faster."""
 
 FLAGS = (
     "-O3",
