@@ -26,7 +26,7 @@ then one GEMM).
 
 With ``--compile`` every arm is also measured with its forward under ``torch.compile`` (inductor) and
 ``generate(..., cache_implementation="static")``, dense included, and the eager and compiled figures are
-printed side by side. Compiled, each RoastLinear is one ``hf_roast::roast_linear`` node whose CPU kernel is
+printed side by side. Compiled, each RoastLinear is one ``hf_roast::roast_linear_cpu`` node whose CPU kernel is
 the same C++ kernel (its GEMV for decode, its one-pass W build and one GEMM for prefill). Compilation happens
 in untimed warm-up calls; the "first call" column stays the arm's first eager ``generate()``.
 """
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         print(
             "compiled: torch.compile (inductor) of each arm's forward, static KV cache (dense too); each RoastLinear "
-            "is one hf_roast::roast_linear node run by the C++ kernel (decode: its GEMV; prefill: its W build + GEMM)"
+            "is one hf_roast::roast_linear_cpu node run by the C++ kernel (decode: its GEMV; prefill: its W build + GEMM)"
         )
     print()
     columns = [f"{'decode tok/s':>12} {'vs dense':>9}", f"{f'prefill {PREFILL_TOKENS}':>11} {'vs dense':>9}"]
