@@ -161,3 +161,28 @@ def test_a_compiled_training_step_on_cpu_keeps_the_pytorch_path(native_cpu):
     model.zero_grad()
     layer(x).square().sum().backward()
     torch.testing.assert_close(grad, model.roast_store.z.grad)
+
+
+@pytest.mark.parametrize("zkind", ["fp32", "int4"])
+def test_the_cpu_paths_own_ops_pass_opcheck(zkind, native_cpu):
+    """The C++-only ops' schemas (the out= mutation of roast_weight_cpu included) and fake implementations agree
+    with their C++ kernels: torch.library.opcheck runs them eagerly, under FakeTensor and through dynamo."""
+    from hf_roast.backends.cpu.ops import _z_operands
+    from hf_roast.backends.geometry import geometry_of
+
+    z, lm = _layer("roast", "tile")
+    z = _z(z, zkind, lm.plan.tile_numel)
+    data, scales, zformat = _z_operands(z)
+    geometry = geometry_of(lm)
+    x = torch.randn(3, 131, generator=torch.Generator().manual_seed(3))
+    ops = torch.ops.hf_roast
+    torch.library.opcheck(
+        ops.roast_linear_cpu.default,
+        (x, data, scales, torch.randn(77), lm.tile_slot, lm.tile_scale, geometry, zformat),
+    )
+    out = torch.empty(77, 131)
+    torch.library.opcheck(
+        ops.roast_weight_cpu.default, (data, scales, lm.tile_slot, lm.tile_scale, geometry, zformat, out)
+    )
+    if zkind == "int4":
+        torch.library.opcheck(ops.roast_dequantize_cpu.default, (z.codes, z.scales, 4, z.group_size, 6, 50))
