@@ -49,11 +49,12 @@ MAX_TILE = 64
 PARALLEL_GRAIN = 1 << 15
 """Multiply-adds per thread below which a call runs on fewer threads (one below twice this). The loop runs in
 torch's own OpenMP pool, whose threads are still spinning from torch's previous op, so a fork/join costs about
-a microsecond: on SmolLM2-135M at 16x, 2 threads took each of its smallest projections (k/v, 110K
-multiply-adds) from 32 to 26 us a call and q/o (332K) from 67 to 48 / 60 to 45 us (one process, the two
-thread counts interleaved, the cache flushed as the output layer flushes it). Calls came to the kernel
-through ctypes and a Python op when a larger grain (2^18) measured best. On a machine busy with other jobs a
-fork/join can wait a whole scheduler slice, so there fewer threads (``torch.set_num_threads``) are faster."""
+a microsecond. On SmolLM2-135M at 16x (``python -m benchmarks.gemv_threads``: one process, 1 and 2 threads
+interleaved, the cache flushed as the output layer flushes it), 2 threads took its q/o projections (332K
+multiply-adds) 2-27 % faster and its k/v (110K) between 3 % slower and 18 % faster over four runs; the MLP's
+(885K) gain 15-26 %. When calls came through ctypes and a Python op kernel, a larger grain (2^18: q/k/v/o on
+one thread) had measured best. On a machine busy with other jobs a fork/join can wait a whole scheduler slice,
+so there fewer threads (``torch.set_num_threads``) are faster."""
 
 FLAGS = (
     "-O3",
