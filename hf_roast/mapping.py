@@ -78,8 +78,9 @@ def hashednet_slot(v, segment_start, segment_size, a, b):
 
 
 def tiles_along(length: int, tile: int) -> int:
-    """How many tiles of size ``tile`` cover ``length`` weights (the last one may be partial)."""
-    return -(-length // tile)
+    """How many tiles of size ``tile`` cover ``length`` weights (the last one may be partial). Written with
+    non-negative operands only, so that the CPU kernel's C translation (where ``/`` truncates) agrees."""
+    return (length + tile - 1) // tile
 
 
 def is_tiled_mapper(mapper: str) -> bool:

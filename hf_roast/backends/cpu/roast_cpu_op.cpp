@@ -92,8 +92,8 @@ static Args layer_args(const at::Tensor& z, const std::optional<at::Tensor>& sca
   A.cols = geometry[GEO_cols];
   A.tr = tr;
   A.tc = tc;
-  A.n_tr = (A.rows + tr - 1) / tr;
-  A.n_tc = (A.cols + tc - 1) / tc;
+  A.n_tr = tiles_along(A.rows, tr);
+  A.n_tc = tiles_along(A.cols, tc);
   A.rounding = rounding;
   A.element_sign = geometry[GEO_sign] == SIGN_ELEMENT;
   /* fp32 weights straight from (dequantised) fp32 tiles unless a sign, a hash or a rounding intervenes */

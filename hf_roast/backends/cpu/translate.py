@@ -16,7 +16,7 @@ import inspect
 import textwrap
 
 from hf_roast import quant
-from hf_roast.mapping import formula_constants, formula_functions
+from hf_roast.mapping import formula_constants, formula_functions, tiles_along
 
 _C_OPS = {
     ast.Add: "+",
@@ -124,10 +124,11 @@ def _translate(functions, constants: dict[str, int], module: str, float_function
 
 
 def c_formulas() -> str:
-    """The scalar formulas of :func:`hf_roast.mapping.formula_functions` (slots, signs) and of
+    """The scalar formulas of :func:`hf_roast.mapping.formula_functions` (slots, signs), the tile count
+    :func:`hf_roast.mapping.tiles_along`, and those of
     :func:`hf_roast.quant.formula_functions` (where a packed code is stored, its group, its signed value,
     its dequantisation) as C functions, translated from their Python source."""
-    mapping_c = _translate(formula_functions(), formula_constants(), "mapping")
+    mapping_c = _translate([tiles_along, *formula_functions()], formula_constants(), "mapping")
     quant_c = _translate(
         quant.formula_functions(), quant.formula_constants(), "quant", frozenset({"dequantize_value"})
     )
