@@ -124,8 +124,9 @@ def unsupported_reason(
     :data:`MAX_ROWS` rows, activations of :data:`CPU_DTYPES`, outside CPU autocast. Without ``x``, it is
     building W in ``weight_dtype`` (:func:`build_weight`, fp32 only). Both need a z this kernel reads (on
     CPU; float, or packed codes and fp32 scales), no quantisation-aware training (whose grid the PyTorch path
-    applies), no ``torch.compile`` tracing (a direct call is opaque to it: compiled calls take the op, see
-    :func:`op_unsupported_reason`), tiles of at most :data:`MAX_TILE` x :data:`MAX_TILE`, and the library
+    applies), no ``torch.compile`` tracing (this gate loads the library, which no graph may do; compiled calls
+    are gated by :func:`op_unsupported_reason`, and the PyTorch path does not hand its scratch W over while
+    compiling), tiles of at most :data:`MAX_TILE` x :data:`MAX_TILE`, and the library
     built: that last reason is an :class:`Unavailable`.
 
     Decode runs the checks once per layer and token, so they are ordered to fail fast in training (the
@@ -136,7 +137,7 @@ def unsupported_reason(
     elif weight_dtype != torch.float32:
         return f"the CPU path builds fp32 weights, not {weight_dtype}"
     if torch.compiler.is_compiling():
-        return "torch.compile is tracing, and a direct call of the CPU kernel is opaque to it"
+        return "torch.compile is tracing, and compiled calls are gated by op_unsupported_reason"
     reason = _common_reason(z, layer_map, x)
     if reason is not None:
         return reason
